@@ -1,0 +1,139 @@
+"""The fast engine: the oracle's function, computed from packed ternary weights with
+Numba int8 x ternary kernels (exact int32 accumulation) and float32 everywhere else.
+
+Tokens of the whole batch are flattened to rows, ``T = B * (N + 1)``, for every linear
+layer; attention runs per image and head. Each quantizer is fused into the step that
+produces its input (LayerNorm -> int8, GELU -> int8), so a block is:
+
+    h_q, s = layernorm_quantize(x, norm1)      qkv = linear(h_q, s, qkv)     (T, 3D)
+    o = attention(qkv)                         o_q, s = quantize_rows(o)
+    x = x + linear(o_q, s, proj)
+    h_q, s = layernorm_quantize(x, norm2)      h = linear(h_q, s, fc1)       (T, hidden)
+    g_q, s = gelu_quantize(h)                  x = x + linear(g_q, s, fc2)
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from tinyvit158.errors import TinyViTError
+from tinyvit158.kernels import (
+    PreparedTernary,
+    attention,
+    gelu,
+    gelu_quantize,
+    layernorm,
+    layernorm_quantize,
+    linear,
+    quantize_rows,
+)
+from tinyvit158.oracle import patchify
+from tinyvit158.weights import Checkpoint, load_weights
+
+
+class Engine:
+    """A ternary ViT ready to run.
+
+    Parameters
+    ----------
+    ckpt : Checkpoint
+        Validated weights (``weights.load_weights``); packed weights are decoded once here.
+
+    Examples
+    --------
+    >>> engine = Engine.from_file("weights/cifar10-tiny.safetensors")  # doctest: +SKIP
+    >>> logits = engine(images)  # float32 [B, 3, 32, 32], normalized -> [B, 10]  # doctest: +SKIP
+    """
+
+    def __init__(self, ckpt: Checkpoint):
+        self.cfg = cfg = ckpt.config
+        self.ckpt = ckpt
+        t = ckpt.tensors
+        self.p = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in t.items() if v.dtype == np.float32}
+        self.ternary: dict[str, PreparedTernary] = {}
+        self.float: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for layer in cfg.linear_shapes():
+            if cfg.is_ternary(layer):
+                self.ternary[layer] = PreparedTernary(*ckpt.ternary(layer))
+            else:
+                w = np.ascontiguousarray(ckpt.float_weight(layer).T)  # (in, out) for x @ w
+                self.float[layer] = (w, t[f"{layer}.bias"])
+        self.cls_pos = self.p["pos_embed"][0, :1] + self.p["cls_token"][0]  # (1, D)
+        self.record: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Engine:
+        return cls(load_weights(path))
+
+    # -- one linear layer, with whatever precedes it fused into its quantizer ------------
+    def _ln(self, x: np.ndarray, name: str) -> np.ndarray:
+        return layernorm(x, self.p[f"{name}.weight"], self.p[f"{name}.bias"], self.cfg.norm_eps)
+
+    def linear(self, x: np.ndarray, layer: str, norm: str | None = None, act: bool = False) -> np.ndarray:
+        """``layer(act(norm(x)))`` for float32 rows ``x`` (T, in) -> (T, out).
+
+        ``norm`` names a LayerNorm applied first; ``act`` applies GELU first.
+        """
+        if layer in self.float or self.cfg.bitlinear_norm:
+            if norm is not None:
+                x = self._ln(x, norm)
+            if act:
+                x = gelu(x)
+            if layer in self.float:
+                w, b = self.float[layer]
+                return x @ w + b
+            n = f"{layer}.norm"
+            x_q, s_x = layernorm_quantize(x, self.p[f"{n}.weight"], self.p[f"{n}.bias"], self.cfg.norm_eps)
+        elif norm is not None:
+            x_q, s_x = layernorm_quantize(x, self.p[f"{norm}.weight"], self.p[f"{norm}.bias"], self.cfg.norm_eps)
+        elif act:
+            x_q, s_x = gelu_quantize(x)
+        else:
+            x_q, s_x = quantize_rows(x)
+        if self.record is not None:
+            self.record[layer] = x_q
+        return linear(x_q, s_x, self.ternary[layer])
+
+    # -- model ---------------------------------------------------------------------------
+    def check_images(self, images: np.ndarray) -> np.ndarray:
+        cfg = self.cfg
+        want = (cfg.in_chans, cfg.image_size, cfg.image_size)
+        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1:] != want:
+            raise TinyViTError(
+                f"expected normalized images of shape (B, {', '.join(map(str, want))}), found "
+                f"{getattr(images, 'shape', type(images).__name__)}; use tinyvit158.image to load and resize"
+            )
+        if not np.issubdtype(images.dtype, np.floating):
+            raise TinyViTError(f"expected float images, found {images.dtype}; use tinyvit158.image to normalize")
+        return np.ascontiguousarray(images, dtype=np.float32)
+
+    def forward_features(self, images: np.ndarray) -> np.ndarray:
+        """Normalized images [B, C, H, W] -> tokens [B, N+1, D] before the final norm."""
+        cfg = self.cfg
+        images = self.check_images(images)
+        B, N1, D = images.shape[0], cfg.num_tokens, cfg.dim
+        patches = patchify(images, cfg.patch_size).reshape(B * cfg.num_patches, cfg.patch_dim)
+        emb = self.linear(patches, "patch_embed.proj").reshape(B, cfg.num_patches, D)
+        x = np.empty((B, N1, D), dtype=np.float32)
+        x[:, 0] = self.cls_pos
+        x[:, 1:] = emb + self.p["pos_embed"][0, 1:]
+        x = x.reshape(B * N1, D)  # (T, D): every token of the batch is a row
+        for i in range(cfg.depth):
+            blk = f"blocks.{i}"
+            qkv = self.linear(x, f"{blk}.attn.qkv", norm=f"{blk}.norm1")  # (T, 3D)
+            o = attention(qkv.reshape(B, N1, 3 * D), cfg.heads).reshape(B * N1, D)
+            x = x + self.linear(o, f"{blk}.attn.proj")
+            h = self.linear(x, f"{blk}.mlp.fc1", norm=f"{blk}.norm2")  # (T, hidden)
+            x = x + self.linear(h, f"{blk}.mlp.fc2", act=True)
+        return x.reshape(B, N1, D)
+
+    def forward_head(self, x: np.ndarray) -> np.ndarray:
+        return self.linear(np.ascontiguousarray(x[:, 0]), "head", norm="norm")  # (B, classes)
+
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        """Normalized float images [B, C, H, W] -> float32 logits [B, classes]."""
+        return self.forward_head(self.forward_features(images))
+
+    __call__ = forward

@@ -1,0 +1,41 @@
+"""Numba kernels. Each fast kernel sits beside a readable reference with the same signature.
+
+- ``ternary``: int8 activations x ternary weights -> exact int32 accumulators, and the
+  fused ``linear`` that dequantizes in the store.
+- ``ops``: the float32 steps between the matmuls (LayerNorm, GELU, quantizers, attention).
+
+The jitted functions are private (``_name``) and run as plain Python under
+``NUMBA_DISABLE_JIT=1``; the public wrappers check dtypes and shapes first.
+"""
+
+from tinyvit158.kernels.ternary import (
+    PreparedTernary,
+    linear,
+    linear_ref,
+    matmul,
+    matmul_ref,
+)
+from tinyvit158.kernels.ops import (
+    attention,
+    attention_ref,
+    gelu,
+    gelu_quantize,
+    layernorm,
+    layernorm_quantize,
+    quantize_rows,
+)
+
+__all__ = [
+    "PreparedTernary",
+    "attention",
+    "attention_ref",
+    "gelu",
+    "gelu_quantize",
+    "layernorm",
+    "layernorm_quantize",
+    "linear",
+    "linear_ref",
+    "matmul",
+    "matmul_ref",
+    "quantize_rows",
+]

@@ -1,0 +1,220 @@
+"""The float32 steps between the ternary matmuls, each fused with the quantizer it feeds.
+
+Every function returns float32 (or int8 codes plus float32 scales). Row statistics
+(LayerNorm mean and variance) and GELU's erf are evaluated in float64 and rounded once to
+float32: on 2 cores this costs nothing measurable and halves the engine's distance to
+the float64 oracle. The quantizer is bit-identical to ``quant.quantize_activations`` on
+float32 input (same float32 operations in the same order, no fastmath), so
+``layernorm_quantize(x) == quantize_activations(layernorm(x))`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from tinyvit158.errors import TinyViTError
+from tinyvit158.quant import ACT_EPS, ACT_QMAX
+
+_EPS32 = np.float32(ACT_EPS)
+_QMAX32 = np.float32(ACT_QMAX)
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+def _f32_2d(x: np.ndarray, what: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+        raise TinyViTError(
+            f"{what} expects float32 of shape (tokens, features), found "
+            f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}"
+        )
+    return np.ascontiguousarray(x)
+
+
+@numba.njit(cache=True)
+def _quantize_row(row, q):
+    """Absmax int8 quantization of one float32 row into ``q``; returns the scale."""
+    absmax = np.float32(0.0)
+    for v in row:
+        absmax = max(absmax, abs(v))
+    s = max(absmax, _EPS32) / _QMAX32
+    for k in range(row.shape[0]):
+        r = np.rint(row[k] / s)
+        q[k] = np.int8(min(max(r, -_QMAX32), _QMAX32))
+    return s
+
+
+@numba.njit(parallel=True, cache=True)
+def _quantize_rows(x):
+    T, K = x.shape
+    q = np.empty((T, K), dtype=np.int8)
+    s = np.empty(T, dtype=np.float32)
+    for t in numba.prange(T):
+        s[t] = _quantize_row(x[t], q[t])
+    return q, s
+
+
+def quantize_rows(x: np.ndarray):
+    """Per-token absmax int8 quantizer, bit-identical to ``quant.quantize_activations``."""
+    return _quantize_rows(_f32_2d(x, "quantize_rows"))
+
+
+@numba.njit(cache=True)
+def _layernorm_row(row, gamma, beta, eps, out):
+    n = row.shape[0]
+    mean = 0.0
+    for v in row:
+        mean += v
+    mean /= n
+    var = 0.0
+    for v in row:
+        var += (v - mean) ** 2
+    var /= n
+    rstd = 1.0 / math.sqrt(var + eps)
+    for k in range(n):
+        out[k] = np.float32((row[k] - mean) * rstd * gamma[k] + beta[k])
+
+
+@numba.njit(parallel=True, cache=True)
+def _layernorm(x, gamma, beta, eps):
+    T, D = x.shape
+    out = np.empty((T, D), dtype=np.float32)
+    for t in numba.prange(T):
+        _layernorm_row(x[t], gamma, beta, eps, out[t])
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _layernorm_quantize(x, gamma, beta, eps):
+    T, D = x.shape
+    q = np.empty((T, D), dtype=np.int8)
+    s = np.empty(T, dtype=np.float32)
+    for t in numba.prange(T):
+        buf = np.empty(D, dtype=np.float32)
+        _layernorm_row(x[t], gamma, beta, eps, buf)
+        s[t] = _quantize_row(buf, q[t])
+    return q, s
+
+
+def _check_norm(x, gamma, beta):
+    x = _f32_2d(x, "layernorm")
+    d = x.shape[1]
+    for name, p in (("weight", gamma), ("bias", beta)):
+        if p.shape != (d,):
+            raise TinyViTError(f"layernorm {name} must have shape ({d},), found {p.shape}")
+    return x, np.ascontiguousarray(gamma, np.float32), np.ascontiguousarray(beta, np.float32)
+
+
+def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+    """LayerNorm over the last axis of float32 ``(T, D)``; float64 statistics, float32 out."""
+    return _layernorm(*_check_norm(x, gamma, beta), float(eps))
+
+
+def layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float):
+    """``quantize_rows(layernorm(x, ...))`` in one pass: int8 codes and float32 scales."""
+    return _layernorm_quantize(*_check_norm(x, gamma, beta), float(eps))
+
+
+@numba.njit(cache=True)
+def _gelu_row(row, out):
+    for k in range(row.shape[0]):
+        v = np.float64(row[k])
+        out[k] = np.float32(0.5 * v * (1.0 + math.erf(v * _INV_SQRT2)))
+
+
+@numba.njit(parallel=True, cache=True)
+def _gelu(x):
+    T, K = x.shape
+    out = np.empty((T, K), dtype=np.float32)
+    for t in numba.prange(T):
+        _gelu_row(x[t], out[t])
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _gelu_quantize(x):
+    T, K = x.shape
+    q = np.empty((T, K), dtype=np.int8)
+    s = np.empty(T, dtype=np.float32)
+    for t in numba.prange(T):
+        buf = np.empty(K, dtype=np.float32)
+        _gelu_row(x[t], buf)
+        s[t] = _quantize_row(buf, q[t])
+    return q, s
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """GELU, erf form (torch ``nn.GELU()`` default), float32 ``(T, K)``."""
+    return _gelu(_f32_2d(x, "gelu"))
+
+
+def gelu_quantize(x: np.ndarray):
+    """``quantize_rows(gelu(x))`` in one pass: int8 codes and float32 scales."""
+    return _gelu_quantize(_f32_2d(x, "gelu"))
+
+
+def _check_qkv(qkv: np.ndarray, heads: int) -> np.ndarray:
+    if not isinstance(qkv, np.ndarray) or qkv.dtype != np.float32 or qkv.ndim != 3 or qkv.shape[2] % (3 * heads):
+        raise TinyViTError(
+            f"attention expects float32 qkv of shape (B, N, 3 * dim) with dim divisible by heads={heads}, "
+            f"found {getattr(qkv, 'dtype', type(qkv).__name__)} {getattr(qkv, 'shape', '')}"
+        )
+    return np.ascontiguousarray(qkv)
+
+
+def attention_ref(qkv: np.ndarray, heads: int) -> np.ndarray:
+    """Multi-head self-attention from fused qkv, float32, timm's layout and scale.
+
+    ``qkv[b, i, :]`` holds q, k, v one after another, each split into heads; returns
+    ``(B, N, dim)`` with the heads concatenated, as timm's Attention does before proj.
+    """
+    qkv = _check_qkv(qkv, heads)
+    B, N, C3 = qkv.shape
+    hd = C3 // 3 // heads
+    q, k, v = qkv.reshape(B, N, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * np.float32(hd**-0.5)  # (B, H, N, N)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = scores / scores.sum(axis=-1, keepdims=True)
+    return (probs @ v).transpose(0, 2, 1, 3).reshape(B, N, C3 // 3)  # (B, N, dim)
+
+
+@numba.njit(parallel=True, cache=True)
+def _attention(qkv, heads):
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    hd = C // heads
+    scale = np.float32(hd**-0.5)
+    out = np.empty((B, N, C), dtype=np.float32)
+    for job in numba.prange(B * heads):
+        b = job // heads
+        h = job % heads
+        q = qkv[b, :, h * hd : (h + 1) * hd]
+        k = qkv[b, :, C + h * hd : C + (h + 1) * hd]
+        v = qkv[b, :, 2 * C + h * hd : 2 * C + (h + 1) * hd]
+        p = np.empty(N, dtype=np.float32)
+        o = np.empty(hd, dtype=np.float32)
+        for i in range(N):
+            m = np.float32(-np.inf)
+            for j in range(N):
+                s = np.float32(0.0)
+                for d in range(hd):
+                    s += q[i, d] * k[j, d]
+                p[j] = s * scale
+                m = max(m, p[j])
+            total = np.float32(0.0)
+            for j in range(N):
+                p[j] = np.exp(p[j] - m)
+                total += p[j]
+            o[:] = 0.0
+            for j in range(N):
+                pj = p[j] / total
+                for d in range(hd):
+                    o[d] += pj * v[j, d]
+            out[b, i, h * hd : (h + 1) * hd] = o
+    return out
+
+
+def attention(qkv: np.ndarray, heads: int) -> np.ndarray:
+    """Fast :func:`attention_ref` (float32, agrees to float32 rounding)."""
+    return _attention(_check_qkv(qkv, heads), int(heads))

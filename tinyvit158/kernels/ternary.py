@@ -1,0 +1,195 @@
+"""int8 x ternary matrix products with exact int32 accumulation.
+
+``acc[t, n] = sum_k x_q[t, k] * w[n, k]`` with ``x_q`` in [-127, 127] and ``w`` in
+{-1, 0, +1}: every product is an addition, a subtraction or nothing, and
+``|acc| <= 127 * K``, so int32 is exact for any K below 2**24.
+
+Kernel choice (generic path, measured on the 2-core AVX-512 machine, cifar10-tiny shapes,
+see tests/README or ``python -m tinyvit158.bench`` once it exists):
+- one dot product per output over K, four outputs per pass so each activation byte is
+  loaded once for four weight rows, operands widened to int32 and every step cast back to
+  int32 so LLVM keeps 32-bit lanes: 43-53 GOP/s;
+- the same with one output per pass: 22-48 GOP/s; an outer-product loop over K with an
+  inner loop over N (weights transposed): 17-44 GOP/s; a 4 x 64 register tile: 4-5 GOP/s
+  (Numba did not keep the tile in registers);
+- an add/subtract index-list kernel (the "sign split" of PERF_NOTES.md) ran 19-32 GOP/s.
+So the fast generic kernel decodes the packed weights once, at load, to int8 ``[N, K]``
+and runs the four-outputs dot product. NumPy sgemm reaches 60-170 GOP/s on these shapes.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from tinyvit158.errors import TinyViTError
+from tinyvit158.packing import unpack
+
+
+class PreparedTernary:
+    """A ternary linear layer's weights, decoded once into the layout the kernels use.
+
+    Attributes
+    ----------
+    codes : int8 ndarray (N, K)
+        Weights in {-1, 0, +1}, row-major (the layout of the generic kernel).
+    scale : float32 ndarray (N,)
+        Per-output-channel weight scale gamma.
+    bias : float32 ndarray (N,) or None
+    """
+
+    def __init__(self, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None = None):
+        codes = np.ascontiguousarray(codes, dtype=np.int8)
+        if codes.ndim != 2:
+            raise TinyViTError(f"ternary weights must be 2-D (out, in), found shape {codes.shape}")
+        n = codes.shape[0]
+        scale = np.ascontiguousarray(scale, dtype=np.float32)
+        if scale.shape != (n,):
+            raise TinyViTError(f"weight scale must have shape ({n},), found {scale.shape}")
+        if bias is not None:
+            bias = np.ascontiguousarray(bias, dtype=np.float32)
+            if bias.shape != (n,):
+                raise TinyViTError(f"bias must have shape ({n},), found {bias.shape}")
+        self.codes, self.scale, self.bias = codes, scale, bias
+
+    @classmethod
+    def from_packed(cls, packed: np.ndarray, k: int, fmt: str, scale, bias=None) -> PreparedTernary:
+        return cls(unpack(packed, k, fmt), scale, bias)
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+
+def _check_x(x_q: np.ndarray, w: PreparedTernary) -> np.ndarray:
+    if not isinstance(x_q, np.ndarray) or x_q.dtype != np.int8 or x_q.ndim != 2:
+        raise TinyViTError(
+            "expected int8 activations of shape (tokens, in_features), found "
+            f"{getattr(x_q, 'dtype', type(x_q).__name__)} {getattr(x_q, 'shape', '')}; "
+            "quantize them with quant.quantize_activations"
+        )
+    if x_q.shape[1] != w.in_features:
+        raise TinyViTError(f"activations have {x_q.shape[1]} features, weights expect {w.in_features}")
+    return np.ascontiguousarray(x_q)
+
+
+@numba.njit(cache=True)
+def _matmul_loops(x_q, w):
+    """Readable reference: for each output, add the inputs where w = +1, subtract where -1.
+
+    Parameters
+    ----------
+    x_q : int8 (T, K)
+    w : int8 (N, K), values in {-1, 0, +1}
+
+    Returns
+    -------
+    int32 (T, N), accumulated in int64 and checked to fit.
+    """
+    T, K = x_q.shape
+    N = w.shape[0]
+    out = np.zeros((T, N), dtype=np.int32)
+    for t in range(T):
+        for n in range(N):
+            acc = 0  # a Python int: int64 under Numba
+            for k in range(K):
+                if w[n, k] == 1:
+                    acc += x_q[t, k]
+                elif w[n, k] == -1:
+                    acc -= x_q[t, k]
+            out[t, n] = acc
+    return out
+
+
+def matmul_ref(x_q: np.ndarray, w: PreparedTernary) -> np.ndarray:
+    """Reference int8 x ternary product: int32 ``(T, N)`` (readable loops, slow)."""
+    return _matmul_loops(_check_x(x_q, w), w.codes)
+
+
+@numba.njit(parallel=True, cache=True)
+def _matmul_dot4(x_q, w):
+    """Fast generic kernel: four dot products over K per pass, int32 lanes.
+
+    Parameters
+    ----------
+    x_q : int8 (T, K)
+    w : int8 (N, K), values in {-1, 0, +1}
+
+    Returns
+    -------
+    int32 (T, N); exact because |acc| <= 127 K < 2**31.
+    """
+    T, K = x_q.shape
+    N = w.shape[0]
+    out = np.empty((T, N), dtype=np.int32)
+    n4 = N - N % 4
+    for t in numba.prange(T):
+        xr = x_q[t]
+        for n in range(0, n4, 4):
+            w0, w1, w2, w3 = w[n], w[n + 1], w[n + 2], w[n + 3]
+            s0 = np.int32(0)
+            s1 = np.int32(0)
+            s2 = np.int32(0)
+            s3 = np.int32(0)
+            for k in range(K):
+                xv = np.int32(xr[k])
+                s0 = np.int32(s0 + xv * np.int32(w0[k]))
+                s1 = np.int32(s1 + xv * np.int32(w1[k]))
+                s2 = np.int32(s2 + xv * np.int32(w2[k]))
+                s3 = np.int32(s3 + xv * np.int32(w3[k]))
+            out[t, n] = s0
+            out[t, n + 1] = s1
+            out[t, n + 2] = s2
+            out[t, n + 3] = s3
+        for n in range(n4, N):
+            s = np.int32(0)
+            for k in range(K):
+                s = np.int32(s + np.int32(xr[k]) * np.int32(w[n, k]))
+            out[t, n] = s
+    return out
+
+
+def matmul(x_q: np.ndarray, w: PreparedTernary) -> np.ndarray:
+    """Fast int8 x ternary product: int32 ``(T, N)``, bit-identical to :func:`matmul_ref`."""
+    return _matmul_dot4(_check_x(x_q, w), w.codes)
+
+
+def _check_sx(s_x: np.ndarray, x_q: np.ndarray) -> np.ndarray:
+    if not isinstance(s_x, np.ndarray) or s_x.dtype != np.float32 or s_x.shape != x_q.shape[:1]:
+        raise TinyViTError(
+            f"expected float32 scales of shape ({x_q.shape[0]},), found "
+            f"{getattr(s_x, 'dtype', type(s_x).__name__)} {getattr(s_x, 'shape', '')}"
+        )
+    return s_x
+
+
+def linear_ref(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary) -> np.ndarray:
+    """Reference ternary linear: ``acc * s_x[t] * scale[n] + bias[n]`` in float32."""
+    acc = matmul_ref(x_q, w)
+    y = acc.astype(np.float32) * _check_sx(s_x, x_q)[:, None] * w.scale[None, :]
+    return y + w.bias if w.bias is not None else y
+
+
+@numba.njit(parallel=True, cache=True)
+def _linear_dot4(x_q, s_x, w, scale, bias, has_bias):
+    """The fast kernel with dequantization fused into the store (float32, same op order)."""
+    acc = _matmul_dot4(x_q, w)
+    T, N = acc.shape
+    out = np.empty((T, N), dtype=np.float32)
+    for t in numba.prange(T):
+        st = s_x[t]
+        for n in range(N):
+            y = np.float32(acc[t, n]) * st * scale[n]
+            out[t, n] = y + bias[n] if has_bias else y
+    return out
+
+
+def linear(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary) -> np.ndarray:
+    """Fast ternary linear, float32 ``(T, N)``, bit-identical to :func:`linear_ref`."""
+    x_q = _check_x(x_q, w)
+    bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
+    return _linear_dot4(x_q, _check_sx(s_x, x_q), w.codes, w.scale, bias, w.bias is not None)

@@ -1,0 +1,155 @@
+"""The float64 oracle: the specification of a ternary ViT, written to be read top to bottom.
+
+It applies the same quantizers as the engine (``quant.py``), then does every matmul,
+norm and softmax in float64 NumPy. The fast engine (``engine.py``) must agree with it:
+integer accumulators exactly, logits to float32 rounding.
+
+    image [B, 3, H, W] -> patches [B, N, 3*p*p] -> patch embedding [B, N, D]
+    -> prepend cls, add position embedding [B, N+1, D]
+    -> depth x Block:  x = x + Attn(LN1(x));  x = x + MLP(LN2(x))
+    -> final LN, take cls [B, D] -> head -> logits [B, classes]
+
+A ternary linear (qkv, proj, fc1, fc2; patch embedding and head as the config says):
+    x_q, s_x = quantize_activations(x)      # int8 codes, one scale per token
+    acc = x_q @ W_q.T                       # exact integers (float64 holds them exactly)
+    y = acc * s_x * gamma + bias
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from tinyvit158.quant import quantize_activations
+from tinyvit158.weights import Checkpoint
+
+F64 = np.float64
+_erf = np.vectorize(math.erf, otypes=[F64])
+
+
+# -- references ------------------------------------------------------------------------
+def patchify(images: np.ndarray, p: int) -> np.ndarray:
+    """[B, C, H, W] -> [B, N, C*p*p], patches row-major, each flattened (c, row, col) like a conv weight."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, gh, p, gw, p)
+    x = x.transpose(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)  # (B, N, C*p*p)
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # biased, as torch
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """Exact (erf) GELU, torch ``nn.GELU()``'s default."""
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+Quantizer = Callable[[np.ndarray, str], tuple[np.ndarray, np.ndarray]]
+
+
+def default_quantizer(x: np.ndarray, site: str):
+    """The activation quantizer of DESIGN.md; ``site`` names the layer it feeds (unused here)."""
+    return quantize_activations(x)
+
+
+class Oracle:
+    """The float64 model of a checkpoint.
+
+    Parameters
+    ----------
+    ckpt : Checkpoint
+    quantizer : callable (x, site) -> (x_q, s_x), optional
+        Replaces the activation quantizer at every site; tests use it to replay the
+        engine's int8 codes where the two legitimately round a tie differently.
+    """
+
+    def __init__(self, ckpt: Checkpoint, quantizer: Quantizer = default_quantizer):
+        self.cfg = ckpt.config
+        self.quantizer = quantizer
+        self.p = {k: v.astype(F64) for k, v in ckpt.tensors.items() if not k.endswith("_packed")}
+        self.ternary = {}  # layer -> (codes as float64, gamma, bias)
+        self.float = {}  # layer -> (weight (out, in), bias)
+        for layer in self.cfg.linear_shapes():
+            if self.cfg.is_ternary(layer):
+                codes, gamma, bias = ckpt.ternary(layer)
+                self.ternary[layer] = (codes.astype(F64), gamma.astype(F64), None if bias is None else bias.astype(F64))
+            else:
+                bias = ckpt.tensors.get(f"{layer}.bias")
+                self.float[layer] = (ckpt.float_weight(layer).astype(F64), bias.astype(F64))
+
+    # -- layers ------------------------------------------------------------------------
+    def norm(self, x: np.ndarray, name: str) -> np.ndarray:
+        return layer_norm(x, self.p[f"{name}.weight"], self.p[f"{name}.bias"], self.cfg.norm_eps)
+
+    def accumulate(self, x_q: np.ndarray, layer: str) -> np.ndarray:
+        """Integer accumulators ``x_q @ W_q.T`` of a ternary layer (exact in float64)."""
+        return x_q.astype(F64) @ self.ternary[layer][0].T
+
+    def linear(self, x: np.ndarray, layer: str) -> np.ndarray:
+        """[..., in] -> [..., out]; ternary layers quantize their input per token first."""
+        if layer in self.float:
+            w, b = self.float[layer]
+            return x @ w.T + b
+        _, gamma, bias = self.ternary[layer]
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # (T, in): one row per token
+        if self.cfg.bitlinear_norm:
+            x = self.norm(x, f"{layer}.norm")
+        x_q, s_x = self.quantizer(x, layer)  # int8 (T, in), scale (T,)
+        acc = self.accumulate(x_q, layer)  # (T, out), integers
+        y = acc * s_x[:, None] * gamma[None, :]
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*lead, -1)
+
+    def patch_embed(self, images: np.ndarray) -> np.ndarray:
+        patches = patchify(images, self.cfg.patch_size)  # (B, N, C*p*p)
+        return self.linear(patches, "patch_embed.proj")  # (B, N, D)
+
+    def attention(self, x: np.ndarray, i: int) -> np.ndarray:
+        B, N, D = x.shape
+        H, hd = self.cfg.heads, self.cfg.head_dim
+        qkv = self.linear(x, f"blocks.{i}.attn.qkv")  # (B, N, 3D)
+        q, k, v = qkv.reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
+        attn = softmax(q @ k.transpose(0, 1, 3, 2) * hd**-0.5)  # (B, H, N, N)
+        o = (attn @ v).transpose(0, 2, 1, 3).reshape(B, N, D)  # (B, N, D), heads concatenated
+        return self.linear(o, f"blocks.{i}.attn.proj")
+
+    def mlp(self, x: np.ndarray, i: int) -> np.ndarray:
+        h = self.linear(x, f"blocks.{i}.mlp.fc1")  # (B, N, hidden)
+        h = gelu(h)
+        return self.linear(h, f"blocks.{i}.mlp.fc2")  # (B, N, D)
+
+    def block(self, x: np.ndarray, i: int) -> np.ndarray:
+        x = x + self.attention(self.norm(x, f"blocks.{i}.norm1"), i)
+        x = x + self.mlp(self.norm(x, f"blocks.{i}.norm2"), i)
+        return x
+
+    # -- model -------------------------------------------------------------------------
+    def forward_features(self, images: np.ndarray) -> np.ndarray:
+        """Normalized images [B, C, H, W] -> final-normed tokens [B, N+1, D]."""
+        images = np.asarray(images, dtype=F64)
+        x = self.patch_embed(images)  # (B, N, D)
+        cls = np.broadcast_to(self.p["cls_token"], (x.shape[0], 1, x.shape[2]))
+        x = np.concatenate([cls, x], axis=1) + self.p["pos_embed"]  # (B, N+1, D)
+        for i in range(self.cfg.depth):
+            x = self.block(x, i)
+        return self.norm(x, "norm")
+
+    def forward_head(self, x: np.ndarray) -> np.ndarray:
+        return self.linear(x[:, 0], "head")  # cls token -> (B, classes)
+
+    def forward(self, images: np.ndarray) -> np.ndarray:
+        return self.forward_head(self.forward_features(images))
+
+    __call__ = forward

@@ -1,0 +1,213 @@
+"""The weight file: one ``.safetensors`` file holds one model, its config and its story.
+
+Layout (DESIGN.md section 4)
+----------------------------
+metadata (str -> str):
+    format          "tinyvit158"     the magic: anything else is not our file
+    format_version  "1"              bumped on any incompatible change
+    config          ViTConfig as JSON (shapes, packing, numerics, class names, mean/std)
+    source          JSON: how the weights were made (recipe, data, accuracy, ...)
+tensors (timm ViT names):
+    <layer>.weight_packed  uint8 (out, ceil(in / 4 or 5))   ternary layers, see packing.py
+    <layer>.weight_scale   float32 (out,)                    gamma per output channel
+    <layer>.weight         float32                           float layers (timm shapes)
+    <layer>.bias           float32 (out,)
+    <layer>.norm.weight/.bias                                 only with bitlinear_norm
+    cls_token (1, 1, dim), pos_embed (1, tokens, dim), blocks.{i}.norm1/norm2, norm, head
+
+Files are parsed by the ``safetensors`` package (bounded header, checked offsets, no code
+execution) and then validated completely: every failure is one WeightFileError naming
+the file and the tensor. Writing goes to a temporary file that is renamed into place,
+so a failed or interrupted write leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from tinyvit158.config import ViTConfig
+from tinyvit158.errors import TinyViTError, WeightFileError
+from tinyvit158.packing import pack, packed_cols, unpack
+from tinyvit158.quant import ternarize
+
+FORMAT_NAME = "tinyvit158"
+FORMAT_VERSION = "1"
+
+def tensor_spec(cfg: ViTConfig) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Every tensor a weight file of this config holds: ``{name: (dtype, shape)}``."""
+    f32, u8 = np.dtype(np.float32), np.dtype(np.uint8)
+    spec: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
+        "cls_token": (f32, (1, 1, cfg.dim)),
+        "pos_embed": (f32, (1, cfg.num_tokens, cfg.dim)),
+    }
+    for layer, (n, k) in cfg.linear_shapes().items():
+        if cfg.is_ternary(layer):
+            spec[f"{layer}.weight_packed"] = (u8, (n, packed_cols(k, cfg.packing)))
+            spec[f"{layer}.weight_scale"] = (f32, (n,))
+            if cfg.bitlinear_norm:
+                spec[f"{layer}.norm.weight"] = (f32, (k,))
+                spec[f"{layer}.norm.bias"] = (f32, (k,))
+        elif layer == "patch_embed.proj":  # a float conv, timm's shape
+            spec[f"{layer}.weight"] = (f32, (n, cfg.in_chans, cfg.patch_size, cfg.patch_size))
+        else:
+            spec[f"{layer}.weight"] = (f32, (n, k))
+        if cfg.has_bias(layer):
+            spec[f"{layer}.bias"] = (f32, (n,))
+    for name in [f"blocks.{i}.norm{j}" for i in range(cfg.depth) for j in (1, 2)] + ["norm"]:
+        spec[f"{name}.weight"] = (f32, (cfg.dim,))
+        spec[f"{name}.bias"] = (f32, (cfg.dim,))
+    return spec
+
+@dataclass
+class Checkpoint:
+    """A validated model: config, named tensors (NumPy), and how it was made."""
+
+    config: ViTConfig
+    tensors: dict[str, np.ndarray]
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def ternary(self, layer: str):
+        """``(codes int8 (out, in), scale float32 (out,), bias float32 or None)`` of a ternary layer."""
+        n, k = self.config.linear_shapes()[layer]
+        codes = unpack(self.tensors[f"{layer}.weight_packed"], k, self.config.packing)
+        return codes, self.tensors[f"{layer}.weight_scale"], self.tensors.get(f"{layer}.bias")
+
+    def float_weight(self, layer: str) -> np.ndarray:
+        """A float layer's weight as a 2-D (out, in) matrix (a conv weight is flattened c, row, col)."""
+        w = self.tensors[f"{layer}.weight"]
+        return w.reshape(w.shape[0], -1)
+
+def _error(path, tensor: str | None, what: str) -> WeightFileError:
+    where = f"{path}" + (f", tensor {tensor!r}" if tensor else "")
+    return WeightFileError(f"{where}: {what}")
+
+def validate(cfg: ViTConfig, tensors: dict[str, np.ndarray], path: str | os.PathLike = "<memory>") -> None:
+    """Check tensors against the config: names, dtypes, shapes, packed codes, finite values."""
+    spec = tensor_spec(cfg)
+    missing = [n for n in spec if n not in tensors]
+    if missing:
+        raise _error(path, missing[0], f"missing ({len(missing)} tensor(s) missing); the file does not match its config")
+    extra = sorted(set(tensors) - set(spec))
+    if extra:
+        raise _error(path, extra[0], f"unexpected tensor ({len(extra)} extra); the file does not match its config")
+    for name, (dtype, shape) in spec.items():
+        t = tensors[name]
+        if t.dtype != dtype:
+            raise _error(path, name, f"dtype {t.dtype}, expected {dtype}")
+        if tuple(t.shape) != shape:
+            raise _error(path, name, f"shape {tuple(t.shape)}, expected {shape} for config {cfg.name!r}")
+        if name.endswith(".weight_packed"):
+            layer = name[: -len(".weight_packed")]
+            try:
+                unpack(t, cfg.linear_shapes()[layer][1], cfg.packing)
+            except TinyViTError as e:
+                raise _error(path, name, str(e)) from None
+        elif not np.all(np.isfinite(t)):
+            raise _error(path, name, "holds NaN or infinite values")
+        if name.endswith(".weight_scale"):
+            if np.any(t < 0):
+                raise _error(path, name, "holds negative scales; gamma = mean(|W|) is never negative")
+            if cfg.scale_granularity == "tensor" and np.any(t != t[0]):
+                raise _error(path, name, "per-tensor scale expected (scale_granularity='tensor') but values differ")
+
+def save_weights(path: str | os.PathLike, ckpt: Checkpoint) -> None:
+    """Validate and write a weight file atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    validate(ckpt.config, ckpt.tensors, path)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": ckpt.config.to_json(),
+        "source": json.dumps(ckpt.source, sort_keys=True),
+    }
+    data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in ckpt.tensors.items()}, metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+def load_weights(path: str | os.PathLike) -> Checkpoint:
+    """Read and fully validate a weight file; any problem is one WeightFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise _error(path, None, "no such weight file" if not path.exists() else "not a regular file")
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _error(path, None, f"not a readable safetensors file ({msg}); re-download or re-export it") from None
+
+    if metadata.get("format") != FORMAT_NAME:
+        raise _error(
+            path, None,
+            f"metadata format is {metadata.get('format')!r}, expected {FORMAT_NAME!r}; "
+            "HINT: convert a float checkpoint with tinyvit158's exporter first",
+        )  # fmt: skip
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise _error(
+            path, None,
+            f"format_version is {metadata.get('format_version')!r}, this tinyvit158 reads {FORMAT_VERSION!r}; "
+            "HINT: use the tinyvit158 version that wrote it, or re-export the weights",
+        )  # fmt: skip
+    try:
+        cfg = ViTConfig.from_json(metadata.get("config", ""))
+    except TinyViTError as e:
+        raise _error(path, None, f"bad config metadata: {e}") from None
+    try:
+        source = json.loads(metadata.get("source", "{}"))
+    except json.JSONDecodeError as e:
+        raise _error(path, None, f"source metadata is not JSON ({e})") from None
+    validate(cfg, tensors, path)
+    return Checkpoint(cfg, tensors, source if isinstance(source, dict) else {"text": source})
+
+def random_checkpoint(cfg: ViTConfig, seed: int = 0) -> Checkpoint:
+    """A random but valid ternary model of any config, for tests, notebooks and benchmarks.
+
+    Float weights are drawn with std 1/sqrt(in_features) (so activations keep their size),
+    then ternarized and packed exactly as an exporter would.
+    """
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    tensors: dict[str, np.ndarray] = {}
+    for name, (dtype, shape) in tensor_spec(cfg).items():
+        layer = name.rsplit(".", 1)[0]
+        if name.endswith(".weight_packed"):
+            n, k = cfg.linear_shapes()[layer]
+            codes, scale = ternarize(normal((n, k), k**-0.5), cfg.scale_granularity)
+
+            tensors[name] = pack(codes, cfg.packing)
+            tensors[f"{layer}.weight_scale"] = scale
+        elif name.endswith(".weight_scale"):
+            continue  # written with its packed weights
+        elif name.endswith("norm.weight") or name.endswith(("norm1.weight", "norm2.weight")):
+            tensors[name] = (1.0 + normal(shape, 0.1)).astype(np.float32)
+        elif name.endswith(".weight"):
+            tensors[name] = normal(shape, int(np.prod(shape[1:])) ** -0.5)
+        elif name in ("cls_token", "pos_embed"):
+            tensors[name] = normal(shape, 0.5)
+        else:  # biases
+            tensors[name] = normal(shape, 0.05)
+    # restore the spec's order (scales were inserted beside their packed weights)
+    tensors = {name: tensors[name] for name in tensor_spec(cfg)}
+    return Checkpoint(cfg, tensors, {"recipe": "random", "seed": seed})
