@@ -1,0 +1,143 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import int8_TK_ternary_NK, small_int8_TK_ternary_NK
+
+from tinyvit158 import oracle
+from tinyvit158.errors import TinyViTError
+from tinyvit158.kernels import (
+    PreparedTernary,
+    attention,
+    attention_ref,
+    gelu,
+    gelu_quantize,
+    layernorm,
+    layernorm_quantize,
+    linear,
+    linear_ref,
+    matmul,
+    matmul_ref,
+)
+from tinyvit158.packing import pack
+from tinyvit158.quant import quantize_activations
+
+# float32 kernels vs float64 math: a few float32 ulps (2**-23 = 1.2e-7 relative) of the output
+# scale; the row statistics are accumulated in float64 so the error does not grow with K.
+F32_RTOL = 1e-6
+# attention sums N products in float32 twice (scores, then p @ v): allow ~N ulps
+ATTN_ATOL = 2e-6
+
+
+def int64_reference(x_q, w):
+    return x_q.astype(np.int64) @ w.astype(np.int64).T
+
+
+def prepared(w, seed=0):
+    rng = np.random.default_rng(seed)
+    n = w.shape[0]
+    return PreparedTernary(w, rng.random(n).astype(np.float32), rng.standard_normal(n).astype(np.float32))
+
+
+@given(xw=int8_TK_ternary_NK())
+def test_matmul_fast_equals_reference_equals_int64(xw):
+    x_q, w = xw
+    pw = prepared(w)
+    expected = int64_reference(x_q, w)
+    assert np.abs(expected).max(initial=0) <= 127 * w.shape[1]
+    ref = matmul_ref(x_q, pw)
+    fast = matmul(x_q, pw)
+    assert ref.dtype == fast.dtype == np.int32
+    assert np.array_equal(ref, expected)
+    assert np.array_equal(fast, expected)
+
+
+@given(xw=small_int8_TK_ternary_NK())
+def test_matmul_small_elementwise(xw):
+    x_q, w = xw
+    pw = prepared(w)
+    assert np.array_equal(matmul(x_q, pw), int64_reference(x_q, w))
+    assert np.array_equal(matmul_ref(x_q, pw), int64_reference(x_q, w))
+
+
+@pytest.mark.parametrize("fmt", ["ternary2", "ternary3"])
+@pytest.mark.parametrize("k", [1, 7, 192, 1000])
+def test_matmul_extremes_from_packed(fmt, k):
+    rng = np.random.default_rng(k)
+    w = rng.integers(-1, 2, size=(9, k)).astype(np.int8)
+    w[0] = 1  # all +1: acc = 127 * K for an all-127 row
+    w[1] = -1
+    w[2] = 0  # a whole row of zero weights
+    x = rng.integers(-127, 128, size=(6, k)).astype(np.int8)
+    x[0], x[1], x[2] = 127, -127, 0
+    pw = PreparedTernary.from_packed(pack(w, fmt), k, fmt, np.ones(9, np.float32))
+    out = matmul(x, pw)
+    assert np.array_equal(out, int64_reference(x, w))
+    assert out[0, 0] == 127 * k and out[1, 0] == -127 * k and out[0, 1] == -127 * k
+    assert np.all(out[:, 2] == 0) and np.all(out[2] == 0)
+
+
+@given(xw=int8_TK_ternary_NK(max_k=300, max_n=300), bias=st.booleans())
+def test_linear_fast_equals_reference_bitwise(xw, bias):
+    x_q, w = xw
+    rng = np.random.default_rng(0)
+    pw = PreparedTernary(w, rng.random(w.shape[0]).astype(np.float32), rng.random(w.shape[0]).astype(np.float32) if bias else None)
+    s_x = rng.random(x_q.shape[0]).astype(np.float32)
+    fast, ref = linear(x_q, s_x, pw), linear_ref(x_q, s_x, pw)
+    assert fast.dtype == np.float32
+    assert np.array_equal(fast, ref)  # same float32 operations in the same order
+    exact = int64_reference(x_q, w) * s_x[:, None].astype(np.float64) * pw.scale.astype(np.float64)
+    exact = exact + (pw.bias if bias else 0)
+    np.testing.assert_allclose(fast, exact, rtol=F32_RTOL * 4, atol=F32_RTOL * np.abs(exact).max(initial=1))
+
+
+def test_kernels_check_their_inputs():
+    pw = prepared(np.zeros((3, 4), np.int8))
+    with pytest.raises(TinyViTError, match="int8"):
+        matmul(np.zeros((2, 4), np.float32), pw)
+    with pytest.raises(TinyViTError, match="4"):
+        matmul(np.zeros((2, 5), np.int8), pw)
+    with pytest.raises(TinyViTError, match="float32 scales"):
+        linear(np.zeros((2, 4), np.int8), np.zeros(3, np.float32), pw)
+    with pytest.raises(TinyViTError, match="float32"):
+        layernorm(np.zeros((2, 4)), np.ones(4), np.zeros(4), 1e-6)
+    with pytest.raises(TinyViTError, match="shape"):
+        layernorm(np.zeros((2, 4), np.float32), np.ones(3), np.zeros(4), 1e-6)
+    with pytest.raises(TinyViTError, match="heads"):
+        attention(np.zeros((1, 3, 10), np.float32), 2)
+
+
+@given(seed=st.integers(0, 2**16), t=st.integers(1, 20), d=st.sampled_from([1, 2, 7, 64, 192, 385]))
+def test_layernorm_quantize(seed, t, d):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((t, d)) * rng.uniform(0.01, 100)).astype(np.float32)
+    g, b = rng.standard_normal(d).astype(np.float32), rng.standard_normal(d).astype(np.float32)
+    y = layernorm(x, g, b, 1e-6)
+    expected = oracle.layer_norm(x.astype(np.float64), g.astype(np.float64), b.astype(np.float64), 1e-6)
+    np.testing.assert_allclose(y, expected, rtol=F32_RTOL, atol=F32_RTOL * np.abs(expected).max())
+    q, s = layernorm_quantize(x, g, b, 1e-6)
+    q2, s2 = quantize_activations(y)
+    assert np.array_equal(q, q2) and np.array_equal(s, s2)  # fusion changes nothing
+
+
+@given(seed=st.integers(0, 2**16), t=st.integers(1, 20), k=st.sampled_from([1, 3, 768]))
+def test_gelu_quantize(seed, t, k):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((t, k)) * 3).astype(np.float32)
+    y = gelu(x)
+    expected = oracle.gelu(x.astype(np.float64))
+    np.testing.assert_allclose(y, expected, rtol=F32_RTOL, atol=F32_RTOL * np.abs(expected).max())
+    q, s = gelu_quantize(x)
+    q2, s2 = quantize_activations(y)
+    assert np.array_equal(q, q2) and np.array_equal(s, s2)
+
+
+@given(seed=st.integers(0, 2**16), b=st.integers(1, 3), n=st.integers(1, 70), heads=st.sampled_from([1, 3, 4]))
+def test_attention_matches_reference_and_float64(seed, b, n, heads):
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((b, n, 3 * heads * 8)).astype(np.float32)
+    fast = attention(qkv, heads)
+    np.testing.assert_allclose(fast, attention_ref(qkv, heads), rtol=0, atol=ATTN_ATOL)
+    q, k, v = qkv.astype(np.float64).reshape(b, n, 3, heads, 8).transpose(2, 0, 3, 1, 4)
+    exact = (oracle.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(8)) @ v).transpose(0, 2, 1, 3).reshape(b, n, -1)
+    np.testing.assert_allclose(fast, exact, rtol=0, atol=ATTN_ATOL)
