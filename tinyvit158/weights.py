@@ -211,3 +211,15 @@ def random_checkpoint(cfg: ViTConfig, seed: int = 0) -> Checkpoint:
     # restore the spec's order (scales were inserted beside their packed weights)
     tensors = {name: tensors[name] for name in tensor_spec(cfg)}
     return Checkpoint(cfg, tensors, {"recipe": "random", "seed": seed})
+
+
+DEFAULT_WEIGHTS_NAME = "cifar10-tiny.safetensors"
+
+
+def default_weights_path() -> Path | None:
+    """The shipped trained weights: inside an installed wheel, else the repository's ``weights/``."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_weights" / DEFAULT_WEIGHTS_NAME, here.parent / "weights" / DEFAULT_WEIGHTS_NAME):
+        if candidate.is_file():
+            return candidate
+    return None

@@ -1,0 +1,3 @@
+from tinyvit158.predict import main
+
+raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Images in, normalized float32 tensors out.
+
+Any file Pillow reads (PNG, JPEG, BMP, GIF (first frame), WebP, TIFF, ...) or a NumPy
+uint8 array [H, W, 3] becomes a float32 [3, S, S] tensor for a model of image size S:
+
+1. EXIF orientation is applied (a phone photo stands the right way up);
+2. every mode becomes RGB: 16-bit and 32-bit integer grays are scaled to 8 bits, float
+   images are read as [0, 1], images with transparency are composited on the model's mean
+   colour (so transparent pixels normalize to zero), CMYK, palette and gray convert;
+3. the shorter side is resized to S (bicubic, antialiased) and the centre S x S is cropped;
+4. pixels scaled to [0, 1] are normalized with the config's per-channel mean and std.
+
+Pillow's decompression-bomb guard stays on: a header claiming more than twice
+``Image.MAX_IMAGE_PIXELS`` pixels is refused before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tinyvit158.config import ViTConfig
+from tinyvit158.errors import ImageError
+
+
+def _gray_to_8bit(img: Image.Image) -> Image.Image:
+    """Modes I;16*, I and F -> L, with their full range mapped onto 0..255."""
+    a = np.asarray(img)
+    if img.mode == "F":
+        a = np.clip(np.nan_to_num(a.astype(np.float64)), 0.0, 1.0) * 255.0
+    elif img.mode.startswith("I;16") or (a.size and a.max() > 255):
+        a = np.clip(a.astype(np.float64), 0, 65535) / 257.0  # 16-bit range -> 8-bit
+    return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (128, 128, 128)) -> Image.Image:
+    """Convert any Pillow mode to RGB (transparency composited on ``background``)."""
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _gray_to_8bit(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "La", "PA", "RGBa") or (img.mode == "L" and "transparency" in img.info):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        base = Image.new("RGBA", img.size, (*background, 255))
+        return Image.alpha_composite(base, img).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size`` (bicubic), then the centre ``size`` x ``size``."""
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def normalize(rgb: np.ndarray, cfg: ViTConfig) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [3, H, W], ``(pixel / 255 - mean) / std``."""
+    x = rgb.astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def open_rgb(path: str | os.PathLike, cfg: ViTConfig) -> Image.Image:
+    """Open, orient and convert an image file to RGB; any failure is one ImageError."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image")
+    background = tuple(int(round(m * 255)) for m in cfg.mean)
+    try:
+        with Image.open(path) as img:
+            img.seek(0)  # first frame of an animation
+            img = ImageOps.exif_transpose(img)
+            if min(img.size) < 1:
+                raise ImageError(f"{path}: image has no pixels ({img.size[0]}x{img.size[1]})")
+            return to_rgb(img, background)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{path}: refused, too many pixels ({e}); a decompression bomb?") from None
+    except UnidentifiedImageError:
+        size = path.stat().st_size
+        what = "an empty file" if size == 0 else "not an image Pillow can read"
+        raise ImageError(f"{path}: {what}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"{path}: corrupt or truncated image ({e})") from None
+
+
+def load_image(source: str | os.PathLike | np.ndarray, cfg: ViTConfig) -> np.ndarray:
+    """An image file or uint8 array [H, W, 3] -> normalized float32 [3, S, S] for ``cfg``."""
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3 or min(source.shape[:2]) < 1:
+            raise ImageError(
+                f"expected a uint8 array of shape (H, W, 3), found {source.dtype} {source.shape}; "
+                "convert with np.asarray(pil_image.convert('RGB'))"
+            )
+        img = Image.fromarray(source, mode="RGB")
+    else:
+        img = open_rgb(source, cfg)
+    img = resize_center_crop(img, cfg.image_size)
+    return normalize(np.asarray(img), cfg)

@@ -1,0 +1,139 @@
+"""Classify images with a ternary ViT: ``python -m tinyvit158.predict IMAGE [IMAGE ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tinyvit158.errors import TinyViTError
+from tinyvit158.weights import Checkpoint, default_weights_path, load_weights
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".tga"}
+
+EPILOG = """\
+Images are converted to RGB (EXIF orientation applied; transparency composited on the
+model's mean colour; 16-bit and CMYK images supported), the shorter side is resized to the
+model's image size (bicubic) and the centre square is cropped, then normalized.
+
+exit status:
+  0  every image was classified
+  1  bad input: an unreadable image (the others are still classified) or weight file
+  2  usage error (unknown option, --top-k out of range)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tinyvit158.predict",
+        description="Classify images with a ternary (1.58-bit) Vision Transformer.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of images")
+    p.add_argument("--weights", metavar="FILE", help="a tinyvit158 .safetensors weight file (default: the shipped one)")
+    p.add_argument("--top-k", type=int, default=2, metavar="K", help="how many labels to report per image (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
+    p.add_argument(
+        "--engine", choices=("fast", "oracle"), default="fast",
+        help="fast: the Numba integer engine (default); oracle: the float64 reference model",
+    )  # fmt: skip
+    return p
+
+
+def load_model(weights: str | None) -> tuple[Checkpoint, str]:
+    if weights is not None:
+        return load_weights(weights), str(weights)
+    path = default_weights_path()
+    if path is not None:
+        return load_weights(path), str(path)
+    from tinyvit158.config import get_preset
+    from tinyvit158.weights import random_checkpoint
+
+    print(
+        "note: no trained weights are shipped yet; using a RANDOM cifar10-tiny model, "
+        "so the labels below are meaningless (pass --weights FILE to use real weights)",
+        file=sys.stderr,
+    )
+    return random_checkpoint(get_preset("cifar10-tiny")), "random cifar10-tiny"
+
+
+def expand(paths: list[str]) -> list[Path]:
+    """Files as given; folders become their image files, sorted."""
+    out = []
+    for arg in paths:
+        p = Path(arg)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise TinyViTError(f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from tinyvit158.image import load_image
+
+    try:
+        ckpt, weights_name = load_model(args.weights)
+        cfg = ckpt.config
+        if not 1 <= args.top_k <= cfg.num_classes:
+            parser.error(f"--top-k must be between 1 and {cfg.num_classes} (the model's classes), got {args.top_k}")
+        files = expand(args.images)
+    except TinyViTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    images, good, status = [], [], 0
+    for f in files:
+        try:
+            images.append(load_image(f, cfg))
+            good.append(f)
+        except TinyViTError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 1
+    if not images:
+        return status
+
+    if args.engine == "fast":
+        from tinyvit158.engine import Engine
+
+        model = Engine(ckpt)
+    else:
+        from tinyvit158.oracle import Oracle
+
+        model = Oracle(ckpt)
+    probs = softmax(np.asarray(model(np.stack(images)), dtype=np.float64))
+
+    rows = []
+    for f, p in zip(good, probs):
+        top = np.argsort(-p, kind="stable")[: args.top_k]
+        rows.append((str(f), [(cfg.class_names[i], float(p[i])) for i in top]))
+    if args.json:
+        for f, top in rows:
+            print(json.dumps({"file": f, "top_k": [{"label": lab, "probability": round(q, 6)} for lab, q in top]}))
+    else:
+        width = max(len(f) for f, _ in rows)
+        print(f"# weights: {weights_name} ({args.engine} engine)")
+        print(f"{'file':<{width}}  {'label':<12} {'prob':>6}  next best")
+        for f, top in rows:
+            (lab, q), rest = top[0], top[1:]
+            nxt = ", ".join(f"{lab2} {q2:.3f}" for lab2, q2 in rest)
+            print(f"{f:<{width}}  {lab:<12} {q:6.3f}  {nxt}")
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
