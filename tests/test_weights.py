@@ -153,3 +153,15 @@ def test_source_metadata_is_kept(tmp_path):
     assert load_weights(tmp_path / "s.safetensors").source == {"recipe": "test", "accuracy": 0.5}
     with safetensors.safe_open(str(tmp_path / "s.safetensors"), "numpy") as f:
         assert json.loads(f.metadata()["config"])["depth"] == 2
+
+
+@pytest.mark.parametrize("packing,ratio", [("ternary2", 16.0), ("ternary3", 19.0)])
+def test_cifar10_tiny_packed_sizes(packing, ratio):
+    from tinyvit158.weights import size_summary
+
+    s = size_summary(random_checkpoint(get_preset("cifar10-tiny").replace(packing=packing)))
+    if packing == "ternary2":
+        assert s["packed"] * 16 == s["float32_replaced"]  # exactly 1/16: every K is a multiple of 4
+    else:
+        assert s["packed"] * ratio <= s["float32_replaced"]  # ceil(K/5) bytes: at most 1/19
+    assert s["total"] * 12 < s["float32_total"]  # the whole model, scales and float tensors included

@@ -223,3 +223,27 @@ def default_weights_path() -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def size_summary(ckpt: Checkpoint) -> dict[str, int]:
+    """Bytes of a checkpoint's tensors, split by kind, and what float32 would take.
+
+    ``packed``: the bit-packed ternary weights; ``float32_replaced``: the float32 weights
+    they stand for (out x in x 4 bytes); ``scales``: their float32 scales; ``other``: every
+    other tensor (norms, biases, embeddings, float layers), stored as float32 anyway.
+    """
+    cfg = ckpt.config
+    shapes = cfg.linear_shapes()
+    out = {"packed": 0, "float32_replaced": 0, "scales": 0, "other": 0}
+    for name, t in ckpt.tensors.items():
+        if name.endswith(".weight_packed"):
+            n, k = shapes[name[: -len(".weight_packed")]]
+            out["packed"] += t.nbytes
+            out["float32_replaced"] += 4 * n * k
+        elif name.endswith(".weight_scale"):
+            out["scales"] += t.nbytes
+        else:
+            out["other"] += t.nbytes
+    out["total"] = out["packed"] + out["scales"] + out["other"]
+    out["float32_total"] = out["float32_replaced"] + out["other"]
+    return out
