@@ -125,16 +125,20 @@ def _from_folder(root: Path, split: str, limit, progress) -> Dataset:
 class _SafeUnpickler(pickle.Unpickler):
     """Builds only plain containers and NumPy arrays: enough for CIFAR-10 batches, nothing else."""
 
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
+    @staticmethod
+    def _latin1(text, encoding="latin1"):
+        """``_codecs.encode`` as protocol-2 pickles from Python 3 use it for bytes: latin-1 only."""
+        if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+            raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+        return text.encode("latin1")
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED:
-            return getattr(np, name) if module == "numpy" else np._core.multiarray._reconstruct  # noqa: SLF001
+        if (module, name) in (("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")):
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own array reconstructor
+        if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")):
+            return getattr(np, name)
+        if (module, name) == ("_codecs", "encode"):
+            return self._latin1
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
 
 

@@ -1,0 +1,79 @@
+"""The trainer and exporter, on a tiny model and a tiny CIFAR look-alike (needs the train extra)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
+
+from fake_cifar import make_images, write_tarball  # noqa: E402
+
+from tinyvit158.engine import Engine  # noqa: E402
+from tinyvit158.errors import TinyViTError  # noqa: E402
+from tinyvit158.train.export import load_run, to_checkpoint, torch_logits  # noqa: E402
+from tinyvit158.train.model import QATViT  # noqa: E402
+from tinyvit158.train.trainer import Recipe, train  # noqa: E402
+from tinyvit158.weights import load_weights, save_weights  # noqa: E402
+
+RECIPE = Recipe(
+    config_overrides='{"depth": 1, "dim": 32, "heads": 2}', epochs=3, batch=20, lr=3e-3, warmup_epochs=1,
+    holdout=20, seed=1, drop_path=0.1,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tarball(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    return write_tarball(root / "cifar-10-python.tar.gz", make_images(10, 0), make_images(6, 1))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU kernels are deterministic for a fixed thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, tarball):
+    whole = train(RECIPE, str(tarball), tmp_path / "whole", progress=False)
+    # interrupted: the first call stops after one epoch (any positive limit is reached at once)
+    train(RECIPE, str(tarball), tmp_path / "split", max_minutes=1e-9, progress=False)
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=False)["epoch"] == 1
+    resumed = train(RECIPE, str(tarball), tmp_path / "split", progress=False)
+    assert resumed["epoch"] == whole["epoch"] == 3
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert len((tmp_path / "split" / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path, tarball):
+    train(RECIPE, str(tarball), tmp_path / "r", max_minutes=1e-9, progress=False)
+    changed = Recipe(**{**RECIPE.__dict__, "lr": 1e-4})
+    with pytest.raises(TinyViTError, match="different recipe"):
+        train(changed, str(tarball), tmp_path / "r", progress=False)
+
+
+def test_export_matches_the_torch_model(tmp_path, tarball):
+    train(RECIPE, str(tarball), tmp_path / "run", progress=False)
+    model, state = load_run(tmp_path / "run" / "last.pt")
+    ckpt, differing = to_checkpoint(model, {"recipe": "test"})
+    assert differing == 0
+    save_weights(tmp_path / "w.safetensors", ckpt)
+    loaded = load_weights(tmp_path / "w.safetensors")
+    images, _ = make_images(4, 7)
+    ours = torch_logits(model, images)
+    twin = torch_logits(QATViT.from_checkpoint(loaded), images)
+    np.testing.assert_allclose(twin, ours, rtol=0, atol=1e-5 * np.abs(ours).max())  # same function
+    from tinyvit158.image import normalize
+
+    engine_logits = Engine(loaded)(np.stack([normalize(im, loaded.config) for im in images]))
+    scale = np.abs(ours).max()
+    diff = np.abs(engine_logits - ours)
+    # float32 in both, summed in different orders; a rare quantizer tie may flip one code
+    assert np.median(diff) < 1e-5 * scale and diff.max() < 0.05 * scale
+    margin = np.diff(np.sort(ours, axis=1)[:, -2:], axis=1)[:, 0]
+    clear = margin > 0.05 * scale
+    assert np.array_equal(engine_logits.argmax(1)[clear], ours.argmax(1)[clear])

@@ -1,0 +1,3 @@
+from tinyvit158.train.trainer import main
+
+raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""Export a trained QAT checkpoint to the engine's weight file.
+
+``python -m tinyvit158.train.export RUN/best.pt --out weights/cifar10-tiny.safetensors [--data PATH]``
+
+A name-preserving ternarize-and-pack: every ternary layer's latent float weight goes
+through ``quant.ternarize`` (the one implementation the engine's tests check) and is
+packed; everything else is copied as float32. The exporter checks that the codes equal
+the ones the PyTorch model used in its forward pass and reports any that differ (only
+exact ties of W / gamma = 1/2 can). With ``--data`` it measures the PyTorch model's test
+accuracy and records it, with the recipe, in the file's ``source`` metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinyvit158.config import ViTConfig
+from tinyvit158.errors import TinyViTError
+from tinyvit158.packing import pack
+from tinyvit158.quant import ternarize
+from tinyvit158.train.model import QATViT, ternarize_weight
+from tinyvit158.weights import Checkpoint, save_weights, tensor_spec
+
+
+def load_run(path: str | Path, device: str = "cpu") -> tuple[QATViT, dict]:
+    """The QAT model of a trainer checkpoint (eval mode, quantization on) and the raw state."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        cfg = ViTConfig.from_dict(state["config"])
+    except (OSError, RuntimeError, KeyError, EOFError) as e:
+        raise TinyViTError(f"{path}: not a tinyvit158 training checkpoint ({e})") from None
+    model = QATViT(cfg).to(device)
+    model.load_state_dict(state["model"])
+    model.set_quantize(True)
+    model.eval()
+    return model, state
+
+
+def to_checkpoint(model: QATViT, source: dict) -> tuple[Checkpoint, int]:
+    """The weight-file checkpoint of a QAT model, and how many codes differ from torch's."""
+    cfg = model.cfg
+    sd = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+    tensors: dict[str, np.ndarray] = {}
+    differing = 0
+    for name, (_, shape) in tensor_spec(cfg).items():
+        if name.endswith(".weight_packed"):
+            layer = name[: -len(".weight_packed")]
+            w = sd[f"{layer}.weight"]
+            codes, scale = ternarize(w.numpy(), cfg.scale_granularity)
+            torch_codes, _ = ternarize_weight(w, cfg.scale_granularity)
+            differing += int((torch_codes.numpy().astype(np.int8) != codes).sum())
+            tensors[name] = pack(codes, cfg.packing)
+            tensors[f"{layer}.weight_scale"] = scale
+        elif name.endswith(".weight_scale"):
+            continue
+        else:
+            tensors[name] = sd[name].numpy().reshape(shape).astype(np.float32)
+    tensors = {name: tensors[name] for name in tensor_spec(cfg)}
+    return Checkpoint(cfg, tensors, source), differing
+
+
+@torch.no_grad()
+def torch_logits(model: QATViT, images_u8: np.ndarray, batch: int = 500) -> np.ndarray:
+    from tinyvit158.train.trainer import normalize, to_input
+
+    out = []
+    for i in range(0, len(images_u8), batch):
+        out.append(model(normalize(to_input(images_u8[i : i + batch]), model.cfg)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.num_classes), np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tinyvit158.train.export", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="a trainer checkpoint (RUN/best.pt or RUN/last.pt)")
+    p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
+    p.add_argument("--packing", choices=("ternary2", "ternary3"), help="override the config's packing")
+    p.add_argument("--data", help="CIFAR-10 location: measure the PyTorch model's test accuracy")
+    args = p.parse_args(argv)
+    try:
+        model, state = load_run(args.checkpoint)
+        if args.packing:
+            model.cfg = model.cfg.replace(packing=args.packing)
+        log = state.get("log", {})
+        source = {
+            "recipe": state.get("recipe"),
+            "epochs": state.get("epoch"),
+            "seed": (state.get("recipe") or {}).get("seed"),
+            "data": "CIFAR-10 train split (JPEG zip), 5,000 images held out for validation",
+            "torch": state.get("torch"),
+            "device": state.get("device"),
+            "val_acc": log.get("val_acc"),
+            "checkpoint": Path(args.checkpoint).name,
+        }
+        if args.data:
+            from tinyvit158.data import load_cifar10
+
+            test = load_cifar10(args.data, "test", progress=True)
+            pred = torch_logits(model, test.images).argmax(1)
+            source["torch_test_acc"] = float((pred == test.labels).mean())
+            source["test_images"] = len(test)
+        ckpt, differing = to_checkpoint(model, source)
+        ckpt.source["codes_differing_from_torch"] = differing
+        save_weights(args.out, ckpt)
+    except TinyViTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes); codes differing from torch's: {differing}")
+    if "torch_test_acc" in source:
+        print(f"PyTorch model test accuracy: {source['torch_test_acc']:.4f} on {source['test_images']} images")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""A quantization-aware ViT in PyTorch with the engine's architecture, names and numerics.
+
+Every ternary layer is a :class:`BitLinear`: latent float weights (what AdamW updates) are
+ternarized on the fly with ``quant.py``'s absmean rule, and its input is quantized per
+token to int8 with ``quant.py``'s absmax rule; both use straight-through gradients
+(forward: the quantized value; backward: the identity). So the forward pass computes
+``(x_q * s_x) @ (W_q * gamma).T + b``, which is the engine's ``acc * s_x * gamma + b``.
+
+Tensor names follow timm (``patch_embed.proj``, ``blocks.{i}.attn.qkv``, ...), so the
+exporter is a name-preserving ternarize-and-pack.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyvit158.config import ViTConfig
+from tinyvit158.quant import ACT_EPS, ACT_QMAX, WEIGHT_EPS
+
+
+def ternarize_weight(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternarization (quant.ternarize in torch): codes in {-1, 0, 1}, gamma (out, 1)."""
+    if granularity == "tensor":
+        gamma = w.abs().mean().expand(w.shape[0], 1)
+    else:
+        gamma = w.abs().mean(dim=1, keepdim=True)
+    codes = torch.clamp(torch.round(w / (gamma + WEIGHT_EPS)), -1, 1)
+    return codes, gamma
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8 (quant.quantize_activations in torch): codes (as float) and scales."""
+    s = x.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_EPS) / ACT_QMAX
+    return torch.clamp(torch.round(x / s), -ACT_QMAX, ACT_QMAX), s
+
+
+def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Forward ``q``, backward the identity (straight-through estimator)."""
+    return x + (q - x).detach()
+
+
+class BitLinear(nn.Linear):
+    """Ternary weights x int8 activations, trained with straight-through estimators.
+
+    ``quantize=False`` makes it a plain float Linear (for float warm-up).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, cfg: ViTConfig):
+        super().__init__(in_features, out_features, bias=bias)
+        self.granularity = cfg.scale_granularity
+        self.norm = nn.LayerNorm(in_features, eps=cfg.norm_eps) if cfg.bitlinear_norm else None
+        self.quantize = True
+        self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes, gamma) from a weight file
+
+    def freeze(self, codes: torch.Tensor, gamma: torch.Tensor) -> None:
+        """Use exported codes and scales as they are (for comparing with the engine)."""
+        self.frozen = (codes.float(), gamma.float().reshape(-1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        if not self.quantize:
+            return F.linear(x, self.weight, self.bias)
+        x_q, s_x = quantize_activations(x)
+        if self.frozen is not None:
+            return F.linear(x_q * s_x, self.frozen[0] * self.frozen[1], self.bias)
+        w_q, gamma = ternarize_weight(self.weight, self.granularity)
+        return F.linear(ste(x, x_q * s_x), ste(self.weight, w_q * gamma), self.bias)
+
+
+def make_linear(cfg: ViTConfig, layer: str, in_f: int, out_f: int) -> nn.Linear:
+    if cfg.is_ternary(layer):
+        return BitLinear(in_f, out_f, cfg.has_bias(layer), cfg)
+    return nn.Linear(in_f, out_f, bias=cfg.has_bias(layer))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ViTConfig, i: int):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = make_linear(cfg, f"blocks.{i}.attn.qkv", cfg.dim, 3 * cfg.dim)
+        self.proj = make_linear(cfg, f"blocks.{i}.attn.proj", cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
+        o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v
+        return self.proj(o.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ViTConfig, i: int):
+        super().__init__()
+        self.fc1 = make_linear(cfg, f"blocks.{i}.mlp.fc1", cfg.dim, cfg.hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = make_linear(cfg, f"blocks.{i}.mlp.fc2", cfg.hidden_dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig, i: int, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, i)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg, i)
+        self.drop_path = drop_path
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Stochastic depth: drop the whole residual branch per sample."""
+        if not self.training or self.drop_path == 0.0:
+            return x
+        keep = 1.0 - self.drop_path
+        mask = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)
+        return x * mask / keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self._drop(self.attn(self.norm1(x)))
+        x = x + self._drop(self.mlp(self.norm2(x)))
+        return x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.p = cfg.patch_size
+        self.proj = make_linear(cfg, "patch_embed.proj", cfg.patch_dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        p = self.p
+        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, gh, gw, C, p, p)
+        return self.proj(x.reshape(B, (H // p) * (W // p), C * p * p))  # (B, N, D)
+
+
+class QATViT(nn.Module):
+    """The engine's ViT, trainable. ``state_dict`` names match the weight file's."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.dim) * 0.02)
+        rates = [drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, i, rates[i]) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = make_linear(cfg, "head", cfg.dim, cfg.num_classes)
+        self.apply(self._init)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt) -> QATViT:
+        """The PyTorch twin of a weight file (``weights.Checkpoint``): same codes, scales, floats."""
+        cfg = ckpt.config
+        model = cls(cfg)
+        state = {}
+        for name, p in model.state_dict().items():
+            layer = name.rsplit(".", 1)[0]
+            if name.endswith(".weight") and f"{layer}.weight_packed" in ckpt.tensors:
+                codes, gamma, _ = ckpt.ternary(layer)
+                model.get_submodule(layer).freeze(torch.from_numpy(codes), torch.from_numpy(gamma))
+                state[name] = p  # latent weight unused once frozen
+            else:
+                state[name] = torch.from_numpy(ckpt.tensors[name].reshape(p.shape).copy())
+        model.load_state_dict(state)
+        model.eval()
+        return model
+
+    def set_quantize(self, on: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, BitLinear):
+                m.quantize = on
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x[:, 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

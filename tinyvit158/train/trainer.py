@@ -1,0 +1,271 @@
+"""The trainer: ``python -m tinyvit158.train --data PATH --preset cifar10-tiny --epochs N --out DIR``.
+
+Resumable by construction: after every epoch ``DIR/last.pt`` is replaced atomically
+(temporary file + rename) with the model, optimizer and epoch; rerunning the same command
+continues from there. Every random draw of epoch e comes from generators seeded with
+(seed, e), so a run killed at any moment and resumed ends with the same weights as an
+uninterrupted one, given the same torch version and thread count (CPU kernels are
+deterministic for a fixed thread count; a GPU's atomics are not).
+
+Hyperparameters are chosen on 5,000 images held out of the training split (500 per
+class, fixed by the seed); the test split is never read here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tinyvit158.config import ViTConfig, get_preset
+from tinyvit158.data import Dataset, load_cifar10
+from tinyvit158.errors import TinyViTError
+from tinyvit158.train.augment import mixup_cutmix, random_crop_flip, random_erasing, trivial_augment
+from tinyvit158.train.model import QATViT
+
+
+@dataclass
+class Recipe:
+    """Everything that defines a run; stored in the checkpoint and checked on resume."""
+
+    preset: str = "cifar10-tiny"
+    config_overrides: str = "{}"  # JSON of ViTConfig fields to change
+    epochs: int = 100
+    float_epochs: int = 0  # train in float first, then switch the ternary layers on
+    batch: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_epochs: int = 5
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mix_prob: float = 1.0
+    erase: float = 0.25
+    trivial_augment: bool = True
+    drop_path: float = 0.1
+    grad_clip: float = 1.0
+    holdout: int = 5000
+    limit_train: int = 0  # use only this many training images (smoke tests); 0: all
+    seed: int = 0
+
+    def config(self) -> ViTConfig:
+        return get_preset(self.preset).replace(**json.loads(self.config_overrides))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def split_holdout(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): ``holdout`` images, the same number from each class."""
+    rng = np.random.default_rng([seed, 12345])
+    classes = np.unique(labels)
+    per = holdout // len(classes)
+    val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes])
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, np.sort(val)
+
+
+def to_input(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, cfg: ViTConfig) -> torch.Tensor:
+    mean = torch.tensor(cfg.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def lr_at(step: int, total: int, warmup: int, r: Recipe) -> float:
+    if step < warmup:
+        return r.lr * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return r.min_lr + 0.5 * (r.lr - r.min_lr) * (1 + math.cos(math.pi * t))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name in ("cls_token", "pos_embed") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(model: QATViT, data: Dataset, idx: np.ndarray, device: str, batch: int = 500) -> dict[str, float]:
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(idx), batch):
+        b = idx[i : i + batch]
+        x = normalize(to_input(data.images[b]), model.cfg).to(device)
+        y = torch.from_numpy(data.labels[b]).to(device)
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return {"loss": loss / max(len(idx), 1), "acc": correct / max(len(idx), 1)}
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: ViTConfig, r: Recipe, g: torch.Generator):
+    x = random_crop_flip(x, g)
+    if r.trivial_augment:
+        x = trivial_augment(x, g)
+    x = normalize(x, cfg)
+    x, t = mixup_cutmix(x, y, cfg.num_classes, g, r.smoothing, r.mixup, r.cutmix, r.mix_prob)
+    if r.erase > 0:
+        x = random_erasing(x, g, r.erase)
+    return x, t
+
+
+def train(recipe: Recipe, data_path: str, out: Path, device: str = "cpu", max_minutes: float = 0.0, progress: bool = True) -> dict:
+    """Run (or resume) a recipe; returns the last epoch's log record."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = recipe.config()
+    torch.manual_seed(recipe.seed)
+    model = QATViT(cfg, drop_path=recipe.drop_path).to(device)
+    opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
+    start_epoch, best = 0, 0.0
+    last = out / "last.pt"
+    if last.exists():
+        state = torch.load(last, map_location=device, weights_only=False)
+        if state["recipe"] != asdict(recipe):
+            changed = {k: (state["recipe"].get(k), v) for k, v in asdict(recipe).items() if state["recipe"].get(k) != v}
+            raise TinyViTError(f"{last} was trained with a different recipe {changed}; use another --out or the same options")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, best = state["epoch"], state["best_val_acc"]
+        print(f"resuming {last} after epoch {start_epoch} (best val acc {best:.4f})", file=sys.stderr)
+    if start_epoch >= recipe.epochs:
+        print(f"{out}: all {recipe.epochs} epochs done", file=sys.stderr)
+        return {"epoch": start_epoch, "best_val_acc": best}
+
+    data = load_cifar10(data_path, "train", progress=progress)
+    train_idx, val_idx = split_holdout(data.labels, recipe.holdout, recipe.seed)
+    if recipe.limit_train:
+        train_idx = train_idx[: recipe.limit_train]
+        val_idx = val_idx[: max(recipe.limit_train // 4, 10)]
+    steps_per_epoch = len(train_idx) // recipe.batch
+    total_steps = steps_per_epoch * recipe.epochs
+    warmup_steps = steps_per_epoch * recipe.warmup_epochs
+    t_start = time.time()
+    record: dict = {}
+    for epoch in range(start_epoch, recipe.epochs):
+        torch.manual_seed(recipe.seed * 100_003 + epoch)
+        g = torch.Generator().manual_seed(recipe.seed * 100_003 + epoch)
+        order = np.random.default_rng([recipe.seed, epoch]).permutation(train_idx)
+        quantize = epoch >= recipe.float_epochs
+        model.set_quantize(quantize)
+        model.train()
+        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        bar = range(steps_per_epoch)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(bar, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step", mininterval=5, leave=False)
+        for s in bar:
+            step = epoch * steps_per_epoch + s
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup_steps, recipe)
+            b = order[s * recipe.batch : (s + 1) * recipe.batch]
+            y = torch.from_numpy(data.labels[b])
+            x, t = augment_batch(to_input(data.images[b]), y, cfg, recipe, g)
+            logits = model(x.to(device))
+            loss = torch.sum(-t.to(device) * F.log_softmax(logits, dim=1), dim=1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+            opt.step()
+            seen += len(b)
+            loss_sum += loss.item() * len(b)
+            correct += (logits.argmax(1).cpu() == t.argmax(1)).sum().item()
+            if progress:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{seen / (time.time() - t0):.0f}", refresh=False)
+        val = evaluate(model, data, val_idx, device)
+        best_now = val["acc"] > best
+        best = max(best, val["acc"])
+        record = {
+            "epoch": epoch + 1, "quantized": quantize, "lr": opt.param_groups[0]["lr"],
+            "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "val_loss": val["loss"], "val_acc": val["acc"], "best_val_acc": best,
+            "images_per_s": seen / (time.time() - t0), "epoch_s": time.time() - t0,
+        }  # fmt: skip
+        state = {
+            "recipe": asdict(recipe), "config": cfg.to_dict(), "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "epoch": epoch + 1, "best_val_acc": best, "log": record,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+        }  # fmt: skip
+        atomic_torch_save(state, last)
+        if best_now and quantize:
+            atomic_torch_save({k: v for k, v in state.items() if k != "optimizer"}, out / "best.pt")
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(
+            f"epoch {epoch + 1}/{recipe.epochs} {'ternary' if quantize else 'float'}: loss {record['train_loss']:.3f} "
+            f"val acc {val['acc']:.4f} (best {best:.4f}) {record['images_per_s']:.0f} img/s {record['epoch_s']:.0f} s",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+        if max_minutes and (time.time() - t_start) / 60 >= max_minutes and epoch + 1 < recipe.epochs:
+            print(f"stopping after {max_minutes} minutes; rerun the same command to resume", file=sys.stderr)
+            break
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tinyvit158.train",
+        description="Train a ternary (QAT) ViT on CIFAR-10; rerun the same command to resume.",
+    )
+    p.add_argument("--data", required=True, help="CIFAR-10: folder with the zips, a zip, or the python tarball")
+    p.add_argument("--out", required=True, type=Path, help="run folder: last.pt, best.pt, log.jsonl")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after the epoch that passes this (0: never)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change a ViTConfig field (JSON value)")
+    defaults = Recipe()
+    for name, value in asdict(defaults).items():
+        if name == "config_overrides":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value, metavar="BOOL")
+        else:
+            p.add_argument(flag, type=type(value), default=value)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {}
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        overrides[key] = json.loads(value)
+    fields = {k: getattr(args, k) for k in asdict(Recipe()) if k != "config_overrides"}
+    recipe = Recipe(**fields, config_overrides=json.dumps(overrides, sort_keys=True))
+    try:
+        recipe.config()
+        train(recipe, args.data, args.out, args.device, args.max_minutes, progress=not args.no_progress)
+    except TinyViTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
