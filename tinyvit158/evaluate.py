@@ -1,0 +1,157 @@
+"""Accuracy on a CIFAR-10 split: ``python -m tinyvit158.evaluate --data PATH``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from tinyvit158.errors import TinyViTError
+
+EPILOG = """\
+--data accepts: the folder holding cifar10-test-jpg.zip (default: $TINYVIT158_DATA), the zip
+itself, an extracted folder test/<class>/*.jpg, the official cifar-10-python.tar.gz, or its
+extracted cifar-10-batches-py folder.
+
+exit status: 0 success; 1 bad data or weight file; 2 usage error
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tinyvit158.evaluate",
+        description="Top-1 accuracy, per-class accuracy and confusion matrix of a ternary ViT on CIFAR-10.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", help="CIFAR-10 location (default: $TINYVIT158_DATA)")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="which split (default test)")
+    p.add_argument("--weights", metavar="FILE", help="weight file (default: the shipped one)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N images (classes interleaved)")
+    p.add_argument("--batch", type=int, default=250, metavar="B", help="images per engine call (default 250)")
+    p.add_argument("--engine", choices=("fast", "oracle"), default="fast", help="which implementation (default fast)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument(
+        "--compare-torch", metavar="CHECKPOINT",
+        help="also run the PyTorch model (a trainer .pt, or the weight file's torch twin) and report agreement",
+    )  # fmt: skip
+    return p
+
+
+def confusion(labels: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
+    m = np.zeros((n, n), dtype=np.int64)
+    np.add.at(m, (labels, pred), 1)
+    return m
+
+
+def run_engine(model, images: np.ndarray, cfg, batch: int, desc: str) -> tuple[np.ndarray, float]:
+    """Logits for uint8 images, with a progress bar; returns (logits, seconds)."""
+    from tqdm import tqdm
+
+    from tinyvit158.image import normalize
+
+    out = []
+    t0 = time.perf_counter()
+    with tqdm(total=len(images), desc=desc, unit="img", file=sys.stderr, leave=False) as bar:
+        for i in range(0, len(images), batch):
+            x = np.stack([normalize(im, cfg) for im in images[i : i + batch]])
+            out.append(model(x))
+            bar.update(len(x))
+    return np.concatenate(out).astype(np.float32), time.perf_counter() - t0
+
+
+def torch_twin_logits(checkpoint: str, images: np.ndarray) -> np.ndarray:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise TinyViTError("--compare-torch needs PyTorch: pip install -e '.[train]'") from None
+    from tinyvit158.train.export import load_run, torch_logits
+    from tinyvit158.train.model import QATViT
+    from tinyvit158.weights import load_weights
+
+    if checkpoint.endswith(".safetensors"):
+        model = QATViT.from_checkpoint(load_weights(checkpoint))
+    else:
+        model, _ = load_run(checkpoint)
+    return torch_logits(model, images)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be at least 1, got {args.limit}")
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    from tinyvit158.data import data_dir_from_env, load_cifar10
+    from tinyvit158.predict import load_model
+
+    try:
+        data_path = args.data or data_dir_from_env()
+        if data_path is None:
+            parser.error("--data is required (or set TINYVIT158_DATA to the folder holding the CIFAR-10 zips)")
+        ckpt, weights_name = load_model(args.weights)
+        cfg = ckpt.config
+        data = load_cifar10(data_path, args.split, limit=args.limit, progress=True)
+        if cfg.image_size != 32 or cfg.num_classes != 10:
+            raise TinyViTError(f"{weights_name}: a {cfg.image_size}px, {cfg.num_classes}-class model cannot be scored on CIFAR-10")
+        if args.engine == "fast":
+            from tinyvit158.engine import Engine
+
+            model = Engine(ckpt)
+        else:
+            from tinyvit158.oracle import Oracle
+
+            model = Oracle(ckpt)
+        logits, seconds = run_engine(model, data.images, cfg, args.batch, f"{args.engine} engine")
+        torch_logits = torch_twin_logits(args.compare_torch, data.images) if args.compare_torch else None
+    except TinyViTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    pred = logits.argmax(1)
+    m = confusion(data.labels, pred, cfg.num_classes)
+    per_class = np.diag(m) / np.maximum(m.sum(1), 1)
+    result = {
+        "weights": weights_name, "engine": args.engine, "split": args.split, "images": len(data),
+        "accuracy": float((pred == data.labels).mean()),
+        "per_class": {c: float(a) for c, a in zip(cfg.class_names, per_class)},
+        "confusion": m.tolist(), "images_per_s": len(data) / seconds,
+    }  # fmt: skip
+    if torch_logits is not None:
+        tpred = torch_logits.argmax(1)
+        diff = np.flatnonzero(tpred != pred)
+        top2 = np.sort(torch_logits, axis=1)[:, -2:]
+        result["torch_accuracy"] = float((tpred == data.labels).mean())
+        result["agreement"] = float(1 - len(diff) / len(data))
+        result["disagreements"] = [
+            {"image": data.names[i], "label": cfg.class_names[data.labels[i]], "engine": cfg.class_names[pred[i]],
+             "torch": cfg.class_names[tpred[i]], "torch_top2_margin": float(top2[i, 1] - top2[i, 0]),
+             "max_logit_diff": float(np.abs(logits[i] - torch_logits[i]).max())}
+            for i in diff
+        ]  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"# {weights_name}, {args.engine} engine, CIFAR-10 {args.split}: {len(data)} images")
+    print(f"top-1 accuracy: {result['accuracy']:.4f}   ({result['images_per_s']:.0f} images/s)")
+    width = max(len(c) for c in cfg.class_names)
+    print("\nper class" + " " * (width - 3) + "acc   confusion (rows: label, columns: predicted)")
+    for c, a, row in zip(cfg.class_names, per_class, m):
+        print(f"  {c:<{width}}  {a:.3f}  " + " ".join(f"{v:4d}" for v in row))
+    if torch_logits is not None:
+        print(f"\nPyTorch model accuracy: {result['torch_accuracy']:.4f}")
+        print(f"agreement (same predicted class): {result['agreement']:.4%}, {len(result['disagreements'])} disagreement(s)")
+        for d in result["disagreements"]:
+            print(
+                f"  {d['image']}: engine {d['engine']}, torch {d['torch']} (label {d['label']}); "
+                f"torch top-2 margin {d['torch_top2_margin']:.2e}, max logit diff {d['max_logit_diff']:.2e}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
