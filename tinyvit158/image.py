@@ -7,7 +7,7 @@ uint8 array [H, W, 3] becomes a float32 [3, S, S] tensor for a model of image si
 2. every mode becomes RGB: 16-bit and 32-bit integer grays are scaled to 8 bits, float
    images are read as [0, 1], images with transparency are composited on the model's mean
    colour (so transparent pixels normalize to zero), CMYK, palette and gray convert;
-3. the shorter side is resized to S (bicubic, antialiased) and the centre S x S is cropped;
+3. images smaller than 8 x 8 pixels are refused; the shorter side is resized to S (bicubic, antialiased) and the centre S x S is cropped;
 4. pixels scaled to [0, 1] are normalized with the config's per-channel mean and std.
 
 Pillow's decompression-bomb guard stays on: a header claiming more than twice
@@ -24,6 +24,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tinyvit158.config import ViTConfig
 from tinyvit158.errors import ImageError
+
+MIN_SIDE = 8  # pixels: smaller images hold too little to classify (a 1x1 image is one colour)
 
 
 def _gray_to_8bit(img: Image.Image) -> Image.Image:
@@ -81,8 +83,10 @@ def open_rgb(path: str | os.PathLike, cfg: ViTConfig) -> Image.Image:
         with Image.open(path) as img:
             img.seek(0)  # first frame of an animation
             img = ImageOps.exif_transpose(img)
-            if min(img.size) < 1:
-                raise ImageError(f"{path}: image has no pixels ({img.size[0]}x{img.size[1]})")
+            if min(img.size) < MIN_SIDE:
+                raise ImageError(
+                    f"{path}: image is {img.size[0]}x{img.size[1]} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed"
+                )
             return to_rgb(img, background)
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: refused, too many pixels ({e}); a decompression bomb?") from None
@@ -99,9 +103,9 @@ def open_rgb(path: str | os.PathLike, cfg: ViTConfig) -> Image.Image:
 def load_image(source: str | os.PathLike | np.ndarray, cfg: ViTConfig) -> np.ndarray:
     """An image file or uint8 array [H, W, 3] -> normalized float32 [3, S, S] for ``cfg``."""
     if isinstance(source, np.ndarray):
-        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3 or min(source.shape[:2]) < 1:
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3 or min(source.shape[:2]) < MIN_SIDE:
             raise ImageError(
-                f"expected a uint8 array of shape (H, W, 3), found {source.dtype} {source.shape}; "
+                f"expected a uint8 array of shape (H, W, 3) with H, W >= {MIN_SIDE}, found {source.dtype} {source.shape}; "
                 "convert with np.asarray(pil_image.convert('RGB'))"
             )
         img = Image.fromarray(source, mode="RGB")

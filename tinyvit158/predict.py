@@ -15,9 +15,12 @@ from tinyvit158.weights import Checkpoint, default_weights_path, load_weights
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".tga"}
 
 EPILOG = """\
-Images are converted to RGB (EXIF orientation applied; transparency composited on the
-model's mean colour; 16-bit and CMYK images supported), the shorter side is resized to the
-model's image size (bicubic) and the centre square is cropped, then normalized.
+Images (PNG, JPEG, BMP, GIF (first frame), WebP, TIFF, ...) are converted to RGB (EXIF
+orientation applied; transparency composited on the model's mean colour; 16-bit, float and
+CMYK images supported), the shorter side is resized to the model's image size (bicubic,
+antialiased) and the centre square is cropped, then normalized with the model's mean/std.
+Images under 8x8 pixels, and decompression bombs (Pillow's guard), are refused.
+A folder argument means every image file directly inside it.
 
 exit status:
   0  every image was classified
