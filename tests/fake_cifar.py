@@ -54,7 +54,7 @@ def write_tarball(path: Path, train: tuple, test: tuple) -> Path:
 def write_jpeg_zip(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> Path:
     counters = dict.fromkeys(range(10), 0)
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for img, y in zip(images, labels):
+        for img, y in zip(images, labels, strict=False):
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format="JPEG", quality=95)
             z.writestr(f"{split}/{CIFAR10_CLASSES[y]}/{counters[int(y)]:04d}.jpg", buf.getvalue())

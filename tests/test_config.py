@@ -7,7 +7,14 @@ from tinyvit158 import PRESETS, ConfigError, ViTConfig, get_preset
 
 def test_presets_have_the_published_shapes():
     tiny = get_preset("cifar10-tiny")
-    assert (tiny.image_size, tiny.patch_size, tiny.dim, tiny.depth, tiny.heads, tiny.hidden_dim) == (32, 4, 192, 6, 3, 768)
+    assert (tiny.image_size, tiny.patch_size, tiny.dim, tiny.depth, tiny.heads, tiny.hidden_dim) == (
+        32,
+        4,
+        192,
+        6,
+        3,
+        768,
+    )
     assert tiny.num_tokens == 65 and tiny.num_classes == 10 and tiny.class_names[0] == "airplane"
     for name, dim, heads in [("deit-tiny", 192, 3), ("deit-small", 384, 6), ("vit-base-16", 768, 12)]:
         c = get_preset(name)

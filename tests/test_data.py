@@ -1,4 +1,3 @@
-import io
 import json
 import os
 import pickle
@@ -82,7 +81,11 @@ def test_pickles_cannot_run_code(tmp_path):
 
 def evaluate(*args):
     return subprocess.run(
-        [sys.executable, "-m", "tinyvit158.evaluate", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600
+        [sys.executable, "-m", "tinyvit158.evaluate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
     )
 
 
@@ -125,3 +128,23 @@ def test_evaluate_on_real_data_shows_progress_and_accuracy(weights):
     assert out.returncode == 0, out.stderr
     assert "top-1 accuracy:" in out.stdout and "images" in out.stdout
     assert "img" in out.stderr  # the tqdm progress bar
+
+
+def test_evaluate_missing_class_folder_is_one_line(tmp_path, layouts, weights):
+    root, _ = layouts
+    with zipfile.ZipFile(root / "cifar10-test-jpg.zip") as z, zipfile.ZipFile(tmp_path / "partial.zip", "w") as out:
+        for name in z.namelist():
+            if "/dog/" not in name:
+                out.writestr(name, z.read(name))
+    res = evaluate("--data", tmp_path / "partial.zip", "--weights", weights)
+    assert res.returncode == 1 and "missing class folder(s) dog" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_dispatches_subcommands(weights):
+    res = subprocess.run(
+        [sys.executable, "-m", "tinyvit158", "predict", str(ROOT / "examples" / "cat.jpg"), "--weights", str(weights)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0 and "cat.jpg" in res.stdout, res.stderr
+    bad = subprocess.run([sys.executable, "-m", "tinyvit158", "fly"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown command" in bad.stderr

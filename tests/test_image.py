@@ -20,7 +20,16 @@ def save(img, path, **kw):
 
 @pytest.mark.parametrize(
     "mode,suffix",
-    [("RGB", "png"), ("RGB", "bmp"), ("RGB", "webp"), ("RGB", "tiff"), ("RGB", "gif"), ("P", "png"), ("RGBA", "png"), ("CMYK", "tiff")],
+    [
+        ("RGB", "png"),
+        ("RGB", "bmp"),
+        ("RGB", "webp"),
+        ("RGB", "tiff"),
+        ("RGB", "gif"),
+        ("P", "png"),
+        ("RGBA", "png"),
+        ("CMYK", "tiff"),
+    ],
 )
 def test_modes_and_formats_give_the_same_colour(tmp_path, mode, suffix):
     img = Image.new("RGB", (48, 40), RED)

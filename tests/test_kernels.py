@@ -81,7 +81,9 @@ def test_matmul_extremes_from_packed(fmt, k):
 def test_linear_fast_equals_reference_bitwise(xw, bias):
     x_q, w = xw
     rng = np.random.default_rng(0)
-    pw = PreparedTernary(w, rng.random(w.shape[0]).astype(np.float32), rng.random(w.shape[0]).astype(np.float32) if bias else None)
+    pw = PreparedTernary(
+        w, rng.random(w.shape[0]).astype(np.float32), rng.random(w.shape[0]).astype(np.float32) if bias else None
+    )
     s_x = rng.random(x_q.shape[0]).astype(np.float32)
     fast, ref = linear(x_q, s_x, pw), linear_ref(x_q, s_x, pw)
     assert fast.dtype == np.float32

@@ -15,7 +15,13 @@ EXAMPLES = ROOT / "examples"
 
 
 def run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "tinyvit158.predict", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tinyvit158.predict", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")

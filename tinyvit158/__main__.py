@@ -1,3 +1,3 @@
-from tinyvit158.predict import main
+from tinyvit158.cli import main
 
 raise SystemExit(main())

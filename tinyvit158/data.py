@@ -173,6 +173,7 @@ def _from_tarball(path: Path, split: str, limit) -> Dataset:
     except (tarfile.TarError, OSError) as e:
         raise DataError(f"{path}: not a readable tar archive ({e})") from None
     with tar:
+
         def read(b):
             try:
                 f = tar.extractfile(f"cifar-10-batches-py/{b}")
@@ -185,7 +186,9 @@ def _from_tarball(path: Path, split: str, limit) -> Dataset:
         return _from_batches(read, str(path), split, limit)
 
 
-def load_cifar10(path: str | os.PathLike, split: str = "test", limit: int | None = None, progress: bool = False) -> Dataset:
+def load_cifar10(
+    path: str | os.PathLike, split: str = "test", limit: int | None = None, progress: bool = False
+) -> Dataset:
     """Read a CIFAR-10 split from any supported layout (see module docstring)."""
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, found {split!r}")

@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ckpt.config
         data = load_cifar10(data_path, args.split, limit=args.limit, progress=True)
         if cfg.image_size != 32 or cfg.num_classes != 10:
-            raise TinyViTError(f"{weights_name}: a {cfg.image_size}px, {cfg.num_classes}-class model cannot be scored on CIFAR-10")
+            raise TinyViTError(
+                f"{weights_name}: a {cfg.image_size}px, {cfg.num_classes}-class model cannot be scored on CIFAR-10"
+            )
         if args.engine == "fast":
             from tinyvit158.engine import Engine
 
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "weights": weights_name, "engine": args.engine, "split": args.split, "images": len(data),
         "accuracy": float((pred == data.labels).mean()),
-        "per_class": {c: float(a) for c, a in zip(cfg.class_names, per_class)},
+        "per_class": {c: float(a) for c, a in zip(cfg.class_names, per_class, strict=False)},
         "confusion": m.tolist(), "images_per_s": len(data) / seconds,
     }  # fmt: skip
     if torch_logits is not None:
@@ -140,11 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"top-1 accuracy: {result['accuracy']:.4f}   ({result['images_per_s']:.0f} images/s)")
     width = max(len(c) for c in cfg.class_names)
     print("\nper class" + " " * (width - 3) + "acc   confusion (rows: label, columns: predicted)")
-    for c, a, row in zip(cfg.class_names, per_class, m):
+    for c, a, row in zip(cfg.class_names, per_class, m, strict=False):
         print(f"  {c:<{width}}  {a:.3f}  " + " ".join(f"{v:4d}" for v in row))
     if torch_logits is not None:
         print(f"\nPyTorch model accuracy: {result['torch_accuracy']:.4f}")
-        print(f"agreement (same predicted class): {result['agreement']:.4%}, {len(result['disagreements'])} disagreement(s)")
+        print(
+            f"agreement (same predicted class): {result['agreement']:.4%}, "
+            f"{len(result['disagreements'])} disagreement(s)"
+        )
         for d in result["disagreements"]:
             print(
                 f"  {d['image']}: engine {d['engine']}, torch {d['torch']} (label {d['label']}); "

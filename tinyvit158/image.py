@@ -7,7 +7,8 @@ uint8 array [H, W, 3] becomes a float32 [3, S, S] tensor for a model of image si
 2. every mode becomes RGB: 16-bit and 32-bit integer grays are scaled to 8 bits, float
    images are read as [0, 1], images with transparency are composited on the model's mean
    colour (so transparent pixels normalize to zero), CMYK, palette and gray convert;
-3. images smaller than 8 x 8 pixels are refused; the shorter side is resized to S (bicubic, antialiased) and the centre S x S is cropped;
+3. images smaller than 8 x 8 pixels are refused; the shorter side is resized to S
+   (bicubic, antialiased) and the centre S x S is cropped;
 4. pixels scaled to [0, 1] are normalized with the config's per-channel mean and std.
 
 Pillow's decompression-bomb guard stays on: a header claiming more than twice
@@ -105,7 +106,8 @@ def load_image(source: str | os.PathLike | np.ndarray, cfg: ViTConfig) -> np.nda
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3 or min(source.shape[:2]) < MIN_SIDE:
             raise ImageError(
-                f"expected a uint8 array of shape (H, W, 3) with H, W >= {MIN_SIDE}, found {source.dtype} {source.shape}; "
+                f"expected a uint8 array of shape (H, W, 3) with H, W >= {MIN_SIDE}, "
+                f"found {source.dtype} {source.shape}; "
                 "convert with np.asarray(pil_image.convert('RGB'))"
             )
         img = Image.fromarray(source, mode="RGB")

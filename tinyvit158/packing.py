@@ -89,8 +89,7 @@ def _check_packed(packed: np.ndarray, k: int, fmt: str) -> np.ndarray:
         raise PackingError(f"K (in_features) must be a positive integer, found {k!r}")
     if packed.ndim != 2 or packed.shape[1] != packed_cols(int(k), fmt):
         raise PackingError(
-            f"packed {fmt} weights for K={k} must have shape (N, {packed_cols(int(k), fmt)}), "
-            f"found {packed.shape}"
+            f"packed {fmt} weights for K={k} must have shape (N, {packed_cols(int(k), fmt)}), found {packed.shape}"
         )
     return packed
 

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     probs = softmax(np.asarray(model(np.stack(images)), dtype=np.float64))
 
     rows = []
-    for f, p in zip(good, probs):
+    for f, p in zip(good, probs, strict=False):
         top = np.argsort(-p, kind="stable")[: args.top_k]
         rows.append((str(f), [(cfg.class_names[i], float(p[i])) for i in top]))
     if args.json:

@@ -42,6 +42,7 @@ from tinyvit158.quant import ternarize
 FORMAT_NAME = "tinyvit158"
 FORMAT_VERSION = "1"
 
+
 def tensor_spec(cfg: ViTConfig) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     """Every tensor a weight file of this config holds: ``{name: (dtype, shape)}``."""
     f32, u8 = np.dtype(np.float32), np.dtype(np.uint8)
@@ -67,6 +68,7 @@ def tensor_spec(cfg: ViTConfig) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         spec[f"{name}.bias"] = (f32, (cfg.dim,))
     return spec
 
+
 @dataclass
 class Checkpoint:
     """A validated model: config, named tensors (NumPy), and how it was made."""
@@ -86,16 +88,20 @@ class Checkpoint:
         w = self.tensors[f"{layer}.weight"]
         return w.reshape(w.shape[0], -1)
 
+
 def _error(path, tensor: str | None, what: str) -> WeightFileError:
     where = f"{path}" + (f", tensor {tensor!r}" if tensor else "")
     return WeightFileError(f"{where}: {what}")
+
 
 def validate(cfg: ViTConfig, tensors: dict[str, np.ndarray], path: str | os.PathLike = "<memory>") -> None:
     """Check tensors against the config: names, dtypes, shapes, packed codes, finite values."""
     spec = tensor_spec(cfg)
     missing = [n for n in spec if n not in tensors]
     if missing:
-        raise _error(path, missing[0], f"missing ({len(missing)} tensor(s) missing); the file does not match its config")
+        raise _error(
+            path, missing[0], f"missing ({len(missing)} tensor(s) missing); the file does not match its config"
+        )
     extra = sorted(set(tensors) - set(spec))
     if extra:
         raise _error(path, extra[0], f"unexpected tensor ({len(extra)} extra); the file does not match its config")
@@ -119,6 +125,7 @@ def validate(cfg: ViTConfig, tensors: dict[str, np.ndarray], path: str | os.Path
             if cfg.scale_granularity == "tensor" and np.any(t != t[0]):
                 raise _error(path, name, "per-tensor scale expected (scale_granularity='tensor') but values differ")
 
+
 def save_weights(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     """Validate and write a weight file atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
@@ -141,6 +148,7 @@ def save_weights(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
 
 def load_weights(path: str | os.PathLike) -> Checkpoint:
     """Read and fully validate a weight file; any problem is one WeightFileError."""
@@ -178,6 +186,7 @@ def load_weights(path: str | os.PathLike) -> Checkpoint:
     validate(cfg, tensors, path)
     return Checkpoint(cfg, tensors, source if isinstance(source, dict) else {"text": source})
 
+
 def random_checkpoint(cfg: ViTConfig, seed: int = 0) -> Checkpoint:
     """A random but valid ternary model of any config, for tests, notebooks and benchmarks.
 
@@ -190,7 +199,7 @@ def random_checkpoint(cfg: ViTConfig, seed: int = 0) -> Checkpoint:
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
     tensors: dict[str, np.ndarray] = {}
-    for name, (dtype, shape) in tensor_spec(cfg).items():
+    for name, (_dtype, shape) in tensor_spec(cfg).items():
         layer = name.rsplit(".", 1)[0]
         if name.endswith(".weight_packed"):
             n, k = cfg.linear_shapes()[layer]

@@ -8,13 +8,6 @@ The jitted functions are private (``_name``) and run as plain Python under
 ``NUMBA_DISABLE_JIT=1``; the public wrappers check dtypes and shapes first.
 """
 
-from tinyvit158.kernels.ternary import (
-    PreparedTernary,
-    linear,
-    linear_ref,
-    matmul,
-    matmul_ref,
-)
 from tinyvit158.kernels.ops import (
     attention,
     attention_ref,
@@ -23,6 +16,13 @@ from tinyvit158.kernels.ops import (
     layernorm,
     layernorm_quantize,
     quantize_rows,
+)
+from tinyvit158.kernels.ternary import (
+    PreparedTernary,
+    linear,
+    linear_ref,
+    matmul,
+    matmul_ref,
 )
 
 __all__ = [

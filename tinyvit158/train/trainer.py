@@ -134,7 +134,9 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: ViTConfig, r: Recipe, g
     return x, t
 
 
-def train(recipe: Recipe, data_path: str, out: Path, device: str = "cpu", max_minutes: float = 0.0, progress: bool = True) -> dict:
+def train(
+    recipe: Recipe, data_path: str, out: Path, device: str = "cpu", max_minutes: float = 0.0, progress: bool = True
+) -> dict:
     """Run (or resume) a recipe; returns the last epoch's log record."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = recipe.config()
@@ -147,7 +149,9 @@ def train(recipe: Recipe, data_path: str, out: Path, device: str = "cpu", max_mi
         state = torch.load(last, map_location=device, weights_only=False)
         if state["recipe"] != asdict(recipe):
             changed = {k: (state["recipe"].get(k), v) for k, v in asdict(recipe).items() if state["recipe"].get(k) != v}
-            raise TinyViTError(f"{last} was trained with a different recipe {changed}; use another --out or the same options")
+            raise TinyViTError(
+                f"{last} was trained with a different recipe {changed}; use another --out or the same options"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, best = state["epoch"], state["best_val_acc"]
@@ -197,7 +201,12 @@ def train(recipe: Recipe, data_path: str, out: Path, device: str = "cpu", max_mi
             loss_sum += loss.item() * len(b)
             correct += (logits.argmax(1).cpu() == t.argmax(1)).sum().item()
             if progress:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{seen / (time.time() - t0):.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}",
+                    acc=f"{correct / seen:.3f}",
+                    ips=f"{seen / (time.time() - t0):.0f}",
+                    refresh=False,
+                )
         val = evaluate(model, data, val_idx, device)
         best_now = val["acc"] > best
         best = max(best, val["acc"])
@@ -239,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after the epoch that passes this (0: never)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change a ViTConfig field (JSON value)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="change a ViTConfig field (JSON value)"
+    )
     defaults = Recipe()
     for name, value in asdict(defaults).items():
         if name == "config_overrides":
