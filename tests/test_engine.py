@@ -16,7 +16,7 @@ import pytest
 
 from tinyvit158 import TinyViTError, get_preset
 from tinyvit158.engine import Engine
-from tinyvit158.kernels import matmul
+from tinyvit158.kernels import PATHS, cpu_has_vnni, matmul
 from tinyvit158.oracle import Oracle
 from tinyvit158.quant import quantize_activations
 from tinyvit158.weights import random_checkpoint
@@ -52,6 +52,19 @@ def model(request):
     return ckpt, Engine(ckpt), Oracle(ckpt)
 
 
+@pytest.fixture(
+    autouse=True,
+    params=[
+        pytest.param(p, marks=pytest.mark.skipif(p == "vnni" and not cpu_has_vnni(), reason="CPU lacks AVX-512 VNNI"))
+        for p in PATHS
+    ],
+)
+def kernel(request, monkeypatch):
+    """Run every engine test on every kernel path."""
+    monkeypatch.setenv("TINYVIT158_KERNEL", request.param)
+    return request.param
+
+
 def images(cfg, b, seed):
     return np.random.default_rng(seed).standard_normal((b, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
 
@@ -63,7 +76,7 @@ def test_every_layer_accumulates_exactly(model):
     for layer, w in engine.ternary.items():
         x_q = rng.integers(-127, 128, size=(ckpt.config.num_tokens, w.in_features)).astype(np.int8)
         x_q[0] = 127  # the largest accumulators
-        acc = matmul(x_q, w)
+        acc = matmul(x_q, w)  # on the path the kernel fixture chose
         expected = x_q.astype(np.int64) @ ckpt.ternary(layer)[0].astype(np.int64).T
         assert np.array_equal(acc, expected), layer
         assert np.array_equal(oracle.accumulate(x_q, layer), expected.astype(np.float64)), layer

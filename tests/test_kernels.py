@@ -7,7 +7,9 @@ from strategies import int8_TK_ternary_NK, small_int8_TK_ternary_NK
 from tinyvit158 import oracle
 from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels import (
+    PATHS,
     PreparedTernary,
+    cpu_has_vnni,
     attention,
     attention_ref,
     gelu,
@@ -29,6 +31,13 @@ F32_RTOL = 1e-6
 ATTN_ATOL = 2e-6
 
 
+# every kernel path, each marked so a CPU without VNNI says why it did not run that path
+KERNEL_PATHS = [
+    pytest.param(p, marks=pytest.mark.skipif(p == "vnni" and not cpu_has_vnni(), reason="CPU lacks AVX-512 VNNI"))
+    for p in PATHS
+]
+
+
 def int64_reference(x_q, w):
     return x_q.astype(np.int64) @ w.astype(np.int64).T
 
@@ -39,30 +48,48 @@ def prepared(w, seed=0):
     return PreparedTernary(w, rng.random(n).astype(np.float32), rng.standard_normal(n).astype(np.float32))
 
 
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @given(xw=int8_TK_ternary_NK())
-def test_matmul_fast_equals_reference_equals_int64(xw):
+def test_matmul_fast_equals_reference_equals_int64(path, xw):
     x_q, w = xw
     pw = prepared(w)
     expected = int64_reference(x_q, w)
     assert np.abs(expected).max(initial=0) <= 127 * w.shape[1]
     ref = matmul_ref(x_q, pw)
-    fast = matmul(x_q, pw)
+    fast = matmul(x_q, pw, path)
     assert ref.dtype == fast.dtype == np.int32
     assert np.array_equal(ref, expected)
     assert np.array_equal(fast, expected)
 
 
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @given(xw=small_int8_TK_ternary_NK())
-def test_matmul_small_elementwise(xw):
+def test_matmul_small_elementwise(path, xw):
     x_q, w = xw
     pw = prepared(w)
-    assert np.array_equal(matmul(x_q, pw), int64_reference(x_q, w))
+    assert np.array_equal(matmul(x_q, pw, path), int64_reference(x_q, w))
     assert np.array_equal(matmul_ref(x_q, pw), int64_reference(x_q, w))
 
 
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("t", [1, 7, 8, 9, 65])
+@pytest.mark.parametrize("n", [1, 47, 48, 49, 577])
+@pytest.mark.parametrize("k", [1, 3, 4, 5, 193])
+def test_tile_edges(path, t, n, k):
+    # the VNNI tile is 8 tokens x 48 channels x 4 inputs: shapes on, below and above each edge
+    rng = np.random.default_rng(t * 10_000 + n * 10 + k)
+    x = rng.integers(-127, 128, size=(t, k)).astype(np.int8)
+    w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+    pw = prepared(w)
+    assert np.array_equal(matmul(x, pw, path), int64_reference(x, w))
+    s_x = rng.random(t).astype(np.float32)
+    assert np.array_equal(linear(x, s_x, pw, path), linear_ref(x, s_x, pw))
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("fmt", ["ternary2", "ternary3"])
 @pytest.mark.parametrize("k", [1, 7, 192, 1000])
-def test_matmul_extremes_from_packed(fmt, k):
+def test_matmul_extremes_from_packed(path, fmt, k):
     rng = np.random.default_rng(k)
     w = rng.integers(-1, 2, size=(9, k)).astype(np.int8)
     w[0] = 1  # all +1: acc = 127 * K for an all-127 row
@@ -71,26 +98,40 @@ def test_matmul_extremes_from_packed(fmt, k):
     x = rng.integers(-127, 128, size=(6, k)).astype(np.int8)
     x[0], x[1], x[2] = 127, -127, 0
     pw = PreparedTernary.from_packed(pack(w, fmt), k, fmt, np.ones(9, np.float32))
-    out = matmul(x, pw)
+    out = matmul(x, pw, path)
     assert np.array_equal(out, int64_reference(x, w))
     assert out[0, 0] == 127 * k and out[1, 0] == -127 * k and out[0, 1] == -127 * k
     assert np.all(out[:, 2] == 0) and np.all(out[2] == 0)
 
 
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @given(xw=int8_TK_ternary_NK(max_k=300, max_n=300), bias=st.booleans())
-def test_linear_fast_equals_reference_bitwise(xw, bias):
+def test_linear_fast_equals_reference_bitwise(path, xw, bias):
     x_q, w = xw
     rng = np.random.default_rng(0)
     pw = PreparedTernary(
         w, rng.random(w.shape[0]).astype(np.float32), rng.random(w.shape[0]).astype(np.float32) if bias else None
     )
     s_x = rng.random(x_q.shape[0]).astype(np.float32)
-    fast, ref = linear(x_q, s_x, pw), linear_ref(x_q, s_x, pw)
+    fast, ref = linear(x_q, s_x, pw, path), linear_ref(x_q, s_x, pw)
     assert fast.dtype == np.float32
     assert np.array_equal(fast, ref)  # same float32 operations in the same order
     exact = int64_reference(x_q, w) * s_x[:, None].astype(np.float64) * pw.scale.astype(np.float64)
     exact = exact + (pw.bias if bias else 0)
     np.testing.assert_allclose(fast, exact, rtol=F32_RTOL * 4, atol=F32_RTOL * np.abs(exact).max(initial=1))
+
+
+def test_kernel_path_selection(monkeypatch):
+    from tinyvit158.errors import TinyViTError
+    from tinyvit158.kernels import kernel_path
+
+    monkeypatch.setenv("TINYVIT158_KERNEL", "generic")
+    assert kernel_path() == "generic"
+    monkeypatch.setenv("TINYVIT158_KERNEL", "auto")
+    assert kernel_path() == ("vnni" if cpu_has_vnni() else "generic")
+    monkeypatch.setenv("TINYVIT158_KERNEL", "gpu")
+    with pytest.raises(TinyViTError, match="auto, vnni or generic"):
+        kernel_path()
 
 
 def test_kernels_check_their_inputs():
@@ -143,3 +184,13 @@ def test_attention_matches_reference_and_float64(seed, b, n, heads):
     q, k, v = qkv.astype(np.float64).reshape(b, n, 3, heads, 8).transpose(2, 0, 3, 1, 4)
     exact = (oracle.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(8)) @ v).transpose(0, 2, 1, 3).reshape(b, n, -1)
     np.testing.assert_allclose(fast, exact, rtol=0, atol=ATTN_ATOL)
+
+
+@given(seed=st.integers(0, 2**16), t=st.integers(1, 9), k=st.integers(1, 50), n=st.integers(1, 20))
+def test_float_linear(seed, t, k, n):
+    from tinyvit158.kernels import float_linear
+
+    rng = np.random.default_rng(seed)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in [(t, k), (k, n), (n,)])
+    exact = x.astype(np.float64) @ w.astype(np.float64) + b
+    np.testing.assert_allclose(float_linear(x, w, b), exact, rtol=0, atol=k * F32_RTOL * np.abs(exact).max())

@@ -22,6 +22,7 @@ from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels import (
     PreparedTernary,
     attention,
+    float_linear,
     gelu,
     gelu_quantize,
     layernorm,
@@ -59,7 +60,7 @@ class Engine:
                 self.ternary[layer] = PreparedTernary(*ckpt.ternary(layer))
             else:
                 w = np.ascontiguousarray(ckpt.float_weight(layer).T)  # (in, out) for x @ w
-                self.float[layer] = (w, t[f"{layer}.bias"])
+                self.float[layer] = (w, t[f"{layer}.bias"].astype(np.float32))
         self.cls_pos = self.p["pos_embed"][0, :1] + self.p["cls_token"][0]  # (1, D)
         self.record: dict[str, np.ndarray] | None = None
 
@@ -82,8 +83,7 @@ class Engine:
             if act:
                 x = gelu(x)
             if layer in self.float:
-                w, b = self.float[layer]
-                return x @ w + b
+                return float_linear(x, *self.float[layer])
             n = f"{layer}.norm"
             x_q, s_x = layernorm_quantize(x, self.p[f"{n}.weight"], self.p[f"{n}.bias"], self.cfg.norm_eps)
         elif norm is not None:

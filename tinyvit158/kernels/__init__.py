@@ -11,6 +11,7 @@ The jitted functions are private (``_name``) and run as plain Python under
 from tinyvit158.kernels.ops import (
     attention,
     attention_ref,
+    float_linear,
     gelu,
     gelu_quantize,
     layernorm,
@@ -18,7 +19,10 @@ from tinyvit158.kernels.ops import (
     quantize_rows,
 )
 from tinyvit158.kernels.ternary import (
+    PATHS,
     PreparedTernary,
+    cpu_has_vnni,
+    kernel_path,
     linear,
     linear_ref,
     matmul,
@@ -26,9 +30,13 @@ from tinyvit158.kernels.ternary import (
 )
 
 __all__ = [
+    "PATHS",
     "PreparedTernary",
+    "cpu_has_vnni",
+    "kernel_path",
     "attention",
     "attention_ref",
+    "float_linear",
     "gelu",
     "gelu_quantize",
     "layernorm",

@@ -218,3 +218,31 @@ def _attention(qkv, heads):
 def attention(qkv: np.ndarray, heads: int) -> np.ndarray:
     """Fast :func:`attention_ref` (float32, agrees to float32 rounding)."""
     return _attention(_check_qkv(qkv, heads), int(heads))
+
+
+@numba.njit(parallel=True, cache=True)
+def _float_linear(x, w_t, b):
+    T, K = x.shape
+    N = w_t.shape[1]
+    out = np.empty((T, N), dtype=np.float32)
+    for t in numba.prange(T):
+        acc = b.copy()
+        for k in range(K):
+            xv = x[t, k]
+            for n in range(N):
+                acc[n] += xv * w_t[k, n]
+        out[t] = acc
+    return out
+
+
+def float_linear(x: np.ndarray, w_t: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``x @ w_t + b`` in float32 for the float layers (head, optional patch embedding).
+
+    A Numba loop rather than BLAS: these layers are small, and OpenBLAS's threads keep
+    spinning for a while after each call, stealing both cores from the Numba kernels that
+    follow (measured: int8 kernels slowed 10-100x right after an sgemm).
+    """
+    x = _f32_2d(x, "float_linear")
+    if w_t.shape[0] != x.shape[1] or b.shape != (w_t.shape[1],):
+        raise TinyViTError(f"float_linear: x {x.shape}, weight {w_t.shape}, bias {b.shape} do not fit")
+    return _float_linear(x, np.ascontiguousarray(w_t, np.float32), np.ascontiguousarray(b, np.float32))

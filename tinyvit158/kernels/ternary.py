@@ -15,15 +15,49 @@ see tests/README or ``python -m tinyvit158.bench`` once it exists):
 - an add/subtract index-list kernel (the "sign split" of PERF_NOTES.md) ran 19-32 GOP/s.
 So the fast generic kernel decodes the packed weights once, at load, to int8 ``[N, K]``
 and runs the four-outputs dot product. NumPy sgemm reaches 60-170 GOP/s on these shapes.
+
+On CPUs with AVX-512 VNNI the ``vnni`` path (``kernels/vnni.py``) runs 700-1,130 GOP/s.
+The path is chosen once: ``TINYVIT158_KERNEL=auto`` (default: vnni when llvmlite reports
+the host has avx512f, avx512bw and avx512vnni, and Numba's JIT is on), ``vnni`` or
+``generic``. Both paths are tested against the same references.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import numba
 import numpy as np
 
 from tinyvit158.errors import TinyViTError
 from tinyvit158.packing import unpack
+
+KERNEL_ENV = "TINYVIT158_KERNEL"
+PATHS = ("generic", "vnni")
+
+
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """Whether this CPU (as llvmlite sees it) runs AVX-512 VNNI and Numba compiles for it."""
+    from llvmlite import binding
+
+    features = binding.get_host_cpu_features()
+    return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni")) and not numba.config.DISABLE_JIT
+
+
+def kernel_path() -> str:
+    """The kernel path in use: ``$TINYVIT158_KERNEL`` (auto, vnni, generic), auto by default."""
+    want = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if want == "auto":
+        return "vnni" if cpu_has_vnni() else "generic"
+    if want not in PATHS:
+        raise TinyViTError(f"{KERNEL_ENV}={want!r}; use auto, vnni or generic")
+    if want == "vnni" and not cpu_has_vnni():
+        raise TinyViTError(
+            f"{KERNEL_ENV}=vnni, but this CPU lacks AVX-512 VNNI (or NUMBA_DISABLE_JIT is set); use auto or generic"
+        )
+    return want
 
 
 class PreparedTernary:
@@ -51,6 +85,16 @@ class PreparedTernary:
             if bias.shape != (n,):
                 raise TinyViTError(f"bias must have shape ({n},), found {bias.shape}")
         self.codes, self.scale, self.bias = codes, scale, bias
+        self._vnni = None
+
+    @property
+    def vnni(self):
+        """The VNNI tile layout, built on first use (``kernels/vnni.py``)."""
+        if self._vnni is None:
+            from tinyvit158.kernels.vnni import VNNIWeights
+
+            self._vnni = VNNIWeights(self.codes)
+        return self._vnni
 
     @classmethod
     def from_packed(cls, packed: np.ndarray, k: int, fmt: str, scale, bias=None) -> PreparedTernary:
@@ -153,9 +197,17 @@ def _matmul_dot4(x_q, w):
     return out
 
 
-def matmul(x_q: np.ndarray, w: PreparedTernary) -> np.ndarray:
-    """Fast int8 x ternary product: int32 ``(T, N)``, bit-identical to :func:`matmul_ref`."""
-    return _matmul_dot4(_check_x(x_q, w), w.codes)
+def matmul(x_q: np.ndarray, w: PreparedTernary, path: str | None = None) -> np.ndarray:
+    """Fast int8 x ternary product: int32 ``(T, N)``, bit-identical to :func:`matmul_ref`.
+
+    ``path``: "generic" or "vnni"; default :func:`kernel_path`.
+    """
+    x_q = _check_x(x_q, w)
+    if (path or kernel_path()) == "vnni":
+        from tinyvit158.kernels import vnni
+
+        return vnni.matmul(x_q, w.vnni)
+    return _matmul_dot4(x_q, w.codes)
 
 
 def _check_sx(s_x: np.ndarray, x_q: np.ndarray) -> np.ndarray:
@@ -188,8 +240,13 @@ def _linear_dot4(x_q, s_x, w, scale, bias, has_bias):
     return out
 
 
-def linear(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary) -> np.ndarray:
+def linear(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, path: str | None = None) -> np.ndarray:
     """Fast ternary linear, float32 ``(T, N)``, bit-identical to :func:`linear_ref`."""
     x_q = _check_x(x_q, w)
+    s_x = _check_sx(s_x, x_q)
     bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
-    return _linear_dot4(x_q, _check_sx(s_x, x_q), w.codes, w.scale, bias, w.bias is not None)
+    if (path or kernel_path()) == "vnni":
+        from tinyvit158.kernels import vnni
+
+        return vnni.linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None)
+    return _linear_dot4(x_q, s_x, w.codes, w.scale, bias, w.bias is not None)
