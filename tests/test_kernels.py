@@ -169,7 +169,9 @@ def test_gelu_quantize(seed, t, k):
     x = (rng.standard_normal((t, k)) * 3).astype(np.float32)
     y = gelu(x)
     expected = oracle.gelu(x.astype(np.float64))
-    np.testing.assert_allclose(y, expected, rtol=F32_RTOL, atol=F32_RTOL * np.abs(expected).max())
+    # the engine's erf is a rational approximation with |error| <= 6.5e-8, so GELU's error is
+    # at most 0.5 |x| 6.5e-8 (plus float32 rounding): bound it by the inputs' scale
+    np.testing.assert_allclose(y, expected, rtol=F32_RTOL, atol=F32_RTOL * np.abs(x).max())
     q, s = gelu_quantize(x)
     q2, s2 = quantize_activations(y)
     assert np.array_equal(q, q2) and np.array_equal(s, s2)

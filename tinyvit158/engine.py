@@ -15,6 +15,7 @@ produces its input (LayerNorm -> int8, GELU -> int8), so a block is:
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -62,7 +63,14 @@ class Engine:
                 w = np.ascontiguousarray(ckpt.float_weight(layer).T)  # (in, out) for x @ w
                 self.float[layer] = (w, t[f"{layer}.bias"].astype(np.float32))
         self.cls_pos = self.p["pos_embed"][0, :1] + self.p["cls_token"][0]  # (1, D)
-        self.record: dict[str, np.ndarray] | None = None
+        self.record: dict[str, np.ndarray] | None = None  # layer -> int8 input codes (tests)
+        self.timings: dict[str, float] | None = None  # part -> seconds (bench --layers)
+
+    def _toc(self, part: str, t0: float) -> float:
+        """Add the time since ``t0`` to ``part`` when timing; returns the new start."""
+        t1 = time.perf_counter()
+        self.timings[part] = self.timings.get(part, 0.0) + t1 - t0
+        return t1
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Engine:
@@ -77,13 +85,21 @@ class Engine:
 
         ``norm`` names a LayerNorm applied first; ``act`` applies GELU first.
         """
+        timing = self.timings is not None
+        t0 = time.perf_counter() if timing else 0.0
+        part = layer.rsplit(".", 1)[-1] if layer.startswith("blocks.") else layer.split(".")[0]
         if layer in self.float or self.cfg.bitlinear_norm:
             if norm is not None:
                 x = self._ln(x, norm)
             if act:
                 x = gelu(x)
             if layer in self.float:
-                return float_linear(x, *self.float[layer])
+                if timing:
+                    t0 = self._toc("norm+quant" if norm else "gelu+quant" if act else "quant", t0)
+                y = float_linear(x, *self.float[layer])
+                if timing:
+                    self._toc(part, t0)
+                return y
             n = f"{layer}.norm"
             x_q, s_x = layernorm_quantize(x, self.p[f"{n}.weight"], self.p[f"{n}.bias"], self.cfg.norm_eps)
         elif norm is not None:
@@ -94,7 +110,12 @@ class Engine:
             x_q, s_x = quantize_rows(x)
         if self.record is not None:
             self.record[layer] = x_q
-        return linear(x_q, s_x, self.ternary[layer])
+        if timing:
+            t0 = self._toc("norm+quant" if norm else "gelu+quant" if act else "quant", t0)
+        y = linear(x_q, s_x, self.ternary[layer])
+        if timing:
+            self._toc(part, t0)
+        return y
 
     # -- model ---------------------------------------------------------------------------
     def check_images(self, images: np.ndarray) -> np.ndarray:
@@ -123,7 +144,10 @@ class Engine:
         for i in range(cfg.depth):
             blk = f"blocks.{i}"
             qkv = self.linear(x, f"{blk}.attn.qkv", norm=f"{blk}.norm1")  # (T, 3D)
+            t0 = time.perf_counter() if self.timings is not None else 0.0
             o = attention(qkv.reshape(B, N1, 3 * D), cfg.heads).reshape(B * N1, D)
+            if self.timings is not None:
+                self._toc("attention", t0)
             x = x + self.linear(o, f"{blk}.attn.proj")
             h = self.linear(x, f"{blk}.mlp.fc1", norm=f"{blk}.norm2")  # (T, hidden)
             x = x + self.linear(h, f"{blk}.mlp.fc2", act=True)

@@ -18,6 +18,11 @@ import numpy as np
 from tinyvit158.errors import TinyViTError
 from tinyvit158.quant import ACT_EPS, ACT_QMAX
 
+# error_model="numpy": a float division by zero gives inf instead of raising, which removes
+# the check that keeps LLVM from vectorizing every loop holding a division (GELU ran 3.2x
+# faster). No fastmath anywhere: every result is the IEEE one, in a documented order.
+_jit = numba.njit(cache=True, error_model="numpy")
+_pjit = numba.njit(cache=True, error_model="numpy", parallel=True)
 _EPS32 = np.float32(ACT_EPS)
 _QMAX32 = np.float32(ACT_QMAX)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -32,20 +37,36 @@ def _f32_2d(x: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-@numba.njit(cache=True)
+@_jit
+def _absmax(row):
+    """max |row| with 16 running maxima, so the loop vectorizes (max is exact in any order)."""
+    n = row.shape[0]
+    lanes = np.zeros(16, dtype=np.float32)
+    n16 = n - n % 16
+    for k in range(0, n16, 16):
+        for j in range(16):
+            a = abs(row[k + j])
+            lanes[j] = a if a > lanes[j] else lanes[j]
+    m = np.float32(0.0)
+    for j in range(16):
+        m = lanes[j] if lanes[j] > m else m
+    for k in range(n16, n):
+        a = abs(row[k])
+        m = a if a > m else m
+    return m
+
+
+@_jit
 def _quantize_row(row, q):
     """Absmax int8 quantization of one float32 row into ``q``; returns the scale."""
-    absmax = np.float32(0.0)
-    for v in row:
-        absmax = max(absmax, abs(v))
-    s = max(absmax, _EPS32) / _QMAX32
+    s = max(_absmax(row), _EPS32) / _QMAX32
     for k in range(row.shape[0]):
         r = np.rint(row[k] / s)
         q[k] = np.int8(min(max(r, -_QMAX32), _QMAX32))
     return s
 
 
-@numba.njit(parallel=True, cache=True)
+@_pjit
 def _quantize_rows(x):
     T, K = x.shape
     q = np.empty((T, K), dtype=np.int8)
@@ -60,7 +81,7 @@ def quantize_rows(x: np.ndarray):
     return _quantize_rows(_f32_2d(x, "quantize_rows"))
 
 
-@numba.njit(cache=True)
+@_jit
 def _layernorm_row(row, gamma, beta, eps, out):
     n = row.shape[0]
     mean = 0.0
@@ -76,7 +97,7 @@ def _layernorm_row(row, gamma, beta, eps, out):
         out[k] = np.float32((row[k] - mean) * rstd * gamma[k] + beta[k])
 
 
-@numba.njit(parallel=True, cache=True)
+@_pjit
 def _layernorm(x, gamma, beta, eps):
     T, D = x.shape
     out = np.empty((T, D), dtype=np.float32)
@@ -85,7 +106,7 @@ def _layernorm(x, gamma, beta, eps):
     return out
 
 
-@numba.njit(parallel=True, cache=True)
+@_pjit
 def _layernorm_quantize(x, gamma, beta, eps):
     T, D = x.shape
     q = np.empty((T, D), dtype=np.int8)
@@ -116,14 +137,38 @@ def layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: 
     return _layernorm_quantize(*_check_norm(x, gamma, beta), float(eps))
 
 
-@numba.njit(cache=True)
+@_jit
+def _erf(x):
+    """erf as a rational function on [-4, 4] (Eigen's float erf, evaluated in float64).
+
+    Measured against math.erf: |error| <= 6.5e-8 everywhere, under half a float32 ulp of
+    values near 1; with no call to libm it vectorizes (math.erf cost 18% of a batch-1 run).
+    """
+    x = min(max(x, -4.0), 4.0)
+    x2 = x * x
+    p = -2.72614225801306e-10
+    p = p * x2 + 2.77068142495902e-08
+    p = p * x2 - 2.10102402082508e-06
+    p = p * x2 - 5.69250639462346e-05
+    p = p * x2 - 7.34990630326855e-04
+    p = p * x2 - 2.95459980854025e-03
+    p = p * x2 - 1.60960333262415e-02
+    q = -1.45660718464996e-05
+    q = q * x2 - 2.13374055278905e-04
+    q = q * x2 - 1.68282697438203e-03
+    q = q * x2 - 7.37332916720468e-03
+    q = q * x2 - 1.42647390514189e-02
+    return x * p / q
+
+
+@_jit
 def _gelu_row(row, out):
     for k in range(row.shape[0]):
         v = np.float64(row[k])
-        out[k] = np.float32(0.5 * v * (1.0 + math.erf(v * _INV_SQRT2)))
+        out[k] = np.float32(0.5 * v * (1.0 + _erf(v * _INV_SQRT2)))
 
 
-@numba.njit(parallel=True, cache=True)
+@_pjit
 def _gelu(x):
     T, K = x.shape
     out = np.empty((T, K), dtype=np.float32)
@@ -132,7 +177,7 @@ def _gelu(x):
     return out
 
 
-@numba.njit(parallel=True, cache=True)
+@_pjit
 def _gelu_quantize(x):
     T, K = x.shape
     q = np.empty((T, K), dtype=np.int8)
@@ -179,38 +224,49 @@ def attention_ref(qkv: np.ndarray, heads: int) -> np.ndarray:
     return (probs @ v).transpose(0, 2, 1, 3).reshape(B, N, C3 // 3)  # (B, N, dim)
 
 
-@numba.njit(parallel=True, cache=True)
+_ROWS_PER_JOB = 16  # query rows per parallel job: even work on 2 cores at batch 1
+
+
+@_pjit
 def _attention(qkv, heads):
+    """Jobs over (image, head, block of 16 query rows); inner loops run over contiguous
+    keys or channels so LLVM vectorizes them (a dot product over the head dimension would
+    be a serial float reduction)."""
     B, N, C3 = qkv.shape
     C = C3 // 3
     hd = C // heads
     scale = np.float32(hd**-0.5)
     out = np.empty((B, N, C), dtype=np.float32)
-    for job in numba.prange(B * heads):
-        b = job // heads
-        h = job % heads
-        q = qkv[b, :, h * hd : (h + 1) * hd]
-        k = qkv[b, :, C + h * hd : C + (h + 1) * hd]
-        v = qkv[b, :, 2 * C + h * hd : 2 * C + (h + 1) * hd]
-        p = np.empty(N, dtype=np.float32)
+    chunks = (N + _ROWS_PER_JOB - 1) // _ROWS_PER_JOB
+    for job in numba.prange(B * heads * chunks):
+        b = job // (heads * chunks)
+        h = (job // chunks) % heads
+        i0 = (job % chunks) * _ROWS_PER_JOB
+        kt = np.empty((hd, N), dtype=np.float32)  # this head's keys, transposed
+        for j in range(N):
+            for d in range(hd):
+                kt[d, j] = qkv[b, j, C + h * hd + d]
+        s = np.empty(N, dtype=np.float32)
         o = np.empty(hd, dtype=np.float32)
-        for i in range(N):
+        for i in range(i0, min(i0 + _ROWS_PER_JOB, N)):
+            s[:] = 0.0
+            for d in range(hd):
+                qd = qkv[b, i, h * hd + d]
+                for j in range(N):
+                    s[j] += qd * kt[d, j]
             m = np.float32(-np.inf)
             for j in range(N):
-                s = np.float32(0.0)
-                for d in range(hd):
-                    s += q[i, d] * k[j, d]
-                p[j] = s * scale
-                m = max(m, p[j])
+                s[j] *= scale
+                m = max(m, s[j])
             total = np.float32(0.0)
             for j in range(N):
-                p[j] = np.exp(p[j] - m)
-                total += p[j]
+                s[j] = np.exp(s[j] - m)
+                total += s[j]
             o[:] = 0.0
             for j in range(N):
-                pj = p[j] / total
+                pj = s[j] / total
                 for d in range(hd):
-                    o[d] += pj * v[j, d]
+                    o[d] += pj * qkv[b, j, 2 * C + h * hd + d]
             out[b, i, h * hd : (h + 1) * hd] = o
     return out
 
@@ -220,7 +276,7 @@ def attention(qkv: np.ndarray, heads: int) -> np.ndarray:
     return _attention(_check_qkv(qkv, heads), int(heads))
 
 
-@numba.njit(parallel=True, cache=True)
+@_pjit
 def _float_linear(x, w_t, b):
     T, K = x.shape
     N = w_t.shape[1]

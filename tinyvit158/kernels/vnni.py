@@ -126,8 +126,8 @@ def _vstore(typingctx, arr, index, vec):
 # The tile below is written out (generated once by a loop over rows and vectors): Numba
 # keeps each named accumulator in its own register, which a Python list would not.
 @numba.njit(cache=True)
-def _tile(xp, wl, G, Kp, t0, nb, acc, Np):  # pragma: no cover - generated, see module docstring
-    """One 8 x 48 tile: 24 zmm accumulators, 3 weight vectors, 1 broadcast per row."""
+def _tile(xp, wl, G, Kp, t0, nb, acc):  # pragma: no cover - generated, see module docstring
+    """One 8 x 48 tile into ``acc[r * 48 + c]``: 24 zmm accumulators, 3 weight vectors, 1 broadcast per row."""
     wb = nb * G * 192
     x0 = (t0 + 0) * Kp
     x1 = (t0 + 1) * Kp
@@ -164,15 +164,14 @@ def _tile(xp, wl, G, Kp, t0, nb, acc, Np):  # pragma: no cover - generated, see 
         a60, a61, a62 = _dpbusd(a60, w0, b), _dpbusd(a61, w1, b), _dpbusd(a62, w2, b)
         b = _vbroadcast4(xp, x7 + 4 * g)
         a70, a71, a72 = _dpbusd(a70, w0, b), _dpbusd(a71, w1, b), _dpbusd(a72, w2, b)
-    o = nb * 48
-    _vstore(acc, (t0 + 0) * Np + o + 0, a00); _vstore(acc, (t0 + 0) * Np + o + 16, a01); _vstore(acc, (t0 + 0) * Np + o + 32, a02)
-    _vstore(acc, (t0 + 1) * Np + o + 0, a10); _vstore(acc, (t0 + 1) * Np + o + 16, a11); _vstore(acc, (t0 + 1) * Np + o + 32, a12)
-    _vstore(acc, (t0 + 2) * Np + o + 0, a20); _vstore(acc, (t0 + 2) * Np + o + 16, a21); _vstore(acc, (t0 + 2) * Np + o + 32, a22)
-    _vstore(acc, (t0 + 3) * Np + o + 0, a30); _vstore(acc, (t0 + 3) * Np + o + 16, a31); _vstore(acc, (t0 + 3) * Np + o + 32, a32)
-    _vstore(acc, (t0 + 4) * Np + o + 0, a40); _vstore(acc, (t0 + 4) * Np + o + 16, a41); _vstore(acc, (t0 + 4) * Np + o + 32, a42)
-    _vstore(acc, (t0 + 5) * Np + o + 0, a50); _vstore(acc, (t0 + 5) * Np + o + 16, a51); _vstore(acc, (t0 + 5) * Np + o + 32, a52)
-    _vstore(acc, (t0 + 6) * Np + o + 0, a60); _vstore(acc, (t0 + 6) * Np + o + 16, a61); _vstore(acc, (t0 + 6) * Np + o + 32, a62)
-    _vstore(acc, (t0 + 7) * Np + o + 0, a70); _vstore(acc, (t0 + 7) * Np + o + 16, a71); _vstore(acc, (t0 + 7) * Np + o + 32, a72)
+    _vstore(acc, 0, a00); _vstore(acc, 16, a01); _vstore(acc, 32, a02)
+    _vstore(acc, 48, a10); _vstore(acc, 64, a11); _vstore(acc, 80, a12)
+    _vstore(acc, 96, a20); _vstore(acc, 112, a21); _vstore(acc, 128, a22)
+    _vstore(acc, 144, a30); _vstore(acc, 160, a31); _vstore(acc, 176, a32)
+    _vstore(acc, 192, a40); _vstore(acc, 208, a41); _vstore(acc, 224, a42)
+    _vstore(acc, 240, a50); _vstore(acc, 256, a51); _vstore(acc, 272, a52)
+    _vstore(acc, 288, a60); _vstore(acc, 304, a61); _vstore(acc, 320, a62)
+    _vstore(acc, 336, a70); _vstore(acc, 352, a71); _vstore(acc, 368, a72)
 
 
 class VNNIWeights:
@@ -195,49 +194,58 @@ class VNNIWeights:
 
 @numba.njit(parallel=True, cache=True)
 def _pad_rows(x_q, tp, kp):
-    """Copy int8 (T, K) into zero-padded (tp, kp) and return it with the row sums (int32)."""
+    """The row sums of int8 (T, K) (int32), and x flattened with rows and columns padded
+    with zeros to (tp, kp); no copy when no padding is needed."""
     T, K = x_q.shape
-    xp = np.zeros((tp, kp), dtype=np.int8)
     xsum = np.zeros(tp, dtype=np.int32)
     for t in numba.prange(T):
         s = np.int32(0)
         for k in range(K):
-            xp[t, k] = x_q[t, k]
             s += np.int32(x_q[t, k])
         xsum[t] = s
+    if T == tp and K == kp:
+        return x_q.reshape(-1), xsum
+    xp = np.zeros((tp, kp), dtype=np.int8)
+    xp[:T, :K] = x_q
     return xp.reshape(-1), xsum
 
 
 @numba.njit(parallel=True, cache=True)
 def _matmul_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N):
     NB = Np // NC
-    acc = np.empty(Tp * Np, dtype=np.int32)
     out = np.empty((T, N), dtype=np.int32)
+    scratch = np.empty((numba.get_num_threads(), MR * NC), dtype=np.int32)  # one tile per thread
     for job in numba.prange((Tp // MR) * NB):
         rb = job // NB
         nb = job - rb * NB
         t0 = rb * MR
-        _tile(xp, wl, G, Kp, t0, nb, acc, Np)
+        acc = scratch[numba.get_thread_id()]
+        _tile(xp, wl, G, Kp, t0, nb, acc)
+        n0 = nb * NC
         for t in range(t0, min(t0 + MR, T)):
-            for n in range(nb * NC, min(nb * NC + NC, N)):
-                out[t, n] = acc[t * Np + n] - xsum[t]  # sum u x - sum x = sum w x
+            r = (t - t0) * NC - n0
+            for n in range(n0, min(n0 + NC, N)):
+                out[t, n] = acc[r + n] - xsum[t]  # sum u x - sum x = sum w x
     return out
 
 
 @numba.njit(parallel=True, cache=True)
 def _linear_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, s_x, scale, bias, has_bias):
     NB = Np // NC
-    acc = np.empty(Tp * Np, dtype=np.int32)
     out = np.empty((T, N), dtype=np.float32)
+    scratch = np.empty((numba.get_num_threads(), MR * NC), dtype=np.int32)
     for job in numba.prange((Tp // MR) * NB):
         rb = job // NB
         nb = job - rb * NB
         t0 = rb * MR
-        _tile(xp, wl, G, Kp, t0, nb, acc, Np)
+        acc = scratch[numba.get_thread_id()]
+        _tile(xp, wl, G, Kp, t0, nb, acc)
+        n0 = nb * NC
         for t in range(t0, min(t0 + MR, T)):
             st = s_x[t]
-            for n in range(nb * NC, min(nb * NC + NC, N)):
-                y = np.float32(acc[t * Np + n] - xsum[t]) * st * scale[n]  # the reference's op order
+            r = (t - t0) * NC - n0
+            for n in range(n0, min(n0 + NC, N)):
+                y = np.float32(acc[r + n] - xsum[t]) * st * scale[n]  # the reference's op order
                 out[t, n] = y + bias[n] if has_bias else y
     return out
 

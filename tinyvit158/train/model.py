@@ -70,18 +70,18 @@ class BitLinear(nn.Linear):
         return F.linear(ste(x, x_q * s_x), ste(self.weight, w_q * gamma), self.bias)
 
 
-def make_linear(cfg: ViTConfig, layer: str, in_f: int, out_f: int) -> nn.Linear:
-    if cfg.is_ternary(layer):
+def make_linear(cfg: ViTConfig, layer: str, in_f: int, out_f: int, plain: bool = False) -> nn.Linear:
+    if cfg.is_ternary(layer) and not plain:
         return BitLinear(in_f, out_f, cfg.has_bias(layer), cfg)
     return nn.Linear(in_f, out_f, bias=cfg.has_bias(layer))
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ViTConfig, i: int):
+    def __init__(self, cfg: ViTConfig, i: int, plain: bool = False):
         super().__init__()
         self.heads = cfg.heads
-        self.qkv = make_linear(cfg, f"blocks.{i}.attn.qkv", cfg.dim, 3 * cfg.dim)
-        self.proj = make_linear(cfg, f"blocks.{i}.attn.proj", cfg.dim, cfg.dim)
+        self.qkv = make_linear(cfg, f"blocks.{i}.attn.qkv", cfg.dim, 3 * cfg.dim, plain)
+        self.proj = make_linear(cfg, f"blocks.{i}.attn.proj", cfg.dim, cfg.dim, plain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -92,23 +92,23 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, cfg: ViTConfig, i: int):
+    def __init__(self, cfg: ViTConfig, i: int, plain: bool = False):
         super().__init__()
-        self.fc1 = make_linear(cfg, f"blocks.{i}.mlp.fc1", cfg.dim, cfg.hidden_dim)
+        self.fc1 = make_linear(cfg, f"blocks.{i}.mlp.fc1", cfg.dim, cfg.hidden_dim, plain)
         self.act = nn.GELU()
-        self.fc2 = make_linear(cfg, f"blocks.{i}.mlp.fc2", cfg.hidden_dim, cfg.dim)
+        self.fc2 = make_linear(cfg, f"blocks.{i}.mlp.fc2", cfg.hidden_dim, cfg.dim, plain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ViTConfig, i: int, drop_path: float = 0.0):
+    def __init__(self, cfg: ViTConfig, i: int, drop_path: float = 0.0, plain: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg, i)
+        self.attn = Attention(cfg, i, plain)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(cfg, i)
+        self.mlp = Mlp(cfg, i, plain)
         self.drop_path = drop_path
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,10 +126,10 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, plain: bool = False):
         super().__init__()
         self.p = cfg.patch_size
-        self.proj = make_linear(cfg, "patch_embed.proj", cfg.patch_dim, cfg.dim)
+        self.proj = make_linear(cfg, "patch_embed.proj", cfg.patch_dim, cfg.dim, plain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -139,18 +139,22 @@ class PatchEmbed(nn.Module):
 
 
 class QATViT(nn.Module):
-    """The engine's ViT, trainable. ``state_dict`` names match the weight file's."""
+    """The engine's ViT, trainable. ``state_dict`` names match the weight file's.
 
-    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
+    ``plain=True`` builds every layer as a float ``nn.Linear`` (the float32 baseline that
+    ``bench`` and PyTorch's dynamic int8 quantization start from).
+    """
+
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0, plain: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = PatchEmbed(cfg, plain)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.dim) * 0.02)
         rates = [drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(Block(cfg, i, rates[i]) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg, i, rates[i], plain) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.head = make_linear(cfg, "head", cfg.dim, cfg.num_classes)
+        self.head = make_linear(cfg, "head", cfg.dim, cfg.num_classes, plain)
         self.apply(self._init)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -181,6 +185,21 @@ class QATViT(nn.Module):
         model.load_state_dict(state)
         model.eval()
         return model
+
+    @classmethod
+    def float_twin(cls, ckpt) -> QATViT:
+        """A plain float32 model of a weight file: ternary weights dequantized (codes x gamma)."""
+        model = cls(ckpt.config, plain=True)
+        state = {}
+        for name, p in model.state_dict().items():
+            layer = name.rsplit(".", 1)[0]
+            if name.endswith(".weight") and f"{layer}.weight_packed" in ckpt.tensors:
+                codes, gamma, _ = ckpt.ternary(layer)
+                state[name] = torch.from_numpy(codes.astype("float32") * gamma[:, None])
+            else:
+                state[name] = torch.from_numpy(ckpt.tensors[name].reshape(p.shape).copy())
+        model.load_state_dict(state)
+        return model.eval()
 
     def set_quantize(self, on: bool) -> None:
         for m in self.modules():

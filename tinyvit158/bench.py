@@ -1,0 +1,386 @@
+"""Speed and memory, measured: ``python -m tinyvit158.bench``.
+
+One run times, on the same architecture, the same random ternary weights and the same
+inputs:
+
+- ``engine``: tinyvit158 (packed ternary weights, Numba int8 x ternary kernels), on the
+  kernel path this CPU selects (and the generic path, for comparison);
+- ``numpy-fp32``: the same model in NumPy float32: weights dequantized (codes x gamma),
+  BLAS matmuls, no activation quantization, every op vectorized over the batch;
+- ``torch-fp32``: the same in PyTorch float32 on the CPU (when torch is installed);
+- ``torch-int8``: that model with ``torch.ao.quantization.quantize_dynamic`` (FBGEMM
+  int8 linears), the int8 CPU path a PyTorch user would reach for.
+
+Each variant runs in its own subprocess, so its peak resident memory is its own and no
+library's idle threads (OpenBLAS spins its threads after every call) slow another. Times
+are medians of repeated calls after warm-up; images/s = batch / median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from tinyvit158.config import get_preset
+from tinyvit158.errors import TinyViTError
+from tinyvit158.weights import Checkpoint, random_checkpoint
+
+VARIANTS = ("engine", "engine-generic", "numpy-fp32", "torch-fp32", "torch-int8")
+
+
+# -- the NumPy float32 baseline -----------------------------------------------------------
+def erf32(x: np.ndarray) -> np.ndarray:
+    """Vectorized erf, Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), float32 in and out."""
+    a = np.abs(x)
+    t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.3275911) * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    y = np.float32(1.0) - poly.astype(np.float32) * np.exp(-a * a)
+    return np.copysign(y, x).astype(np.float32)
+
+
+class NumpyFloatViT:
+    """The model in float32 NumPy with dequantized weights: what the ternary engine replaces."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.cfg = cfg = ckpt.config
+        self.p = {k: v for k, v in ckpt.tensors.items() if v.dtype == np.float32}
+        self.w = {}  # layer -> (weight (in, out) float32, bias)
+        for layer in cfg.linear_shapes():
+            if cfg.is_ternary(layer):
+                codes, gamma, bias = ckpt.ternary(layer)
+                w = codes.astype(np.float32) * gamma[:, None]
+            else:
+                w, bias = ckpt.float_weight(layer), ckpt.tensors.get(f"{layer}.bias")
+            self.w[layer] = (np.ascontiguousarray(w.T), bias)
+
+    def linear(self, x, layer):
+        w, b = self.w[layer]
+        return x @ w + b if b is not None else x @ w
+
+    def ln(self, x, name):
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + np.float32(self.cfg.norm_eps)) * self.p[f"{name}.weight"] + self.p[
+            f"{name}.bias"
+        ]
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        from tinyvit158.oracle import patchify
+
+        cfg = self.cfg
+        B, N1, D, H = images.shape[0], cfg.num_tokens, cfg.dim, cfg.heads
+        x = self.linear(patchify(images, cfg.patch_size), "patch_embed.proj")  # (B, N, D)
+        x = np.concatenate([np.broadcast_to(self.p["cls_token"], (B, 1, D)), x], 1) + self.p["pos_embed"]
+        for i in range(cfg.depth):
+            qkv = self.linear(self.ln(x, f"blocks.{i}.norm1"), f"blocks.{i}.attn.qkv")
+            q, k, v = qkv.reshape(B, N1, 3, H, D // H).transpose(2, 0, 3, 1, 4)
+            s = q @ k.transpose(0, 1, 3, 2) * np.float32((D // H) ** -0.5)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            o = ((s / s.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(B, N1, D)
+            x = x + self.linear(o, f"blocks.{i}.attn.proj")
+            h = self.linear(self.ln(x, f"blocks.{i}.norm2"), f"blocks.{i}.mlp.fc1")
+            h = np.float32(0.5) * h * (np.float32(1.0) + erf32(h * np.float32(math.sqrt(0.5))))
+            x = x + self.linear(h, f"blocks.{i}.mlp.fc2")
+        return self.linear(self.ln(x[:, 0], "norm"), "head")
+
+
+# -- one variant, measured in a child process --------------------------------------------
+def build(variant: str, ckpt: Checkpoint):
+    """(callable on float32 images, resident weight bytes, description)."""
+    if variant.startswith("engine"):
+        if variant == "engine-generic":
+            os.environ["TINYVIT158_KERNEL"] = "generic"
+        from tinyvit158.engine import Engine
+        from tinyvit158.kernels import kernel_path
+
+        engine = Engine(ckpt)
+        path = kernel_path()
+        nbytes = sum(
+            w.codes.nbytes + w.scale.nbytes + (w.vnni.nbytes if path == "vnni" else 0) for w in engine.ternary.values()
+        )
+        nbytes += sum(a.nbytes for a in engine.p.values()) + sum(w.nbytes for w, _ in engine.float.values())
+        return engine, nbytes, f"{path} kernels"
+    if variant == "numpy-fp32":
+        model = NumpyFloatViT(ckpt)
+        nbytes = sum(w.nbytes for w, _ in model.w.values()) + sum(a.nbytes for a in model.p.values())
+        return model, nbytes, "BLAS sgemm"
+    import torch
+
+    from tinyvit158.train.model import QATViT
+
+    model = QATViT.float_twin(ckpt)
+    desc = "fp32"
+    if variant == "torch-int8":
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        desc = f"dynamic int8 ({torch.backends.quantized.engine})"
+    nbytes = 0
+    for v in model.state_dict().values():
+        if isinstance(v, torch.Tensor):
+            nbytes += v.numel() * v.element_size()
+        elif isinstance(v, tuple):  # packed int8 params: (weight, bias)
+            nbytes += sum(t.numel() * t.element_size() for t in v if isinstance(t, torch.Tensor))
+
+    def run(x):
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return run, nbytes, desc
+
+
+def child(args) -> dict:
+    cfg = get_preset(args.model)
+    ckpt = random_checkpoint(cfg, seed=0)
+    x = np.random.default_rng(1).standard_normal((args.batch, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
+    t0 = time.perf_counter()
+    model, nbytes, desc = build(args.child, ckpt)
+    model(x)  # first call: JIT compile or cache load
+    load_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        model(x)
+    times = []
+    deadline = time.perf_counter() + args.max_seconds
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t)
+        if time.perf_counter() > deadline and len(times) >= 3:
+            break
+    result = {
+        "variant": args.child, "model": args.model, "batch": args.batch, "desc": desc,
+        "median_s": float(np.median(times)), "min_s": float(min(times)), "max_s": float(max(times)),
+        "repeats": len(times), "weight_bytes": int(nbytes), "load_s": load_s,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }  # fmt: skip
+    if args.child.startswith("engine"):
+        import numba
+
+        result["threads"] = numba.get_num_threads()
+        if args.layers:
+            model.timings = {}
+            reps = max(1, len(times))
+            total = 0.0
+            for _ in range(reps):
+                t = time.perf_counter()
+                model(x)
+                total += time.perf_counter() - t
+            parts = {k: v / reps for k, v in model.timings.items()}
+            parts["other"] = total / reps - sum(parts.values())
+            result["layers_s"] = parts
+    elif args.child.startswith("torch"):
+        import torch
+
+        result["threads"] = torch.get_num_threads()
+    else:
+        result["threads"] = blas_threads()
+    return result
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM, which exec resets; ru_maxrss may not)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def blas_threads():
+    try:
+        from threadpoolctl import threadpool_info
+
+        return sum(p.get("num_threads", 0) for p in threadpool_info() if p.get("user_api") == "blas") or None
+    except ImportError:
+        return None
+
+
+def blas_info() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+
+        infos = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        return ", ".join(
+            f"{p['internal_api']} {p.get('version')} ({p.get('architecture')}, {p['num_threads']} threads)"
+            for p in infos
+        )
+    except ImportError:
+        return "unknown (pip install threadpoolctl to show it)"
+
+
+# -- kernels alone: GOP/s on the model's matmul shapes ----------------------------------
+def kernel_table(model: str, tokens: list[int], seconds: float = 0.3) -> list[dict]:
+    from tinyvit158.kernels import PreparedTernary, cpu_has_vnni, matmul
+
+    cfg = get_preset(model)
+    shapes = {}
+    for layer, (n, k) in cfg.linear_shapes().items():
+        if cfg.is_ternary(layer):
+            kind = layer.rsplit(".", 1)[-1] if layer.startswith("blocks.") else layer.split(".")[0]
+            shapes.setdefault((kind, n, k), layer)
+    rng = np.random.default_rng(0)
+    rows = []
+    paths = ["generic"] + (["vnni"] if cpu_has_vnni() else [])
+
+    def rate(fn, ops):
+        fn()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or n < 3:
+            fn()
+            n += 1
+        return ops * n / (time.perf_counter() - t0) / 1e9
+
+    for t in tokens:
+        for kind, n, k in shapes:
+            x = rng.integers(-127, 128, size=(t, k)).astype(np.int8)
+            w = PreparedTernary(rng.integers(-1, 2, size=(n, k)).astype(np.int8), np.ones(n, np.float32))
+            row = {"layer": kind, "T": t, "K": k, "N": n}
+            for p in paths:
+                row[f"{p}_gops"] = rate(lambda p=p: matmul(x, w, p), 2 * t * k * n)
+            xf, wf = x.astype(np.float32), w.codes.astype(np.float32).T.copy()
+            time.sleep(0.3)  # let the kernels' threads settle before BLAS (and vice versa below)
+            row["sgemm_gops"] = rate(lambda: xf @ wf, 2 * t * k * n)
+            time.sleep(0.3)
+            rows.append(row)
+    return rows
+
+
+def run_child(variant: str, args) -> dict:
+    cmd = [sys.executable, "-m", "tinyvit158.bench", "--child", variant, "--model", args.model]
+    cmd += ["--batch", str(args.batch_now), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    cmd += ["--max-seconds", str(args.max_seconds)] + (["--layers"] if args.layers else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"variant": variant, "batch": args.batch_now, "error": last}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tinyvit158.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="cifar10-tiny", help="a preset: cifar10-tiny, deit-tiny, deit-small, vit-base-16")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per variant (default 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls after the first (default 3)")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a variant after this long")
+    p.add_argument("--layers", action="store_true", help="also time each part of the engine")
+    p.add_argument("--kernels", action="store_true", help="also measure GOP/s of the int8 x ternary kernels vs sgemm")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if any(b < 1 for b in args.batch) or args.repeats < 1 or args.warmup < 0:
+        p.error("--batch and --repeats must be at least 1, --warmup at least 0")
+    try:
+        get_preset(args.model)
+    except TinyViTError as e:
+        p.error(str(e))
+    if args.child:
+        args.batch = args.batch[0]
+        print(json.dumps(child(args)))
+        return 0
+
+    from tqdm import tqdm
+
+    try:
+        import torch  # noqa: F401
+
+        has_torch = True
+    except ImportError:
+        has_torch = False
+    variants = [v for v in args.variants if has_torch or not v.startswith("torch")]
+    skipped = [v for v in args.variants if v not in variants]
+    from tinyvit158.kernels import kernel_path
+
+    cfg = get_preset(args.model)
+    info = {
+        "model": args.model, "params": sum(n * k for n, k in cfg.linear_shapes().values()),
+        "cpu": _cpu_name(), "cores": os.cpu_count(), "kernel_path": kernel_path(), "blas": blas_info(),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "python": platform.python_version(),
+    }  # fmt: skip
+    results = []
+    jobs = [(b, v) for b in args.batch for v in variants]
+    for b, v in tqdm(jobs, desc="bench", unit="run", file=sys.stderr):
+        args.batch_now = b
+        results.append(run_child(v, args))
+    kernels = kernel_table(args.model, [cfg.num_tokens, 64 * cfg.num_tokens]) if args.kernels else None
+    if args.json:
+        print(json.dumps({"info": info, "results": results, "kernels": kernels, "skipped": skipped}))
+        return 0
+    print_report(info, results, kernels, skipped)
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def print_report(info, results, kernels, skipped) -> None:
+    print(f"# {info['model']}: {info['params'] / 1e6:.2f} M weights in linear layers")
+    print(f"# CPU: {info['cpu']}, {info['cores']} cores; engine kernel path: {info['kernel_path']}")
+    print(
+        f"# BLAS: {info['blas']}"
+        + (f"; OPENBLAS_CORETYPE={info['openblas_coretype']}" if info["openblas_coretype"] else "")
+    )
+    for v in skipped:
+        print(f"# {v}: skipped (PyTorch not installed: pip install -e '.[train]')")
+    head = f"{'variant':<15} {'batch':>5} {'img/s':>8} {'(min':>7} {'max)':>7} {'x numpy':>8} {'weights':>10} {'peak RSS':>9} {'load s':>7} {'threads':>7}  kind"
+    print(head)
+    base = {
+        r["batch"]: r["batch"] / r["median_s"] for r in results if r.get("variant") == "numpy-fp32" and "error" not in r
+    }
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<15} {r['batch']:>5}  failed: {r['error']}")
+            continue
+        ips = r["batch"] / r["median_s"]
+        ratio = f"{ips / base[r['batch']]:.2f}" if r["batch"] in base else "-"
+        print(
+            f"{r['variant']:<15} {r['batch']:>5} {ips:8.1f} {r['batch'] / r['max_s']:7.1f} {r['batch'] / r['min_s']:7.1f} "
+            f"{ratio:>8} {_mb(r['weight_bytes']):>10} {_mb(r['peak_rss_bytes']):>9} {r['load_s']:7.2f} {str(r.get('threads')):>7}  {r['desc']}"
+        )
+    for r in results:
+        if "layers_s" in r:
+            total = sum(r["layers_s"].values())
+            parts = ", ".join(
+                f"{k} {v * 1e3:.2f} ms ({v / total:.0%})"
+                for k, v in sorted(r["layers_s"].items(), key=lambda kv: -kv[1])
+            )
+            print(f"\n{r['variant']} batch {r['batch']}, per call {total * 1e3:.2f} ms: {parts}")
+    if kernels:
+        print(
+            f"\n{'layer':<12} {'T':>6} {'K':>5} {'N':>5} "
+            + " ".join(f"{k[:-5] + ' GOP/s':>14}" for k in kernels[0] if k.endswith("_gops"))
+            + "   best/sgemm"
+        )
+        for row in kernels:
+            rates = {k: v for k, v in row.items() if k.endswith("_gops")}
+            best = max(v for k, v in rates.items() if k != "sgemm_gops")
+            print(
+                f"{row['layer']:<12} {row['T']:>6} {row['K']:>5} {row['N']:>5} "
+                + " ".join(f"{v:14.0f}" for v in rates.values())
+                + f"   {best / row['sgemm_gops']:.2f}x"
+            )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
