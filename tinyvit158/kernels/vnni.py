@@ -18,7 +18,8 @@ rows and columns, so padding never reaches a result.
 Micro-kernel: an 8-token x 48-channel tile kept in 24 zmm accumulators. Per group of 4
 input channels it loads 3 x 64 weight bytes, broadcasts 4 activation bytes of each row, and
 issues 24 ``vpdpbusd``; there is no horizontal reduction. Dequantization and bias are fused
-into the tile's store. Measured on the 2-core AVX-512 machine (see ``bench --kernels``):
+into the tile's vector stores (for widths that are multiples of 48, i.e. every ViT layer;
+others take the int32 tile path and dequantize in NumPy, the same float32 operations). Measured on the 2-core AVX-512 machine (see ``bench --kernels``):
 8 x 3 zmm reached 700-1,130 GOP/s on cifar10-tiny and DeiT-Small shapes, against 150-230
 for NumPy sgemm; 4 x 4 and 12 x 2 tiles ran 5-20% slower on most shapes.
 
@@ -123,11 +124,41 @@ def _vstore(typingctx, arr, index, vec):
     return types.void(arr, index, vec), codegen
 
 
+_F32 = ir.FloatType()
+_V16F = ir.VectorType(_F32, 16)
+
+
+def _splat(builder, value, vecty):
+    vec = builder.insert_element(ir.Constant(vecty, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, ir.Constant(vecty, None), ir.Constant(_V16, None))
+
+
+@intrinsic
+def _dequant_store(typingctx, out, out_index, acc, xsum, s, scale, n_index, bias, has_bias):
+    """``out[out_index + i] = float32(acc[i] - xsum) * s * scale[n_index + i] (+ bias[n_index + i])``
+    for 16 lanes: the reference's float32 operations, in its order, as vector instructions."""
+
+    def codegen(context, builder, sig, args):
+        out_a, out_i, acc_v, xsum_v, s_v, scale_a, n_i, bias_a, has_b = args
+        v = builder.sub(acc_v, _splat(builder, builder.sext(xsum_v, _I32) if xsum_v.type != _I32 else xsum_v, _V16))
+        f = builder.fmul(builder.sitofp(v, _V16F), _splat(builder, s_v, _V16F))
+        sc_ptr = _element_ptr(context, builder, sig.args[5], scale_a, n_i)
+        f = builder.fmul(f, builder.load(builder.bitcast(sc_ptr, _V16F.as_pointer()), align=4))
+        b_ptr = _element_ptr(context, builder, sig.args[7], bias_a, n_i)
+        fb = builder.fadd(f, builder.load(builder.bitcast(b_ptr, _V16F.as_pointer()), align=4))
+        res = builder.select(has_b, fb, f)
+        o_ptr = _element_ptr(context, builder, sig.args[0], out_a, out_i)
+        builder.store(res, builder.bitcast(o_ptr, _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(out, out_index, zmm, xsum, s, scale, n_index, bias, has_bias), codegen
+
+
 # The tile below is written out (generated once by a loop over rows and vectors): Numba
 # keeps each named accumulator in its own register, which a Python list would not.
 @numba.njit(cache=True)
-def _tile(xp, wl, G, Kp, t0, nb, acc):  # pragma: no cover - generated, see module docstring
-    """One 8 x 48 tile into ``acc[r * 48 + c]``: 24 zmm accumulators, 3 weight vectors, 1 broadcast per row."""
+def _tile(xp, wl, G, Kp, t0, nb):
+    """One 8 x 48 tile: 24 zmm accumulators (returned as a tuple, row-major), 3 weight vectors, 1 broadcast per row."""
     wb = nb * G * 192
     x0 = (t0 + 0) * Kp
     x1 = (t0 + 1) * Kp
@@ -164,14 +195,7 @@ def _tile(xp, wl, G, Kp, t0, nb, acc):  # pragma: no cover - generated, see modu
         a60, a61, a62 = _dpbusd(a60, w0, b), _dpbusd(a61, w1, b), _dpbusd(a62, w2, b)
         b = _vbroadcast4(xp, x7 + 4 * g)
         a70, a71, a72 = _dpbusd(a70, w0, b), _dpbusd(a71, w1, b), _dpbusd(a72, w2, b)
-    _vstore(acc, 0, a00); _vstore(acc, 16, a01); _vstore(acc, 32, a02)
-    _vstore(acc, 48, a10); _vstore(acc, 64, a11); _vstore(acc, 80, a12)
-    _vstore(acc, 96, a20); _vstore(acc, 112, a21); _vstore(acc, 128, a22)
-    _vstore(acc, 144, a30); _vstore(acc, 160, a31); _vstore(acc, 176, a32)
-    _vstore(acc, 192, a40); _vstore(acc, 208, a41); _vstore(acc, 224, a42)
-    _vstore(acc, 240, a50); _vstore(acc, 256, a51); _vstore(acc, 272, a52)
-    _vstore(acc, 288, a60); _vstore(acc, 304, a61); _vstore(acc, 320, a62)
-    _vstore(acc, 336, a70); _vstore(acc, 352, a71); _vstore(acc, 368, a72)
+    return (a00, a01, a02, a10, a11, a12, a20, a21, a22, a30, a31, a32, a40, a41, a42, a50, a51, a52, a60, a61, a62, a70, a71, a72)
 
 
 class VNNIWeights:
@@ -214,13 +238,14 @@ def _pad_rows(x_q, tp, kp):
 def _matmul_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N):
     NB = Np // NC
     out = np.empty((T, N), dtype=np.int32)
-    scratch = np.empty((numba.get_num_threads(), MR * NC), dtype=np.int32)  # one tile per thread
     for job in numba.prange((Tp // MR) * NB):
         rb = job // NB
         nb = job - rb * NB
         t0 = rb * MR
-        acc = scratch[numba.get_thread_id()]
-        _tile(xp, wl, G, Kp, t0, nb, acc)
+        acc = np.empty(MR * NC, dtype=np.int32)
+        tile = _tile(xp, wl, G, Kp, t0, nb)
+        for i in range(MR * NV):
+            _vstore(acc, 16 * i, tile[i])
         n0 = nb * NC
         for t in range(t0, min(t0 + MR, T)):
             r = (t - t0) * NC - n0
@@ -231,23 +256,20 @@ def _matmul_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N):
 
 @numba.njit(parallel=True, cache=True)
 def _linear_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, s_x, scale, bias, has_bias):
+    """Tiles with dequantization fused into vector stores; needs N % 48 == 0 (all ViT widths)."""
     NB = Np // NC
-    out = np.empty((T, N), dtype=np.float32)
-    scratch = np.empty((numba.get_num_threads(), MR * NC), dtype=np.int32)
+    out = np.empty(T * N, dtype=np.float32)
     for job in numba.prange((Tp // MR) * NB):
         rb = job // NB
         nb = job - rb * NB
         t0 = rb * MR
-        acc = scratch[numba.get_thread_id()]
-        _tile(xp, wl, G, Kp, t0, nb, acc)
-        n0 = nb * NC
-        for t in range(t0, min(t0 + MR, T)):
-            st = s_x[t]
-            r = (t - t0) * NC - n0
-            for n in range(n0, min(n0 + NC, N)):
-                y = np.float32(acc[r + n] - xsum[t]) * st * scale[n]  # the reference's op order
-                out[t, n] = y + bias[n] if has_bias else y
-    return out
+        tile = _tile(xp, wl, G, Kp, t0, nb)
+        for r in range(min(MR, T - t0)):
+            t = t0 + r
+            for v in range(NV):
+                n = nb * NC + 16 * v
+                _dequant_store(out, t * N + n, tile[r * NV + v], xsum[t], s_x[t], scale, n, bias, has_bias)
+    return out.reshape(T, N)
 
 
 def _padded(x_q: np.ndarray, w: VNNIWeights):
@@ -263,4 +285,7 @@ def matmul(x_q: np.ndarray, w: VNNIWeights) -> np.ndarray:
 
 def linear(x_q, s_x, w: VNNIWeights, scale, bias, has_bias) -> np.ndarray:
     """float32 (T, N), bit-identical to ``ternary.linear_ref``."""
+    if w.n % NC:  # a width the vector store would overrun: dequantize from the int32 tiles
+        acc = matmul(x_q, w).astype(np.float32) * s_x[:, None] * scale[None, :]
+        return acc + bias if has_bias else acc
     return _linear_tiles(*_padded(x_q, w), s_x, scale, bias, has_bias)
