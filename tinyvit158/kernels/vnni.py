@@ -19,139 +19,25 @@ Micro-kernel: an 8-token x 48-channel tile kept in 24 zmm accumulators. Per grou
 input channels it loads 3 x 64 weight bytes, broadcasts 4 activation bytes of each row, and
 issues 24 ``vpdpbusd``; there is no horizontal reduction. Dequantization and bias are fused
 into the tile's vector stores (for widths that are multiples of 48, i.e. every ViT layer;
-others take the int32 tile path and dequantize in NumPy, the same float32 operations). Measured on the 2-core AVX-512 machine (see ``bench --kernels``):
-8 x 3 zmm reached 700-1,130 GOP/s on cifar10-tiny and DeiT-Small shapes, against 150-230
-for NumPy sgemm; 4 x 4 and 12 x 2 tiles ran 5-20% slower on most shapes.
+others take the int32 tile path and dequantize in NumPy, the same float32 operations).
+Measured on the 2-core AVX-512 machine, the tile alone (prototype, ``bench --kernels`` for
+the whole call): 8 x 3 zmm reached 650-1,150 GOP/s on cifar10-tiny and DeiT-Small shapes,
+against 150-230 for NumPy sgemm; 4 x 4, 6 x 4 and 12 x 2 tiles were within -30%..+10%.
 
-The Numba types and intrinsics below are the smallest set the kernel needs: a 16 x int32
-vector type that lives in a zmm register, zero, load, 4-byte broadcast, ``vpdpbusd`` and
-store. They exist only as compiled code: under ``NUMBA_DISABLE_JIT=1`` the engine uses the
-generic kernel instead (see ``kernels.select``).
+The vector types and intrinsics it uses live in ``kernels/simd.py``. They exist only as
+compiled code: under ``NUMBA_DISABLE_JIT=1`` the engine uses the generic kernel instead
+(see ``kernels.ternary.kernel_path``).
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+
+from tinyvit158.kernels.simd import _dequant_store, _dpbusd, _vbroadcast4, _vload, _vstore, _vzero
 
 MR, NV = 8, 3  # tile: 8 tokens x 3 vectors of 16 output channels
 NC = 16 * NV  # output channels per block
-
-_I32 = ir.IntType(32)
-_V16 = ir.VectorType(_I32, 16)  # one zmm of int32 lanes
-_V64B = ir.VectorType(ir.IntType(8), 64)  # the same zmm as 64 bytes
-
-
-class _Zmm(types.Type):
-    """A 512-bit vector of 16 int32 lanes, held in a register."""
-
-    def __init__(self):
-        super().__init__(name="zmm_i32x16")
-
-
-zmm = _Zmm()
-
-
-@register_model(_Zmm)
-class _ZmmModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16)
-
-
-def _element_ptr(context, builder, arrty, arr, index):
-    """Pointer to element ``index`` of a contiguous 1-D array (no bounds check)."""
-    data = context.make_array(arrty)(context, builder, arr).data
-    return builder.gep(data, [index])
-
-
-@intrinsic
-def _vzero(typingctx):
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_V16, None)
-
-    return zmm(), codegen
-
-
-@intrinsic
-def _vload(typingctx, arr, index):
-    """64 bytes of a uint8 array from byte ``index`` (unaligned load)."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(ptr, _V16.as_pointer()), align=1)
-
-    return zmm(arr, index), codegen
-
-
-@intrinsic
-def _vbroadcast4(typingctx, arr, index):
-    """The 4 bytes of an int8 array at byte ``index``, as one int32 copied to all 16 lanes."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        word = builder.load(builder.bitcast(ptr, _I32.as_pointer()), align=1)
-        vec = builder.insert_element(ir.Constant(_V16, None), word, ir.Constant(_I32, 0))
-        return builder.shuffle_vector(vec, ir.Constant(_V16, None), ir.Constant(_V16, None))  # splat lane 0
-
-    return zmm(arr, index), codegen
-
-
-@intrinsic
-def _dpbusd(typingctx, acc, u8, s8):
-    """``acc[i] += sum_{j<4} u8[4i+j] * s8[4i+j]`` (unsigned x signed bytes, exact int32)."""
-
-    def codegen(context, builder, sig, args):
-        fnty = ir.FunctionType(_V16, [_V16, _V64B, _V64B])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
-        return builder.call(fn, [args[0], builder.bitcast(args[1], _V64B), builder.bitcast(args[2], _V64B)])
-
-    return zmm(zmm, zmm, zmm), codegen
-
-
-@intrinsic
-def _vstore(typingctx, arr, index, vec):
-    """Store 16 int32 lanes into an int32 array from element ``index``."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        builder.store(args[2], builder.bitcast(ptr, _V16.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(arr, index, vec), codegen
-
-
-_F32 = ir.FloatType()
-_V16F = ir.VectorType(_F32, 16)
-
-
-def _splat(builder, value, vecty):
-    vec = builder.insert_element(ir.Constant(vecty, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(vec, ir.Constant(vecty, None), ir.Constant(_V16, None))
-
-
-@intrinsic
-def _dequant_store(typingctx, out, out_index, acc, xsum, s, scale, n_index, bias, has_bias):
-    """``out[out_index + i] = float32(acc[i] - xsum) * s * scale[n_index + i] (+ bias[n_index + i])``
-    for 16 lanes: the reference's float32 operations, in its order, as vector instructions."""
-
-    def codegen(context, builder, sig, args):
-        out_a, out_i, acc_v, xsum_v, s_v, scale_a, n_i, bias_a, has_b = args
-        v = builder.sub(acc_v, _splat(builder, builder.sext(xsum_v, _I32) if xsum_v.type != _I32 else xsum_v, _V16))
-        f = builder.fmul(builder.sitofp(v, _V16F), _splat(builder, s_v, _V16F))
-        sc_ptr = _element_ptr(context, builder, sig.args[5], scale_a, n_i)
-        f = builder.fmul(f, builder.load(builder.bitcast(sc_ptr, _V16F.as_pointer()), align=4))
-        b_ptr = _element_ptr(context, builder, sig.args[7], bias_a, n_i)
-        fb = builder.fadd(f, builder.load(builder.bitcast(b_ptr, _V16F.as_pointer()), align=4))
-        res = builder.select(has_b, fb, f)
-        o_ptr = _element_ptr(context, builder, sig.args[0], out_a, out_i)
-        builder.store(res, builder.bitcast(o_ptr, _V16F.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(out, out_index, zmm, xsum, s, scale, n_index, bias, has_bias), codegen
 
 
 # The tile below is written out (generated once by a loop over rows and vectors): Numba
@@ -195,7 +81,32 @@ def _tile(xp, wl, G, Kp, t0, nb):
         a60, a61, a62 = _dpbusd(a60, w0, b), _dpbusd(a61, w1, b), _dpbusd(a62, w2, b)
         b = _vbroadcast4(xp, x7 + 4 * g)
         a70, a71, a72 = _dpbusd(a70, w0, b), _dpbusd(a71, w1, b), _dpbusd(a72, w2, b)
-    return (a00, a01, a02, a10, a11, a12, a20, a21, a22, a30, a31, a32, a40, a41, a42, a50, a51, a52, a60, a61, a62, a70, a71, a72)
+    return (
+        a00,
+        a01,
+        a02,
+        a10,
+        a11,
+        a12,
+        a20,
+        a21,
+        a22,
+        a30,
+        a31,
+        a32,
+        a40,
+        a41,
+        a42,
+        a50,
+        a51,
+        a52,
+        a60,
+        a61,
+        a62,
+        a70,
+        a71,
+        a72,
+    )
 
 
 class VNNIWeights:

@@ -1,0 +1,199 @@
+"""512-bit vectors for Numba: the few AVX-512 operations the fast kernels are built from.
+
+Numba has no vector types. ``zmm`` (16 x int32) and ``zmmf`` (16 x float32) are Numba
+types whose LLVM representation is a vector, so a jitted function can hold them in named
+local variables that LLVM keeps in zmm registers. Each intrinsic below emits one or two
+LLVM instructions; they are the whole vocabulary of the micro-kernels in ``vnni.py`` and
+of ``ops.attention``. Loads and stores take an array and an element index and do no
+bounds checks: the callers guarantee the 16 (or 64 byte) lanes lie inside the array.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+_I32 = ir.IntType(32)
+_V16 = ir.VectorType(_I32, 16)  # one zmm of int32 lanes
+_V64B = ir.VectorType(ir.IntType(8), 64)  # the same zmm as 64 bytes
+
+
+class _Zmm(types.Type):
+    """A 512-bit vector of 16 int32 lanes, held in a register."""
+
+    def __init__(self):
+        super().__init__(name="zmm_i32x16")
+
+
+zmm = _Zmm()
+
+
+@register_model(_Zmm)
+class _ZmmModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16)
+
+
+def _element_ptr(context, builder, arrty, arr, index):
+    """Pointer to element ``index`` of a contiguous 1-D array (no bounds check)."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.gep(data, [index])
+
+
+@intrinsic
+def _vzero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V16, None)
+
+    return zmm(), codegen
+
+
+@intrinsic
+def _vload(typingctx, arr, index):
+    """64 bytes of a uint8 array from byte ``index`` (unaligned load)."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(ptr, _V16.as_pointer()), align=1)
+
+    return zmm(arr, index), codegen
+
+
+@intrinsic
+def _vbroadcast4(typingctx, arr, index):
+    """The 4 bytes of an int8 array at byte ``index``, as one int32 copied to all 16 lanes."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        word = builder.load(builder.bitcast(ptr, _I32.as_pointer()), align=1)
+        vec = builder.insert_element(ir.Constant(_V16, None), word, ir.Constant(_I32, 0))
+        return builder.shuffle_vector(vec, ir.Constant(_V16, None), ir.Constant(_V16, None))  # splat lane 0
+
+    return zmm(arr, index), codegen
+
+
+@intrinsic
+def _dpbusd(typingctx, acc, u8, s8):
+    """``acc[i] += sum_{j<4} u8[4i+j] * s8[4i+j]`` (unsigned x signed bytes, exact int32)."""
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(_V16, [_V16, _V64B, _V64B])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [args[0], builder.bitcast(args[1], _V64B), builder.bitcast(args[2], _V64B)])
+
+    return zmm(zmm, zmm, zmm), codegen
+
+
+@intrinsic
+def _vstore(typingctx, arr, index, vec):
+    """Store 16 int32 lanes into an int32 array from element ``index``."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(ptr, _V16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, index, vec), codegen
+
+
+_F32 = ir.FloatType()
+_V16F = ir.VectorType(_F32, 16)
+
+
+def _splat(builder, value, vecty):
+    vec = builder.insert_element(ir.Constant(vecty, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, ir.Constant(vecty, None), ir.Constant(_V16, None))
+
+
+@intrinsic
+def _dequant_store(typingctx, out, out_index, acc, xsum, s, scale, n_index, bias, has_bias):
+    """``out[out_index + i] = float32(acc[i] - xsum) * s * scale[n_index + i] (+ bias[n_index + i])``
+    for 16 lanes: the reference's float32 operations, in its order, as vector instructions."""
+
+    def codegen(context, builder, sig, args):
+        out_a, out_i, acc_v, xsum_v, s_v, scale_a, n_i, bias_a, has_b = args
+        v = builder.sub(acc_v, _splat(builder, builder.sext(xsum_v, _I32) if xsum_v.type != _I32 else xsum_v, _V16))
+        f = builder.fmul(builder.sitofp(v, _V16F), _splat(builder, s_v, _V16F))
+        sc_ptr = _element_ptr(context, builder, sig.args[5], scale_a, n_i)
+        f = builder.fmul(f, builder.load(builder.bitcast(sc_ptr, _V16F.as_pointer()), align=4))
+        b_ptr = _element_ptr(context, builder, sig.args[7], bias_a, n_i)
+        fb = builder.fadd(f, builder.load(builder.bitcast(b_ptr, _V16F.as_pointer()), align=4))
+        res = builder.select(has_b, fb, f)
+        o_ptr = _element_ptr(context, builder, sig.args[0], out_a, out_i)
+        builder.store(res, builder.bitcast(o_ptr, _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(out, out_index, zmm, xsum, s, scale, n_index, bias, has_bias), codegen
+
+
+# -- float32 vectors ------------------------------------------------------------------------
+
+
+class _Zmmf(types.Type):
+    """A 512-bit vector of 16 float32 lanes, held in a register."""
+
+    def __init__(self):
+        super().__init__(name="zmm_f32x16")
+
+
+zmmf = _Zmmf()
+
+
+@register_model(_Zmmf)
+class _ZmmfModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16F)
+
+
+@intrinsic
+def _fzero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V16F, None)
+
+    return zmmf(), codegen
+
+
+@intrinsic
+def _fload(typingctx, arr, index):
+    """16 float32 of an array from element ``index``."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(ptr, _V16F.as_pointer()), align=4)
+
+    return zmmf(arr, index), codegen
+
+
+@intrinsic
+def _fsplat(typingctx, value):
+    """A float32 scalar copied to 16 lanes."""
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[0], _V16F)
+
+    return zmmf(types.float32), codegen
+
+
+@intrinsic
+def _ffma(typingctx, a, b, c):
+    """``a * b + c`` lane by lane, one rounding (``vfmadd``)."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+        return builder.call(fn, args)
+
+    return zmmf(zmmf, zmmf, zmmf), codegen
+
+
+@intrinsic
+def _fstore(typingctx, arr, index, vec):
+    """Store 16 float32 lanes into a float32 array from element ``index``."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(ptr, _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, index, zmmf), codegen
