@@ -9,9 +9,9 @@ from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels import (
     PATHS,
     PreparedTernary,
-    cpu_has_vnni,
     attention,
     attention_ref,
+    cpu_has_vnni,
     gelu,
     gelu_quantize,
     layernorm,
@@ -177,14 +177,20 @@ def test_gelu_quantize(seed, t, k):
     assert np.array_equal(q, q2) and np.array_equal(s, s2)
 
 
-@given(seed=st.integers(0, 2**16), b=st.integers(1, 3), n=st.integers(1, 70), heads=st.sampled_from([1, 3, 4]))
-def test_attention_matches_reference_and_float64(seed, b, n, heads):
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 3),
+    n=st.integers(1, 70),
+    heads=st.sampled_from([1, 3, 4]),
+    hd=st.sampled_from([8, 16, 64]),  # 8: the reference fallback; 16, 64: the register kernel
+)
+def test_attention_matches_reference_and_float64(seed, b, n, heads, hd):
     rng = np.random.default_rng(seed)
-    qkv = rng.standard_normal((b, n, 3 * heads * 8)).astype(np.float32)
+    qkv = rng.standard_normal((b, n, 3 * heads * hd)).astype(np.float32)
     fast = attention(qkv, heads)
     np.testing.assert_allclose(fast, attention_ref(qkv, heads), rtol=0, atol=ATTN_ATOL)
-    q, k, v = qkv.astype(np.float64).reshape(b, n, 3, heads, 8).transpose(2, 0, 3, 1, 4)
-    exact = (oracle.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(8)) @ v).transpose(0, 2, 1, 3).reshape(b, n, -1)
+    q, k, v = qkv.astype(np.float64).reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)
+    exact = (oracle.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)) @ v).transpose(0, 2, 1, 3).reshape(b, n, -1)
     np.testing.assert_allclose(fast, exact, rtol=0, atol=ATTN_ATOL)
 
 
@@ -196,3 +202,14 @@ def test_float_linear(seed, t, k, n):
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in [(t, k), (k, n), (n,)])
     exact = x.astype(np.float64) @ w.astype(np.float64) + b
     np.testing.assert_allclose(float_linear(x, w, b), exact, rtol=0, atol=k * F32_RTOL * np.abs(exact).max())
+
+
+def test_vectorizable_exp():
+    from tinyvit158.kernels.ops import _exp_nonpositive
+
+    x = np.concatenate([-np.geomspace(1e-8, 100, 2000), [0.0, -0.5 * np.log(2), -87.0]]).astype(np.float32)
+    got = np.array([_exp_nonpositive(np.float32(v)) for v in x], dtype=np.float64)
+    exact = np.exp(x.astype(np.float64))
+    normal = x > -87
+    assert np.max(np.abs(got[normal] - exact[normal]) / exact[normal]) < 3e-7  # ~2 float32 ulps
+    assert np.all(got[~normal] < 2e-38)

@@ -1,0 +1,60 @@
+"""bench runs and reports; it asserts no timings (those belong to benchmarks, not tests)."""
+
+import json
+import math
+import subprocess
+import sys
+
+from tinyvit158.bench import NumpyFloatViT, erf32, kernel_table
+
+
+def test_bench_smoke_json():
+    out = subprocess.run(
+        [sys.executable, "-m", "tinyvit158.bench", "--batch", "1", "2", "--repeats", "2", "--warmup", "0",
+         "--variants", "engine", "numpy-fp32", "torch-fp32", "--layers", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    runs = {(r["variant"], r["batch"]) for r in report["results"]}
+    assert runs == {(v, b) for v in ("engine", "numpy-fp32", "torch-fp32") for b in (1, 2)}
+    for r in report["results"]:
+        assert "error" not in r, r
+        assert r["median_s"] > 0 and r["peak_rss_bytes"] > 0 and r["weight_bytes"] > 0
+        if r["variant"] == "engine":
+            assert {"qkv", "attention", "fc1", "fc2", "gelu+quant", "norm+quant"} <= set(r["layers_s"])
+    assert report["info"]["kernel_path"] in ("vnni", "generic")
+
+
+def test_bench_rejects_bad_options():
+    out = subprocess.run(
+        [sys.executable, "-m", "tinyvit158.bench", "--model", "resnet"], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "unknown preset" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_kernel_table_rows():
+    rows = kernel_table("cifar10-tiny", [9], seconds=0.001)
+    assert {r["layer"] for r in rows} == {"patch_embed", "qkv", "proj", "fc1", "fc2"}
+    assert all(r["generic_gops"] > 0 and r["sgemm_gops"] > 0 for r in rows)
+
+
+def test_numpy_baseline_is_the_same_function():
+    import numpy as np
+
+    from tinyvit158 import get_preset
+    from tinyvit158.weights import random_checkpoint
+
+    x = np.linspace(-6, 6, 100_001).astype(np.float32)
+    exact = np.array([math.erf(v) for v in x.astype(np.float64)])
+    assert np.abs(erf32(x) - exact).max() < 5e-7  # A&S 7.1.26: 1.5e-7, evaluated in float32 (~4 ulps near 1)
+    ck = random_checkpoint(get_preset("cifar10-tiny").replace(depth=2))
+    images = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    import torch
+
+    from tinyvit158.train.model import QATViT
+
+    with torch.inference_mode():
+        expected = QATViT.float_twin(ck)(torch.from_numpy(images)).numpy()
+    got = NumpyFloatViT(ck)(images)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
