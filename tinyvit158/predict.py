@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2, metavar="K", help="how many labels to report per image (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
     p.add_argument(
+        "--explain", action="store_true",
+        help="also print the arithmetic ledger of the run: operations, bytes and energy, float32 vs ternary",
+    )  # fmt: skip
+    p.add_argument(
         "--engine", choices=("fast", "oracle"), default="fast",
         help="fast: the Numba integer engine (default); oracle: the float64 reference model",
     )  # fmt: skip
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         from tinyvit158.engine import Engine
 
         model = Engine(ckpt)
+        if args.explain:
+            model.record = {}
     else:
         from tinyvit158.oracle import Oracle
 
@@ -135,6 +141,15 @@ def main(argv: list[str] | None = None) -> int:
             (lab, q), rest = top[0], top[1:]
             nxt = ", ".join(f"{lab2} {q2:.3f}" for lab2, q2 in rest)
             print(f"{f:<{width}}  {lab:<12} {q:6.3f}  {nxt}")
+    if args.explain:
+        from tinyvit158.ledger import count, format_ledger
+
+        record = getattr(model, "record", None)
+        print(
+            f"\n# arithmetic ledger, per image ({good[0]}; blocks summed)",
+            file=sys.stdout if not args.json else sys.stderr,
+        )
+        print(format_ledger(count(ckpt, record)), file=sys.stdout if not args.json else sys.stderr)
     return status
 
 

@@ -1,0 +1,192 @@
+"""The arithmetic ledger: what a forward pass costs, counted layer by layer.
+
+For one image through a ternary ViT, and for the float32 ViT it replaces, it counts:
+
+- ``f32_macs``: multiply-accumulates of the float32 model (one multiply and one add each);
+- ``tern_addsub``: additions and subtractions of the ternary model's integer matmuls, one
+  per non-zero weight per token (a zero weight is skipped; +1 adds, -1 subtracts), counted
+  from the actual weights; with a recorded run, also ``tern_addsub_nonzero_x``, which
+  skips zero activation codes too;
+- ``tern_mults``: the multiplications that remain: quantizers (x / s, one per input),
+  dequantization (acc * s_x * gamma: two per output), attention, norms, GELU, softmax, and
+  any float layers (the head);
+- weight bytes read: float32, ``ternary2`` (2 bits/weight) and ``ternary3`` (1.6 bits);
+- energy of the arithmetic at 45 nm, from Horowitz, "Computing's energy problem (and what
+  we can do about it)", ISSCC 2014, Figure 1.1.9, the figures BitNet b1.58 also cites:
+  32-bit float add 0.9 pJ, multiply 3.7 pJ; 32-bit integer add 0.1 pJ.
+  An int8 value added into an int32 accumulator is charged as a 32-bit integer add. Memory
+  traffic is reported in bytes, not priced: its energy depends on where the weights live
+  (Horowitz: 10 pJ per 64-bit read from an 8 KB SRAM, 1.3-2.6 nJ from DRAM).
+
+``python -m tinyvit158.predict IMAGE --explain`` prints the ledger of that run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from tinyvit158.packing import packed_cols
+from tinyvit158.weights import Checkpoint
+
+# Horowitz, ISSCC 2014 (45 nm, 0.9 V), picojoules per operation
+PJ_F32_ADD = 0.9
+PJ_F32_MULT = 3.7
+PJ_I32_ADD = 0.1
+PJ_F32_MAC = PJ_F32_ADD + PJ_F32_MULT
+
+# float multiplications charged per element for the elementwise steps (see count())
+LAYERNORM_MULTS = 3  # (x - mean) * rstd, * gamma, and the square in the variance
+GELU_MULTS = 3  # 0.5 * x * (1 + erf(x / sqrt 2)): x / sqrt 2, * x, * 0.5 (erf counted apart)
+SOFTMAX_MULTS = 2  # the scale of the scores and the division by the row sum
+
+
+@dataclass
+class Row:
+    """One step of the forward pass, per image."""
+
+    layer: str
+    kind: str  # "ternary linear", "float linear", "attention", "layernorm", "gelu"
+    f32_macs: int = 0
+    f32_other_mults: int = 0  # multiplications outside MACs, same in both models
+    tern_addsub: int = 0
+    tern_addsub_nonzero_x: int | None = None
+    tern_mults: int = 0
+    tern_float_adds: int = 0  # float additions left in the ternary model (attention, float layers)
+    transcendentals: int = 0  # exp and erf evaluations, same in both models
+    bytes_f32: int = 0
+    bytes_ternary2: int = 0
+    bytes_ternary3: int = 0
+    zero_fraction: float | None = None  # of the weights
+
+    @property
+    def energy_f32_pj(self) -> float:
+        return self.f32_macs * PJ_F32_MAC + self.f32_other_mults * PJ_F32_MULT
+
+    @property
+    def energy_ternary_pj(self) -> float:
+        return self.tern_addsub * PJ_I32_ADD + self.tern_mults * PJ_F32_MULT + self.tern_float_adds * PJ_F32_ADD
+
+
+def count(ckpt: Checkpoint, record: dict[str, np.ndarray] | None = None) -> list[Row]:
+    """The ledger of one image. ``record``: the engine's int8 input codes per layer (optional)."""
+    cfg = ckpt.config
+    T, D, H, hd = cfg.num_tokens, cfg.dim, cfg.heads, cfg.head_dim
+    rows: list[Row] = []
+
+    def linear(layer: str, tokens: int) -> Row:
+        n, k = cfg.linear_shapes()[layer]
+        row = Row(layer, "ternary linear" if cfg.is_ternary(layer) else "float linear", f32_macs=tokens * k * n)
+        row.bytes_f32 = 4 * n * k
+        if cfg.is_ternary(layer):
+            codes = ckpt.ternary(layer)[0]
+            nonzero = codes != 0
+            row.zero_fraction = float(1 - nonzero.mean())
+            row.tern_addsub = int(tokens * nonzero.sum())
+            row.tern_mults = tokens * k + 2 * tokens * n  # quantize inputs, dequantize outputs
+            row.bytes_ternary2 = n * packed_cols(k, "ternary2") + 4 * n  # + float32 scales
+            row.bytes_ternary3 = n * packed_cols(k, "ternary3") + 4 * n
+            if record is not None and layer in record:
+                x_q = record[layer][:tokens]  # this image's tokens
+                per_input = nonzero.sum(axis=0)  # non-zero weights reading each input feature
+                row.tern_addsub_nonzero_x = int(((x_q != 0) * per_input).sum())
+        else:  # a float layer stays float: its MACs are float multiplies and adds
+            row.tern_mults = row.tern_float_adds = tokens * k * n
+            row.bytes_ternary2 = row.bytes_ternary3 = row.bytes_f32
+        return row
+
+    def elementwise(layer: str, kind: str, n: int, mults: int, transcendental: int = 0) -> Row:
+        return Row(layer, kind, f32_other_mults=n * mults, tern_mults=n * mults, transcendentals=transcendental)
+
+    rows.append(linear("patch_embed.proj", cfg.num_patches))
+    for i in range(cfg.depth):
+        b = f"blocks.{i}"
+        rows.append(elementwise(f"{b}.norm1", "layernorm", T * D, LAYERNORM_MULTS))
+        rows.append(linear(f"{b}.attn.qkv", T))
+        macs = 2 * H * T * T * hd  # q k^T and probabilities x v, float32 in both models
+        soft = H * T * T
+        att = Row(f"{b}.attn", "attention", f32_macs=macs, f32_other_mults=soft * SOFTMAX_MULTS, transcendentals=soft)
+        att.tern_mults = macs + soft * SOFTMAX_MULTS
+        att.tern_float_adds = macs
+        rows.append(att)
+        rows.append(linear(f"{b}.attn.proj", T))
+        rows.append(elementwise(f"{b}.norm2", "layernorm", T * D, LAYERNORM_MULTS))
+        rows.append(linear(f"{b}.mlp.fc1", T))
+        rows.append(elementwise(f"{b}.mlp.act", "gelu", T * cfg.hidden_dim, GELU_MULTS, T * cfg.hidden_dim))
+        rows.append(linear(f"{b}.mlp.fc2", T))
+    rows.append(elementwise("norm", "layernorm", D, LAYERNORM_MULTS))  # the cls token only
+    rows.append(linear("head", 1))
+    return rows
+
+
+def totals(rows: list[Row]) -> dict[str, float]:
+    t = {
+        "f32_macs": sum(r.f32_macs for r in rows),
+        "f32_mults": sum(r.f32_macs + r.f32_other_mults for r in rows),
+        "f32_adds": sum(r.f32_macs for r in rows),
+        "tern_addsub_int": sum(r.tern_addsub for r in rows),
+        "tern_float_adds": sum(r.tern_float_adds for r in rows),
+        "tern_mults": sum(r.tern_mults for r in rows),
+        "transcendentals": sum(r.transcendentals for r in rows),
+        "bytes_f32": sum(r.bytes_f32 for r in rows),
+        "bytes_ternary2": sum(r.bytes_ternary2 for r in rows),
+        "bytes_ternary3": sum(r.bytes_ternary3 for r in rows),
+    }
+    t["energy_f32_uj"] = sum(r.energy_f32_pj for r in rows) / 1e6
+    t["energy_ternary_uj"] = sum(r.energy_ternary_pj for r in rows) / 1e6
+    with_x = [r.tern_addsub_nonzero_x for r in rows if r.tern_addsub_nonzero_x is not None]
+    if with_x:
+        t["tern_addsub_nonzero_x"] = sum(with_x)
+    return t
+
+
+def as_dicts(rows: list[Row]) -> list[dict]:
+    out = []
+    for r in rows:
+        d = asdict(r)
+        d["energy_f32_pj"], d["energy_ternary_pj"] = r.energy_f32_pj, r.energy_ternary_pj
+        out.append(d)
+    return out
+
+
+def _n(v: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= div:
+            return f"{v / div:.2f}{unit}"
+    return f"{v:.0f}"
+
+
+def format_ledger(rows: list[Row], per_block: bool = True) -> str:
+    """A readable table: blocks summed unless ``per_block`` is False (then every layer)."""
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        parts = r.layer.split(".")
+        key = r.layer if not per_block or parts[0] != "blocks" else "blocks.*." + ".".join(parts[2:])
+        groups.setdefault(key, []).append(r)
+    head = f"{'layer':<22} {'f32 MACs':>9} {'ternary +/-':>11} {'tern. mults':>11} {'zeros':>6} {'f32 bytes':>10} {'t2 bytes':>9} {'t3 bytes':>9} {'f32 uJ':>7} {'tern uJ':>7}"  # noqa: E501
+    lines = [head]
+    for key, rs in groups.items():
+        z = [r.zero_fraction for r in rs if r.zero_fraction is not None]
+        lines.append(
+            f"{key:<22} {_n(sum(r.f32_macs for r in rs)):>9} {_n(sum(r.tern_addsub for r in rs)):>11} "
+            f"{_n(sum(r.tern_mults for r in rs)):>11} {(f'{np.mean(z):.0%}' if z else '-'):>6} "
+            f"{_n(sum(r.bytes_f32 for r in rs)):>10} {_n(sum(r.bytes_ternary2 for r in rs)):>9} "
+            f"{_n(sum(r.bytes_ternary3 for r in rs)):>9} {sum(r.energy_f32_pj for r in rs) / 1e6:7.2f} "
+            f"{sum(r.energy_ternary_pj for r in rs) / 1e6:7.2f}"
+        )
+    t = totals(rows)
+    lines.append(
+        f"{'total':<22} {_n(t['f32_macs']):>9} {_n(t['tern_addsub_int']):>11} {_n(t['tern_mults']):>11} {'':>6} "
+        f"{_n(t['bytes_f32']):>10} {_n(t['bytes_ternary2']):>9} {_n(t['bytes_ternary3']):>9} "
+        f"{t['energy_f32_uj']:7.2f} {t['energy_ternary_uj']:7.2f}"
+    )
+    lines.append(
+        f"per image: the float32 model does {_n(t['f32_mults'])} multiplications; the ternary model "
+        f"{_n(t['tern_mults'])} ({t['tern_mults'] / t['f32_mults']:.1%}) and {_n(t['tern_addsub_int'])} integer "
+        f"additions/subtractions; arithmetic energy {t['energy_f32_uj']:.2f} uJ -> {t['energy_ternary_uj']:.2f} uJ "
+        f"({t['energy_f32_uj'] / t['energy_ternary_uj']:.1f}x less; Horowitz 2014, 45 nm)"
+    )
+    if "tern_addsub_nonzero_x" in t:
+        lines.append(f"skipping zero activation codes too: {_n(t['tern_addsub_nonzero_x'])} additions/subtractions")
+    return "\n".join(lines)
