@@ -148,3 +148,19 @@ def test_engine_checks_its_input():
         engine(np.zeros((3, 32, 32), np.float32))
     with pytest.raises(TinyViTError, match="float images"):
         engine(np.zeros((1, 3, 32, 32), np.uint8))
+
+
+def test_traces_have_the_same_stages(model):
+    ckpt, engine, oracle = model
+    x = images(ckpt.config, 1, 3)
+    engine.trace, oracle.trace = {}, {}
+    try:
+        engine(x)
+        oracle(x)
+        assert set(engine.trace) == set(oracle.trace) - {f"blocks.{i}.attn" for i in range(ckpt.config.depth)}
+        for stage, value in engine.trace.items():
+            assert value.shape == oracle.trace[stage].shape, stage
+        probs = oracle.trace["blocks.0.attn"]
+        np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-12)
+    finally:
+        engine.trace = oracle.trace = None

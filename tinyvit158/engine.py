@@ -65,6 +65,11 @@ class Engine:
         self.cls_pos = self.p["pos_embed"][0, :1] + self.p["cls_token"][0]  # (1, D)
         self.record: dict[str, np.ndarray] | None = None  # layer -> int8 input codes (tests)
         self.timings: dict[str, float] | None = None  # part -> seconds (bench --layers)
+        self.trace: dict[str, np.ndarray] | None = None  # stage -> output, the oracle's stage names
+
+    def _keep(self, stage: str, x: np.ndarray) -> None:
+        if self.trace is not None:
+            self.trace[stage] = x.copy()
 
     def _toc(self, part: str, t0: float) -> float:
         """Add the time since ``t0`` to ``part`` when timing; returns the new start."""
@@ -137,9 +142,11 @@ class Engine:
         B, N1, D = images.shape[0], cfg.num_tokens, cfg.dim
         patches = patchify(images, cfg.patch_size).reshape(B * cfg.num_patches, cfg.patch_dim)
         emb = self.linear(patches, "patch_embed.proj").reshape(B, cfg.num_patches, D)
+        self._keep("patch_embed", emb)
         x = np.empty((B, N1, D), dtype=np.float32)
         x[:, 0] = self.cls_pos
         x[:, 1:] = emb + self.p["pos_embed"][0, 1:]
+        self._keep("tokens", x)
         x = x.reshape(B * N1, D)  # (T, D): every token of the batch is a row
         for i in range(cfg.depth):
             blk = f"blocks.{i}"
@@ -151,10 +158,16 @@ class Engine:
             x = x + self.linear(o, f"{blk}.attn.proj")
             h = self.linear(x, f"{blk}.mlp.fc1", norm=f"{blk}.norm2")  # (T, hidden)
             x = x + self.linear(h, f"{blk}.mlp.fc2", act=True)
+            self._keep(blk, x.reshape(B, N1, D))
         return x.reshape(B, N1, D)
 
     def forward_head(self, x: np.ndarray) -> np.ndarray:
-        return self.linear(np.ascontiguousarray(x[:, 0]), "head", norm="norm")  # (B, classes)
+        cls = np.ascontiguousarray(x[:, 0])
+        if self.trace is not None:  # the final norm of every token, as the oracle records it
+            self._keep("norm", self._ln(x.reshape(-1, x.shape[2]), "norm").reshape(x.shape))
+        logits = self.linear(cls, "head", norm="norm")  # (B, classes)
+        self._keep("logits", logits)
+        return logits
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """Normalized float images [B, C, H, W] -> float32 logits [B, classes]."""

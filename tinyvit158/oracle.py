@@ -76,6 +76,7 @@ class Oracle:
     def __init__(self, ckpt: Checkpoint, quantizer: Quantizer = default_quantizer):
         self.cfg = ckpt.config
         self.quantizer = quantizer
+        self.trace: dict[str, np.ndarray] | None = None  # stage -> output, when a dict (notebooks)
         self.p = {k: v.astype(F64) for k, v in ckpt.tensors.items() if not k.endswith("_packed")}
         self.ternary = {}  # layer -> (codes as float64, gamma, bias)
         self.float = {}  # layer -> (weight (out, in), bias)
@@ -122,6 +123,7 @@ class Oracle:
         qkv = self.linear(x, f"blocks.{i}.attn.qkv")  # (B, N, 3D)
         q, k, v = qkv.reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
         attn = softmax(q @ k.transpose(0, 1, 3, 2) * hd**-0.5)  # (B, H, N, N)
+        self._keep(f"blocks.{i}.attn", attn)
         o = (attn @ v).transpose(0, 2, 1, 3).reshape(B, N, D)  # (B, N, D), heads concatenated
         return self.linear(o, f"blocks.{i}.attn.proj")
 
@@ -136,18 +138,23 @@ class Oracle:
         return x
 
     # -- model -------------------------------------------------------------------------
+    def _keep(self, stage: str, x: np.ndarray) -> np.ndarray:
+        if self.trace is not None:
+            self.trace[stage] = x
+        return x
+
     def forward_features(self, images: np.ndarray) -> np.ndarray:
         """Normalized images [B, C, H, W] -> final-normed tokens [B, N+1, D]."""
         images = np.asarray(images, dtype=F64)
-        x = self.patch_embed(images)  # (B, N, D)
+        x = self._keep("patch_embed", self.patch_embed(images))  # (B, N, D)
         cls = np.broadcast_to(self.p["cls_token"], (x.shape[0], 1, x.shape[2]))
-        x = np.concatenate([cls, x], axis=1) + self.p["pos_embed"]  # (B, N+1, D)
+        x = self._keep("tokens", np.concatenate([cls, x], axis=1) + self.p["pos_embed"])  # (B, N+1, D)
         for i in range(self.cfg.depth):
-            x = self.block(x, i)
-        return self.norm(x, "norm")
+            x = self._keep(f"blocks.{i}", self.block(x, i))
+        return self._keep("norm", self.norm(x, "norm"))
 
     def forward_head(self, x: np.ndarray) -> np.ndarray:
-        return self.linear(x[:, 0], "head")  # cls token -> (B, classes)
+        return self._keep("logits", self.linear(x[:, 0], "head"))  # cls token -> (B, classes)
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         return self.forward_head(self.forward_features(images))
