@@ -43,7 +43,8 @@ def tidy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
             for out in cell.get("outputs", []):
                 if "execution_count" in out:
                     out["execution_count"] = count
-                out.pop("metadata", None) if not out.get("metadata") else None
+                if not out.get("metadata"):
+                    out.pop("metadata", None)
     return nb
 
 

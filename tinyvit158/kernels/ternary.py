@@ -132,7 +132,7 @@ def _matmul_loops(x_q, w):
 
     Returns
     -------
-    int32 (T, N), accumulated in int64 and checked to fit.
+    int32 (T, N), accumulated in int64; |acc| <= 127 K fits int32 for any K below 2**24.
     """
     T, K = x_q.shape
     N = w.shape[0]
