@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "predict": "classify images",
     "evaluate": "accuracy on CIFAR-10",
+    "bench": "speed and memory against NumPy and PyTorch",
 }
 
 
