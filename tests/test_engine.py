@@ -13,10 +13,12 @@
 
 import numpy as np
 import pytest
+from kernel_paths import KERNEL_PATHS
+from kernel_paths import kernel as kernel_of
 
 from tinyvit158 import TinyViTError, get_preset
 from tinyvit158.engine import Engine
-from tinyvit158.kernels import PATHS, cpu_has_vnni, matmul
+from tinyvit158.kernels import matmul
 from tinyvit158.oracle import Oracle
 from tinyvit158.quant import quantize_activations
 from tinyvit158.weights import random_checkpoint
@@ -54,14 +56,15 @@ def model(request):
 
 @pytest.fixture(
     autouse=True,
-    params=[
-        pytest.param(p, marks=pytest.mark.skipif(p == "vnni" and not cpu_has_vnni(), reason="CPU lacks AVX-512 VNNI"))
-        for p in PATHS
-    ],
+    params=KERNEL_PATHS,
 )
 def kernel(request, monkeypatch):
-    """Run every engine test on every kernel path."""
-    monkeypatch.setenv("TINYVIT158_KERNEL", request.param)
+    """Run every engine test on every kernel path, VNNI with 1-byte and with 2-bit weights."""
+    path, packed = kernel_of(request.param)
+    monkeypatch.setenv("TINYVIT158_KERNEL", path)
+    if "model" in request.fixturenames:
+        for w in request.getfixturevalue("model")[1].ternary.values():
+            w.packed = packed
     return request.param
 
 

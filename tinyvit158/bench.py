@@ -3,8 +3,9 @@
 One run times, on the same architecture, the same random ternary weights and the same
 inputs:
 
-- ``engine``: tinyvit158 (packed ternary weights, Numba int8 x ternary kernels), on the
-  kernel path this CPU selects (and the generic path, for comparison);
+- ``engine``: tinyvit158 (ternary weights, Numba int8 x ternary kernels), on the kernel
+  path this CPU selects, weights kept 2 bits each; ``engine-bytes``: the same with one byte
+  per weight; ``engine-generic``: the portable kernel, for comparison;
 - ``numpy-fp32``: the same model in NumPy float32: weights dequantized (codes x gamma),
   BLAS matmuls, no activation quantization, every op vectorized over the batch;
 - ``torch-fp32``: the same in PyTorch float32 on the CPU (when torch is installed);
@@ -34,7 +35,7 @@ from tinyvit158.config import get_preset
 from tinyvit158.errors import TinyViTError
 from tinyvit158.weights import Checkpoint, random_checkpoint
 
-VARIANTS = ("engine", "engine-generic", "numpy-fp32", "torch-fp32", "torch-int8")
+VARIANTS = ("engine", "engine-bytes", "engine-generic", "numpy-fp32", "torch-fp32", "torch-int8")
 
 
 # -- the NumPy float32 baseline -----------------------------------------------------------

@@ -26,6 +26,7 @@ from tinyvit158.kernels import (
     float_linear,
     gelu,
     gelu_quantize,
+    kernel_path,
     layernorm,
     layernorm_quantize,
     linear,
@@ -34,6 +35,8 @@ from tinyvit158.kernels import (
 from tinyvit158.oracle import patchify
 from tinyvit158.weights import Checkpoint, load_weights
 
+PACKED_DEFAULT = True  # see the measurements in bench: packed costs little and saves 3/4 of the bytes
+
 
 class Engine:
     """A ternary ViT ready to run.
@@ -41,7 +44,10 @@ class Engine:
     Parameters
     ----------
     ckpt : Checkpoint
-        Validated weights (``weights.load_weights``); packed weights are decoded once here.
+        Validated weights (``weights.load_weights``), re-laid out once here for the kernels.
+    packed : bool
+        VNNI path: keep the weights 2 bits each in memory and spread them to bytes inside
+        the tile (about 1/14 of the float32 model resident), or 1 byte each (1/4).
 
     Examples
     --------
@@ -49,16 +55,18 @@ class Engine:
     >>> logits = engine(images)  # float32 [B, 3, 32, 32], normalized -> [B, 10]  # doctest: +SKIP
     """
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, packed: bool = PACKED_DEFAULT):
         self.cfg = cfg = ckpt.config
-        self.ckpt = ckpt
+        self.packed = packed
         t = ckpt.tensors
         self.p = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in t.items() if v.dtype == np.float32}
         self.ternary: dict[str, PreparedTernary] = {}
         self.float: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for layer in cfg.linear_shapes():
             if cfg.is_ternary(layer):
-                self.ternary[layer] = PreparedTernary(*ckpt.ternary(layer))
+                self.ternary[layer] = PreparedTernary(*ckpt.ternary(layer), packed=packed)
+                if kernel_path() == "vnni":
+                    self.ternary[layer].compact()  # the VNNI layout only: 2 bits a weight when packed
             else:
                 w = np.ascontiguousarray(ckpt.float_weight(layer).T)  # (in, out) for x @ w
                 self.float[layer] = (w, t[f"{layer}.bias"].astype(np.float32))
@@ -78,8 +86,14 @@ class Engine:
         return t1
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> Engine:
-        return cls(load_weights(path))
+    def from_file(cls, path: str | os.PathLike, packed: bool = PACKED_DEFAULT) -> Engine:
+        return cls(load_weights(path), packed)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the engine holds: ternary layouts, scales, float tensors."""
+        floats = sum(a.nbytes for a in self.p.values()) + sum(w.nbytes for w, _ in self.float.values())
+        return floats + sum(w.nbytes for w in self.ternary.values())
 
     # -- one linear layer, with whatever precedes it fused into its quantizer ------------
     def _ln(self, x: np.ndarray, name: str) -> np.ndarray:

@@ -62,6 +62,25 @@ def _vload(typingctx, arr, index):
 
 
 @intrinsic
+def _vload_u2(typingctx, arr, index):
+    """16 bytes of a uint8 array from byte ``index``, each holding four 2-bit codes, spread
+    to 16 int32 lanes of four bytes: lane i = c0 | c1 << 8 | c2 << 16 | c3 << 24 where byte
+    i = c0 | c1 << 2 | c2 << 4 | c3 << 6 (``vpmovzxbd``, then shifts and masks)."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        v16b = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+        b = builder.zext(v16b, _V16)
+        out = builder.and_(b, _splat(builder, ir.Constant(_I32, 0x3), _V16))
+        for shift, mask in ((6, 0x300), (12, 0x30000), (18, 0x3000000)):
+            moved = builder.shl(b, _splat(builder, ir.Constant(_I32, shift), _V16))
+            out = builder.or_(out, builder.and_(moved, _splat(builder, ir.Constant(_I32, mask), _V16)))
+        return out
+
+    return zmm(arr, index), codegen
+
+
+@intrinsic
 def _vbroadcast4(typingctx, arr, index):
     """The 4 bytes of an int8 array at byte ``index``, as one int32 copied to all 16 lanes."""
 

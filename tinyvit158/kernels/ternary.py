@@ -61,18 +61,23 @@ def kernel_path() -> str:
 
 
 class PreparedTernary:
-    """A ternary linear layer's weights, decoded once into the layout the kernels use.
+    """A ternary linear layer's weights, in the layouts the kernels use.
 
     Attributes
     ----------
     codes : int8 ndarray (N, K)
-        Weights in {-1, 0, +1}, row-major (the layout of the generic kernel).
+        Weights in {-1, 0, +1}, row-major: the generic kernel's layout and the references'.
+    vnni : kernels.vnni.VNNIWeights
+        The VNNI tile layout, built on first use: one byte per weight, or two bits per weight
+        when ``packed`` (the tile then spreads them to bytes as it loads them).
     scale : float32 ndarray (N,)
         Per-output-channel weight scale gamma.
     bias : float32 ndarray (N,) or None
+
+    :meth:`compact` keeps only the VNNI layout; ``codes`` is then rebuilt from it on demand.
     """
 
-    def __init__(self, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None = None):
+    def __init__(self, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None = None, packed: bool = False):
         codes = np.ascontiguousarray(codes, dtype=np.int8)
         if codes.ndim != 2:
             raise TinyViTError(f"ternary weights must be 2-D (out, in), found shape {codes.shape}")
@@ -84,17 +89,35 @@ class PreparedTernary:
             bias = np.ascontiguousarray(bias, dtype=np.float32)
             if bias.shape != (n,):
                 raise TinyViTError(f"bias must have shape ({n},), found {bias.shape}")
-        self.codes, self.scale, self.bias = codes, scale, bias
+        self._codes, self.scale, self.bias = codes, scale, bias
+        self.shape = codes.shape
+        self.packed = packed
         self._vnni = None
 
     @property
+    def codes(self) -> np.ndarray:
+        if self._codes is None:
+            self._codes = self._vnni.codes()
+        return self._codes
+
+    @property
     def vnni(self):
-        """The VNNI tile layout, built on first use (``kernels/vnni.py``)."""
-        if self._vnni is None:
+        if self._vnni is None or self._vnni.packed != self.packed:
             from tinyvit158.kernels.vnni import VNNIWeights
 
-            self._vnni = VNNIWeights(self.codes)
+            self._vnni = VNNIWeights(self.codes, self.packed)
         return self._vnni
+
+    def compact(self) -> None:
+        """Keep only the VNNI layout in memory (a quarter of the int8 codes when packed)."""
+        self.vnni  # noqa: B018 - builds it
+        self._codes = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now: whichever layouts exist, the scales and the bias."""
+        held = [a for a in (self._codes, self.scale, self.bias) if a is not None]
+        return sum(a.nbytes for a in held) + (self._vnni.nbytes if self._vnni is not None else 0)
 
     @classmethod
     def from_packed(cls, packed: np.ndarray, k: int, fmt: str, scale, bias=None) -> PreparedTernary:
@@ -102,11 +125,11 @@ class PreparedTernary:
 
     @property
     def out_features(self) -> int:
-        return self.codes.shape[0]
+        return self.shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.codes.shape[1]
+        return self.shape[1]
 
 
 def _check_x(x_q: np.ndarray, w: PreparedTernary) -> np.ndarray:

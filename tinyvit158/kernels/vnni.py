@@ -34,7 +34,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from tinyvit158.kernels.simd import _dequant_store, _dpbusd, _vbroadcast4, _vload, _vstore, _vzero
+from tinyvit158.kernels.simd import _dequant_store, _dpbusd, _vbroadcast4, _vload, _vload_u2, _vstore, _vzero
 
 MR, NV = 8, 3  # tile: 8 tokens x 3 vectors of 16 output channels
 NC = 16 * NV  # output channels per block
@@ -43,9 +43,9 @@ NC = 16 * NV  # output channels per block
 # The tile below is written out (generated once by a loop over rows and vectors): Numba
 # keeps each named accumulator in its own register, which a Python list would not.
 @numba.njit(cache=True)
-def _tile(xp, wl, G, Kp, t0, nb):
-    """One 8 x 48 tile: 24 zmm accumulators (returned as a tuple, row-major), 3 weight vectors, 1 broadcast per row."""
-    wb = nb * G * 192
+def _tile(xp, wl, G, Kp, t0, nb, packed):
+    """One 8 x 48 tile: 24 zmm accumulators (returned as a tuple, row-major), 3 weight vectors,
+    1 broadcast per row. ``packed``: weights stored 2 bits each, spread to bytes on load."""
     x0 = (t0 + 0) * Kp
     x1 = (t0 + 1) * Kp
     x2 = (t0 + 2) * Kp
@@ -63,8 +63,12 @@ def _tile(xp, wl, G, Kp, t0, nb):
     a60 = a61 = a62 = _vzero()
     a70 = a71 = a72 = _vzero()
     for g in range(G):
-        wo = wb + g * 192
-        w0, w1, w2 = _vload(wl, wo + 0), _vload(wl, wo + 64), _vload(wl, wo + 128)
+        if packed:  # 48 bytes a group: one byte (4 codes) per output channel
+            wo = (nb * G + g) * 48
+            w0, w1, w2 = _vload_u2(wl, wo), _vload_u2(wl, wo + 16), _vload_u2(wl, wo + 32)
+        else:  # 192 bytes a group: 4 code bytes per output channel
+            wo = (nb * G + g) * 192
+            w0, w1, w2 = _vload(wl, wo + 0), _vload(wl, wo + 64), _vload(wl, wo + 128)
         b = _vbroadcast4(xp, x0 + 4 * g)
         a00, a01, a02 = _dpbusd(a00, w0, b), _dpbusd(a01, w1, b), _dpbusd(a02, w2, b)
         b = _vbroadcast4(xp, x1 + 4 * g)
@@ -110,21 +114,39 @@ def _tile(xp, wl, G, Kp, t0, nb):
 
 
 class VNNIWeights:
-    """Ternary weights re-laid out for the tile: unsigned codes u = w + 1, blocked by 48 channels."""
+    """Ternary weights re-laid out for the tile: unsigned codes u = w + 1, blocked by 48 channels.
 
-    def __init__(self, codes: np.ndarray):
+    ``packed=False``: one byte per weight, ``wl[block, k // 4, c, k % 4]``.
+    ``packed=True``: 2 bits per weight (a quarter of the bytes): the four codes of channel c
+    and input group k // 4 share one byte, ``wl[block, k // 4, c] = sum_j u[c, 4 (k // 4) + j] << 2j``;
+    the tile spreads them to bytes as it loads them (``simd._vload_u2``).
+    """
+
+    def __init__(self, codes: np.ndarray, packed: bool = False):
         n, k = codes.shape
-        self.n, self.k = n, k
+        self.n, self.k, self.packed = n, k, packed
         self.kp = -(-k // 4) * 4
         self.np_ = -(-n // NC) * NC
         u = np.zeros((self.np_, self.kp), dtype=np.uint8)
         u[:n, :k] = (codes + 1).astype(np.uint8)  # -1, 0, +1 -> 0, 1, 2
         blocks = u.reshape(self.np_ // NC, NC, self.kp // 4, 4).transpose(0, 2, 1, 3)  # (NB, G, 48, 4)
+        if packed:
+            blocks = np.bitwise_or.reduce(blocks << np.array([0, 2, 4, 6], dtype=np.uint8), axis=3)  # (NB, G, 48)
         self.wl = np.ascontiguousarray(blocks).reshape(-1)
 
     @property
     def nbytes(self) -> int:
         return self.wl.nbytes
+
+    def codes(self) -> np.ndarray:
+        """The int8 (N, K) ternary codes back from the layout."""
+        nb, g = self.np_ // NC, self.kp // 4
+        if self.packed:
+            u = (self.wl.reshape(nb, g, NC)[..., None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
+        else:
+            u = self.wl.reshape(nb, g, NC, 4)
+        u = u.transpose(0, 2, 1, 3).reshape(self.np_, self.kp)
+        return np.ascontiguousarray(u[: self.n, : self.k].astype(np.int8) - 1)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -146,7 +168,7 @@ def _pad_rows(x_q, tp, kp):
 
 
 @numba.njit(parallel=True, cache=True)
-def _matmul_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N):
+def _matmul_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, packed):
     NB = Np // NC
     out = np.empty((T, N), dtype=np.int32)
     for job in numba.prange((Tp // MR) * NB):
@@ -154,7 +176,7 @@ def _matmul_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N):
         nb = job - rb * NB
         t0 = rb * MR
         acc = np.empty(MR * NC, dtype=np.int32)
-        tile = _tile(xp, wl, G, Kp, t0, nb)
+        tile = _tile(xp, wl, G, Kp, t0, nb, packed)
         for i in range(MR * NV):
             _vstore(acc, 16 * i, tile[i])
         n0 = nb * NC
@@ -166,7 +188,7 @@ def _matmul_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N):
 
 
 @numba.njit(parallel=True, cache=True)
-def _linear_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, s_x, scale, bias, has_bias):
+def _linear_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, packed, s_x, scale, bias, has_bias):
     """Tiles with dequantization fused into vector stores; needs N % 48 == 0 (all ViT widths)."""
     NB = Np // NC
     out = np.empty(T * N, dtype=np.float32)
@@ -174,7 +196,7 @@ def _linear_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, s_x, scale, bias, has_bias)
         rb = job // NB
         nb = job - rb * NB
         t0 = rb * MR
-        tile = _tile(xp, wl, G, Kp, t0, nb)
+        tile = _tile(xp, wl, G, Kp, t0, nb, packed)
         for r in range(min(MR, T - t0)):
             t = t0 + r
             for v in range(NV):
@@ -186,7 +208,7 @@ def _linear_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, s_x, scale, bias, has_bias)
 def _padded(x_q: np.ndarray, w: VNNIWeights):
     tp = -(-x_q.shape[0] // MR) * MR
     xp, xsum = _pad_rows(x_q, tp, w.kp)
-    return xp, xsum, w.wl, w.kp // 4, w.kp, tp, w.np_, x_q.shape[0], w.n
+    return xp, xsum, w.wl, w.kp // 4, w.kp, tp, w.np_, x_q.shape[0], w.n, w.packed
 
 
 def matmul(x_q: np.ndarray, w: VNNIWeights) -> np.ndarray:
