@@ -104,13 +104,10 @@ def build(variant: str, ckpt: Checkpoint):
         from tinyvit158.engine import Engine
         from tinyvit158.kernels import kernel_path
 
-        engine = Engine(ckpt)
+        engine = Engine(ckpt, packed=variant != "engine-bytes")
         path = kernel_path()
-        nbytes = sum(
-            w.codes.nbytes + w.scale.nbytes + (w.vnni.nbytes if path == "vnni" else 0) for w in engine.ternary.values()
-        )
-        nbytes += sum(a.nbytes for a in engine.p.values()) + sum(w.nbytes for w, _ in engine.float.values())
-        return engine, nbytes, f"{path} kernels"
+        layout = ", 2-bit weights" if path == "vnni" and engine.packed else ", 1-byte weights" if path == "vnni" else ""
+        return engine, engine.weight_bytes, f"{path} kernels{layout}"
     if variant == "numpy-fp32":
         model = NumpyFloatViT(ckpt)
         nbytes = sum(w.nbytes for w, _ in model.w.values()) + sum(a.nbytes for a in model.p.values())

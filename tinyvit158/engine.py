@@ -59,7 +59,13 @@ class Engine:
         self.cfg = cfg = ckpt.config
         self.packed = packed
         t = ckpt.tensors
-        self.p = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in t.items() if v.dtype == np.float32}
+        layers = cfg.linear_shapes()
+        # the float tensors no linear layer owns: embeddings, norms (BitLinear norms included)
+        self.p = {
+            k: np.ascontiguousarray(v, dtype=np.float32)
+            for k, v in t.items()
+            if v.dtype == np.float32 and k.rsplit(".", 1)[0] not in layers
+        }
         self.ternary: dict[str, PreparedTernary] = {}
         self.float: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for layer in cfg.linear_shapes():
