@@ -43,9 +43,9 @@ NC = 16 * NV  # output channels per block
 # The tile below is written out (generated once by a loop over rows and vectors): Numba
 # keeps each named accumulator in its own register, which a Python list would not.
 @numba.njit(cache=True)
-def _tile(xp, wl, G, Kp, t0, nb, packed):
+def _tile(xp, wl, G, Kp, t0, nb):
     """One 8 x 48 tile: 24 zmm accumulators (returned as a tuple, row-major), 3 weight vectors,
-    1 broadcast per row. ``packed``: weights stored 2 bits each, spread to bytes on load."""
+    1 broadcast per row; ``wl`` in the 1-byte layout."""
     x0 = (t0 + 0) * Kp
     x1 = (t0 + 1) * Kp
     x2 = (t0 + 2) * Kp
@@ -63,12 +63,8 @@ def _tile(xp, wl, G, Kp, t0, nb, packed):
     a60 = a61 = a62 = _vzero()
     a70 = a71 = a72 = _vzero()
     for g in range(G):
-        if packed:  # 48 bytes a group: one byte (4 codes) per output channel
-            wo = (nb * G + g) * 48
-            w0, w1, w2 = _vload_u2(wl, wo), _vload_u2(wl, wo + 16), _vload_u2(wl, wo + 32)
-        else:  # 192 bytes a group: 4 code bytes per output channel
-            wo = (nb * G + g) * 192
-            w0, w1, w2 = _vload(wl, wo + 0), _vload(wl, wo + 64), _vload(wl, wo + 128)
+        wo = (nb * G + g) * 192  # 192 bytes a group: 4 code bytes per output channel
+        w0, w1, w2 = _vload(wl, wo + 0), _vload(wl, wo + 64), _vload(wl, wo + 128)
         b = _vbroadcast4(xp, x0 + 4 * g)
         a00, a01, a02 = _dpbusd(a00, w0, b), _dpbusd(a01, w1, b), _dpbusd(a02, w2, b)
         b = _vbroadcast4(xp, x1 + 4 * g)
@@ -119,7 +115,8 @@ class VNNIWeights:
     ``packed=False``: one byte per weight, ``wl[block, k // 4, c, k % 4]``.
     ``packed=True``: 2 bits per weight (a quarter of the bytes): the four codes of channel c
     and input group k // 4 share one byte, ``wl[block, k // 4, c] = sum_j u[c, 4 (k // 4) + j] << 2j``;
-    the tile spreads them to bytes as it loads them (``simd._vload_u2``).
+    each job spreads its block's codes to bytes once (``simd._vload_u2``), in cache, and
+    runs its row tiles on them.
     """
 
     def __init__(self, codes: np.ndarray, packed: bool = False):
@@ -167,23 +164,46 @@ def _pad_rows(x_q, tp, kp):
     return xp.reshape(-1), xsum
 
 
+_ROW_BLOCKS_PER_JOB = 8  # a job: one block of 48 channels x up to 64 tokens
+
+
+@numba.njit(cache=True)
+def _block_weights(wl, nb, G, packed, scratch):
+    """The 1-byte layout of channel block ``nb``, and its block index in that array: the
+    array itself when not packed, else ``scratch`` after spreading the 2-bit codes into it
+    (once per job, then reused by every row tile of the job, from L1/L2)."""
+    if not packed:
+        return wl, nb
+    for g in range(G):
+        src = (nb * G + g) * 48
+        dst = g * 192
+        _vstore(scratch, dst, _vload_u2(wl, src))
+        _vstore(scratch, dst + 64, _vload_u2(wl, src + 16))
+        _vstore(scratch, dst + 128, _vload_u2(wl, src + 32))
+    return scratch, 0
+
+
 @numba.njit(parallel=True, cache=True)
 def _matmul_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, packed):
     NB = Np // NC
+    RB = Tp // MR
+    groups = (RB + _ROW_BLOCKS_PER_JOB - 1) // _ROW_BLOCKS_PER_JOB
     out = np.empty((T, N), dtype=np.int32)
-    for job in numba.prange((Tp // MR) * NB):
-        rb = job // NB
-        nb = job - rb * NB
-        t0 = rb * MR
+    for job in numba.prange(groups * NB):
+        nb = job % NB
+        scratch = np.empty(G * 192 if packed else 0, dtype=np.uint8)
+        w, wnb = _block_weights(wl, nb, G, packed, scratch)
         acc = np.empty(MR * NC, dtype=np.int32)
-        tile = _tile(xp, wl, G, Kp, t0, nb, packed)
-        for i in range(MR * NV):
-            _vstore(acc, 16 * i, tile[i])
         n0 = nb * NC
-        for t in range(t0, min(t0 + MR, T)):
-            r = (t - t0) * NC - n0
-            for n in range(n0, min(n0 + NC, N)):
-                out[t, n] = acc[r + n] - xsum[t]  # sum u x - sum x = sum w x
+        for rb in range((job // NB) * _ROW_BLOCKS_PER_JOB, min((job // NB + 1) * _ROW_BLOCKS_PER_JOB, RB)):
+            t0 = rb * MR
+            tile = _tile(xp, w, G, Kp, t0, wnb)
+            for i in range(MR * NV):
+                _vstore(acc, 16 * i, tile[i])
+            for t in range(t0, min(t0 + MR, T)):
+                r = (t - t0) * NC - n0
+                for n in range(n0, min(n0 + NC, N)):
+                    out[t, n] = acc[r + n] - xsum[t]  # sum u x - sum x = sum w x
     return out
 
 
@@ -191,17 +211,21 @@ def _matmul_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, packed):
 def _linear_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, packed, s_x, scale, bias, has_bias):
     """Tiles with dequantization fused into vector stores; needs N % 48 == 0 (all ViT widths)."""
     NB = Np // NC
+    RB = Tp // MR
+    groups = (RB + _ROW_BLOCKS_PER_JOB - 1) // _ROW_BLOCKS_PER_JOB
     out = np.empty(T * N, dtype=np.float32)
-    for job in numba.prange((Tp // MR) * NB):
-        rb = job // NB
-        nb = job - rb * NB
-        t0 = rb * MR
-        tile = _tile(xp, wl, G, Kp, t0, nb, packed)
-        for r in range(min(MR, T - t0)):
-            t = t0 + r
-            for v in range(NV):
-                n = nb * NC + 16 * v
-                _dequant_store(out, t * N + n, tile[r * NV + v], xsum[t], s_x[t], scale, n, bias, has_bias)
+    for job in numba.prange(groups * NB):
+        nb = job % NB
+        scratch = np.empty(G * 192 if packed else 0, dtype=np.uint8)
+        w, wnb = _block_weights(wl, nb, G, packed, scratch)
+        for rb in range((job // NB) * _ROW_BLOCKS_PER_JOB, min((job // NB + 1) * _ROW_BLOCKS_PER_JOB, RB)):
+            t0 = rb * MR
+            tile = _tile(xp, w, G, Kp, t0, wnb)
+            for r in range(min(MR, T - t0)):
+                t = t0 + r
+                for v in range(NV):
+                    n = nb * NC + 16 * v
+                    _dequant_store(out, t * N + n, tile[r * NV + v], xsum[t], s_x[t], scale, n, bias, has_bias)
     return out.reshape(T, N)
 
 
