@@ -16,7 +16,20 @@ import numba
 import numpy as np
 
 from tinyvit158.errors import TinyViTError
-from tinyvit158.kernels.simd import _ffma, _fload, _fsplat, _fstore, _fzero
+from tinyvit158.kernels.simd import (
+    _fadd,
+    _fexp_nonpositive,
+    _ffma,
+    _fhmax,
+    _fhsum,
+    _fload,
+    _fmax,
+    _fmul,
+    _fsplat,
+    _fstore,
+    _fsub,
+    _fzero,
+)
 from tinyvit158.quant import ACT_EPS, ACT_QMAX
 
 # error_model="numpy": a float division by zero gives inf instead of raising, which removes
@@ -344,8 +357,7 @@ def _attention(qkv, heads, rows_per_job):
             for d in range(hd):
                 kt[d * Np + j] = flat[base + d]
         p = np.empty(4 * Np, dtype=np.float32)
-        lanes32 = np.empty(16, dtype=np.float32)
-        lanes64 = np.empty(16, dtype=np.float64)
+        scale_v = _fsplat(scale)
         for i0 in range(r0, r1, 4):
             rows = min(4, r1 - i0)
             q0 = (b * N + i0) * C3 + h * hd  # rows past the block repeat the last one
@@ -364,17 +376,24 @@ def _attention(qkv, heads, rows_per_job):
                 _fstore(p, Np + jc, a1)
                 _fstore(p, 2 * Np + jc, a2)
                 _fstore(p, 3 * Np + jc, a3)
-            for r in range(4):  # softmax of each score row (max-subtracted)
-                row = p[r * Np : r * Np + N]
-                for j in range(N):
-                    row[j] *= scale
-                m = _max16(row, lanes32)
-                for j in range(N):
-                    row[j] = _exp_nonpositive(row[j] - m)
-                total = _sum16(row, 0.0, lanes64)
-                inv = np.float32(1.0) / np.float32(total)
-                for j in range(N):
-                    row[j] *= inv
+            for r in range(4):  # softmax of each score row (max-subtracted), 16 keys at a time
+                base = r * Np
+                for j in range(N, Np):
+                    p[base + j] = -np.inf  # padded keys: no weight
+                mv = _fsplat(np.float32(-np.inf))
+                for jc in range(0, Np, 16):
+                    v = _fmul(_fload(p, base + jc), scale_v)
+                    _fstore(p, base + jc, v)
+                    mv = _fmax(mv, v)
+                m = _fsplat(_fhmax(mv))
+                sv = _fzero()
+                for jc in range(0, Np, 16):
+                    e = _fexp_nonpositive(_fsub(_fload(p, base + jc), m))
+                    _fstore(p, base + jc, e)
+                    sv = _fadd(sv, e)
+                inv = _fsplat(np.float32(1.0) / _fhsum(sv))
+                for jc in range(0, Np, 16):
+                    _fstore(p, base + jc, _fmul(_fload(p, base + jc), inv))
             for dc in range(0, hd, 16):
                 a0 = a1 = a2 = a3 = _fzero()
                 for j in range(N):

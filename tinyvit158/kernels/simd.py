@@ -216,3 +216,81 @@ def _fstore(typingctx, arr, index, vec):
         return context.get_dummy_value()
 
     return types.void(arr, index, zmmf), codegen
+
+
+def _binary(name: str):
+    """An intrinsic applying one LLVM float instruction lane by lane."""
+
+    @intrinsic
+    def op(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(args[0], args[1])
+
+        return zmmf(zmmf, zmmf), codegen
+
+    return op
+
+
+_fadd = _binary("fadd")
+_fsub = _binary("fsub")
+_fmul = _binary("fmul")
+
+
+def _call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+@intrinsic
+def _fmax(typingctx, a, b):
+    """Lane-wise maximum (``llvm.maxnum``)."""
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.maxnum.v16f32", _V16F, args)
+
+    return zmmf(zmmf, zmmf), codegen
+
+
+@intrinsic
+def _fhmax(typingctx, a):
+    """The largest of the 16 lanes."""
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.vector.reduce.fmax.v16f32", _F32, args)
+
+    return types.float32(zmmf), codegen
+
+
+@intrinsic
+def _fhsum(typingctx, a):
+    """The sum of the 16 lanes (in lane order)."""
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.vector.reduce.fadd.v16f32", _F32, [ir.Constant(_F32, 0.0), args[0]])
+
+    return types.float32(zmmf), codegen
+
+
+@intrinsic
+def _fexp_nonpositive(typingctx, a):
+    """exp(x) for x <= 0, lane by lane: ``ops._exp_nonpositive`` in vector form, with 2**n
+    built from its exponent bits instead of a table."""
+
+    def codegen(context, builder, sig, args):
+        def c(v):
+            return _splat(builder, ir.Constant(_F32, v), _V16F)
+
+        x = _call(builder, "llvm.maxnum.v16f32", _V16F, [args[0], c(-87.0)])
+        n = _call(builder, "llvm.floor.v16f32", _V16F, [builder.fadd(builder.fmul(x, c(1.4426950408889634)), c(0.5))])
+        r = builder.fsub(x, builder.fmul(n, c(0.693145751953125)))  # ln 2 in two parts (Cody & Waite)
+        r = builder.fsub(r, builder.fmul(n, c(1.428606765330187e-06)))
+        p = c(1.0 / 5040)
+        for coef in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
+            p = builder.fadd(builder.fmul(p, r), c(coef))
+        bits = builder.shl(
+            builder.add(builder.fptosi(n, _V16), _splat(builder, ir.Constant(_I32, 127), _V16)),
+            _splat(builder, ir.Constant(_I32, 23), _V16),
+        )
+        return builder.fmul(p, builder.bitcast(bits, _V16F))
+
+    return zmmf(zmmf), codegen
