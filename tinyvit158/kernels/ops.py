@@ -17,13 +17,16 @@ import numpy as np
 
 from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels.simd import (
+    _fabs,
     _fadd,
+    _fdiv,
     _fexp_nonpositive,
     _ffma,
     _fhmax,
     _fhsum,
     _fload,
     _fmax,
+    _fmin,
     _fmul,
     _fsplat,
     _fstore,
@@ -54,18 +57,14 @@ def _f32_2d(x: np.ndarray, what: str) -> np.ndarray:
 
 @_jit
 def _absmax(row, lanes):
-    """max |row| with 16 running maxima in ``lanes`` (float32 scratch of 16), so the loop
-    vectorizes (max is exact in any order)."""
+    """max |row|, 16 lanes at a time in a zmm register (max is exact in any order).
+    ``lanes`` is unused (kept for the callers' signature)."""
     n = row.shape[0]
-    lanes[:] = 0.0
     n16 = n - n % 16
+    mv = _fzero()
     for k in range(0, n16, 16):
-        for j in range(16):
-            a = abs(row[k + j])
-            lanes[j] = a if a > lanes[j] else lanes[j]
-    m = np.float32(0.0)
-    for j in range(16):
-        m = lanes[j] if lanes[j] > m else m
+        mv = _fmax(mv, _fabs(_fload(row, k)))
+    m = _fhmax(mv)
     for k in range(n16, n):
         a = abs(row[k])
         m = a if a > m else m
@@ -118,16 +117,15 @@ def quantize_rows(x: np.ndarray):
 
 @_jit
 def _sum16(row, shift, lanes):
-    """sum(row - shift) in float64 with 16 running sums in ``lanes`` (float64 scratch of 16)."""
+    """sum(row - shift): 16 float32 partial sums in a zmm register (each over n / 16 values),
+    added up in float64; ``lanes`` is unused."""
     n = row.shape[0]
-    lanes[:] = 0.0
     n16 = n - n % 16
+    sv = _fzero()
+    shift_v = _fsplat(np.float32(shift))
     for k in range(0, n16, 16):
-        for j in range(16):
-            lanes[j] += np.float64(row[k + j]) - shift
-    total = 0.0
-    for j in range(16):
-        total += lanes[j]
+        sv = _fadd(sv, _fsub(_fload(row, k), shift_v))
+    total = np.float64(_fhsum(sv))
     for k in range(n16, n):
         total += np.float64(row[k]) - shift
     return total
@@ -135,17 +133,16 @@ def _sum16(row, shift, lanes):
 
 @_jit
 def _sumsq16(row, mean, lanes):
-    """sum((row - mean)**2) in float64 with 16 running sums in ``lanes``."""
+    """sum((row - mean)**2) with 16 float32 partial sums (mean is subtracted first, so the
+    squares carry no cancellation); ``lanes`` is unused."""
     n = row.shape[0]
-    lanes[:] = 0.0
     n16 = n - n % 16
+    sv = _fzero()
+    mean_v = _fsplat(np.float32(mean))
     for k in range(0, n16, 16):
-        for j in range(16):
-            d = np.float64(row[k + j]) - mean
-            lanes[j] += d * d
-    total = 0.0
-    for j in range(16):
-        total += lanes[j]
+        d = _fsub(_fload(row, k), mean_v)
+        sv = _ffma(d, d, sv)
+    total = np.float64(_fhsum(sv))
     for k in range(n16, n):
         d = np.float64(row[k]) - mean
         total += d * d
@@ -206,6 +203,19 @@ def layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: 
     return _layernorm_quantize(*_check_norm(x, gamma, beta), float(eps))
 
 
+_ERF_P = (
+    -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+    -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02,
+)  # fmt: skip
+_ERF_Q = (
+    -1.45660718464996e-05,
+    -2.13374055278905e-04,
+    -1.68282697438203e-03,
+    -7.37332916720468e-03,
+    -1.42647390514189e-02,
+)
+
+
 @_jit
 def _erf(x):
     """erf of a float32 as a rational function on [-4, 4] (Eigen's float erf), in float32.
@@ -217,24 +227,38 @@ def _erf(x):
     """
     x = min(max(x, np.float32(-4.0)), np.float32(4.0))
     x2 = x * x
-    p = np.float32(-2.72614225801306e-10)
-    p = p * x2 + np.float32(2.77068142495902e-08)
-    p = p * x2 - np.float32(2.10102402082508e-06)
-    p = p * x2 - np.float32(5.69250639462346e-05)
-    p = p * x2 - np.float32(7.34990630326855e-04)
-    p = p * x2 - np.float32(2.95459980854025e-03)
-    p = p * x2 - np.float32(1.60960333262415e-02)
-    q = np.float32(-1.45660718464996e-05)
-    q = q * x2 - np.float32(2.13374055278905e-04)
-    q = q * x2 - np.float32(1.68282697438203e-03)
-    q = q * x2 - np.float32(7.37332916720468e-03)
-    q = q * x2 - np.float32(1.42647390514189e-02)
+    p = np.float32(_ERF_P[0])
+    for c in _ERF_P[1:]:
+        p = p * x2 + np.float32(c)
+    q = np.float32(_ERF_Q[0])
+    for c in _ERF_Q[1:]:
+        q = q * x2 + np.float32(c)
     return x * p / q
 
 
 @_jit
+def _gelu16(v):
+    """GELU of 16 lanes: ``_erf`` and the scalar formula below, operation for operation."""
+    x = _fmul(v, _fsplat(_INV_SQRT2_32))
+    x = _fmin(_fmax(x, _fsplat(np.float32(-4.0))), _fsplat(np.float32(4.0)))
+    x2 = _fmul(x, x)
+    p = _fsplat(np.float32(_ERF_P[0]))
+    for c in _ERF_P[1:]:
+        p = _fadd(_fmul(p, x2), _fsplat(np.float32(c)))
+    q = _fsplat(np.float32(_ERF_Q[0]))
+    for c in _ERF_Q[1:]:
+        q = _fadd(_fmul(q, x2), _fsplat(np.float32(c)))
+    erf = _fdiv(_fmul(x, p), q)
+    return _fmul(_fmul(_fsplat(np.float32(0.5)), v), _fadd(_fsplat(np.float32(1.0)), erf))
+
+
+@_jit
 def _gelu_row(row, out):
-    for k in range(row.shape[0]):
+    n = row.shape[0]
+    n16 = n - n % 16
+    for k in range(0, n16, 16):
+        _fstore(out, k, _gelu16(_fload(row, k)))
+    for k in range(n16, n):
         v = row[k]
         out[k] = np.float32(0.5) * v * (np.float32(1.0) + _erf(v * _INV_SQRT2_32))
 

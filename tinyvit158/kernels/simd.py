@@ -294,3 +294,26 @@ def _fexp_nonpositive(typingctx, a):
         return builder.fmul(p, builder.bitcast(bits, _V16F))
 
     return zmmf(zmmf), codegen
+
+
+@intrinsic
+def _fabs(typingctx, a):
+    """Lane-wise absolute value."""
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.fabs.v16f32", _V16F, args)
+
+    return zmmf(zmmf), codegen
+
+
+_fdiv = _binary("fdiv")
+
+
+@intrinsic
+def _fmin(typingctx, a, b):
+    """Lane-wise minimum (``llvm.minnum``)."""
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.minnum.v16f32", _V16F, args)
+
+    return zmmf(zmmf, zmmf), codegen
