@@ -79,6 +79,10 @@ def test_tile_edges(path, t, n, k):
     assert np.array_equal(matmul(x, pw, kernel(path)[0]), int64_reference(x, w))
     s_x = rng.random(t).astype(np.float32)
     assert np.array_equal(linear(x, s_x, pw, kernel(path)[0]), linear_ref(x, s_x, pw))
+    residual = rng.standard_normal((t, n)).astype(np.float32)
+    expected = residual + linear_ref(x, s_x, pw)  # the same float32 addition, in place below
+    out = linear(x, s_x, pw, kernel(path)[0], residual=residual)
+    assert out is residual and np.array_equal(out, expected)
 
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)

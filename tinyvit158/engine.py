@@ -105,10 +105,13 @@ class Engine:
     def _ln(self, x: np.ndarray, name: str) -> np.ndarray:
         return layernorm(x, self.p[f"{name}.weight"], self.p[f"{name}.bias"], self.cfg.norm_eps)
 
-    def linear(self, x: np.ndarray, layer: str, norm: str | None = None, act: bool = False) -> np.ndarray:
+    def linear(
+        self, x: np.ndarray, layer: str, norm: str | None = None, act: bool = False, residual: np.ndarray | None = None
+    ) -> np.ndarray:
         """``layer(act(norm(x)))`` for float32 rows ``x`` (T, in) -> (T, out).
 
-        ``norm`` names a LayerNorm applied first; ``act`` applies GELU first.
+        ``norm`` names a LayerNorm applied first; ``act`` applies GELU first; ``residual``
+        (T, out) has the result added to it in place and is returned.
         """
         timing = self.timings is not None
         t0 = time.perf_counter() if timing else 0.0
@@ -122,6 +125,9 @@ class Engine:
                 if timing:
                     t0 = self._toc("norm+quant" if norm else "gelu+quant" if act else "quant", t0)
                 y = float_linear(x, *self.float[layer])
+                if residual is not None:
+                    residual += y
+                    y = residual
                 if timing:
                     self._toc(part, t0)
                 return y
@@ -137,7 +143,7 @@ class Engine:
             self.record[layer] = x_q
         if timing:
             t0 = self._toc("norm+quant" if norm else "gelu+quant" if act else "quant", t0)
-        y = linear(x_q, s_x, self.ternary[layer])
+        y = linear(x_q, s_x, self.ternary[layer], residual=residual)
         if timing:
             self._toc(part, t0)
         return y
@@ -175,9 +181,9 @@ class Engine:
             o = attention(qkv.reshape(B, N1, 3 * D), cfg.heads).reshape(B * N1, D)
             if self.timings is not None:
                 self._toc("attention", t0)
-            x = x + self.linear(o, f"{blk}.attn.proj")
+            self.linear(o, f"{blk}.attn.proj", residual=x)  # x += proj(o), in place
             h = self.linear(x, f"{blk}.mlp.fc1", norm=f"{blk}.norm2")  # (T, hidden)
-            x = x + self.linear(h, f"{blk}.mlp.fc2", act=True)
+            self.linear(h, f"{blk}.mlp.fc2", act=True, residual=x)  # x += fc2(gelu(h))
             self._keep(blk, x.reshape(B, N1, D))
         return x.reshape(B, N1, D)
 

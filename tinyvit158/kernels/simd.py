@@ -127,12 +127,13 @@ def _splat(builder, value, vecty):
 
 
 @intrinsic
-def _dequant_store(typingctx, out, out_index, acc, xsum, s, scale, n_index, bias, has_bias):
-    """``out[out_index + i] = float32(acc[i] - xsum) * s * scale[n_index + i] (+ bias[n_index + i])``
-    for 16 lanes: the reference's float32 operations, in its order, as vector instructions."""
+def _dequant_store(typingctx, out, out_index, acc, xsum, s, scale, n_index, bias, has_bias, accumulate):
+    """``out[out_index + i] (+)= float32(acc[i] - xsum) * s * scale[n_index + i] (+ bias[n_index + i])``
+    for 16 lanes: the reference's float32 operations, in its order, as vector instructions;
+    ``accumulate`` adds the result to what ``out`` holds (a residual connection, in place)."""
 
     def codegen(context, builder, sig, args):
-        out_a, out_i, acc_v, xsum_v, s_v, scale_a, n_i, bias_a, has_b = args
+        out_a, out_i, acc_v, xsum_v, s_v, scale_a, n_i, bias_a, has_b, acc_b = args
         v = builder.sub(acc_v, _splat(builder, builder.sext(xsum_v, _I32) if xsum_v.type != _I32 else xsum_v, _V16))
         f = builder.fmul(builder.sitofp(v, _V16F), _splat(builder, s_v, _V16F))
         sc_ptr = _element_ptr(context, builder, sig.args[5], scale_a, n_i)
@@ -140,11 +141,12 @@ def _dequant_store(typingctx, out, out_index, acc, xsum, s, scale, n_index, bias
         b_ptr = _element_ptr(context, builder, sig.args[7], bias_a, n_i)
         fb = builder.fadd(f, builder.load(builder.bitcast(b_ptr, _V16F.as_pointer()), align=4))
         res = builder.select(has_b, fb, f)
-        o_ptr = _element_ptr(context, builder, sig.args[0], out_a, out_i)
-        builder.store(res, builder.bitcast(o_ptr, _V16F.as_pointer()), align=4)
+        o_ptr = builder.bitcast(_element_ptr(context, builder, sig.args[0], out_a, out_i), _V16F.as_pointer())
+        res = builder.select(acc_b, builder.fadd(builder.load(o_ptr, align=4), res), res)
+        builder.store(res, o_ptr, align=4)
         return context.get_dummy_value()
 
-    return types.void(out, out_index, zmm, xsum, s, scale, n_index, bias, has_bias), codegen
+    return types.void(out, out_index, zmm, xsum, s, scale, n_index, bias, has_bias, accumulate), codegen
 
 
 # -- float32 vectors ------------------------------------------------------------------------

@@ -263,13 +263,29 @@ def _linear_dot4(x_q, s_x, w, scale, bias, has_bias):
     return out
 
 
-def linear(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, path: str | None = None) -> np.ndarray:
-    """Fast ternary linear, float32 ``(T, N)``, bit-identical to :func:`linear_ref`."""
+def linear(
+    x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, path: str | None = None, residual: np.ndarray | None = None
+) -> np.ndarray:
+    """Fast ternary linear, float32 ``(T, N)``, bit-identical to :func:`linear_ref`.
+
+    ``residual``: a C-contiguous float32 ``(T, N)`` array the result is added to, in place
+    (``residual + linear(...)``, the same float32 addition), and returned.
+    """
     x_q = _check_x(x_q, w)
     s_x = _check_sx(s_x, x_q)
+    if residual is not None and (
+        residual.dtype != np.float32
+        or residual.shape != (x_q.shape[0], w.out_features)
+        or not residual.flags.c_contiguous
+    ):
+        raise TinyViTError(f"residual must be C-contiguous float32 of shape {(x_q.shape[0], w.out_features)}")
     bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
     if (path or kernel_path()) == "vnni":
         from tinyvit158.kernels import vnni
 
-        return vnni.linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None)
-    return _linear_dot4(x_q, s_x, w.codes, w.scale, bias, w.bias is not None)
+        return vnni.linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None, residual)
+    y = _linear_dot4(x_q, s_x, w.codes, w.scale, bias, w.bias is not None)
+    if residual is None:
+        return y
+    residual += y
+    return residual

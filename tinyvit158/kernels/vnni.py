@@ -208,12 +208,12 @@ def _matmul_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, packed):
 
 
 @numba.njit(parallel=True, cache=True)
-def _linear_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, packed, s_x, scale, bias, has_bias):
-    """Tiles with dequantization fused into vector stores; needs N % 48 == 0 (all ViT widths)."""
+def _linear_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, packed, s_x, scale, bias, has_bias, out, accumulate):
+    """Tiles with dequantization fused into vector stores into ``out`` (flat T * N float32),
+    added to it when ``accumulate``; needs N % 48 == 0 (all ViT widths)."""
     NB = Np // NC
     RB = Tp // MR
     groups = (RB + _ROW_BLOCKS_PER_JOB - 1) // _ROW_BLOCKS_PER_JOB
-    out = np.empty(T * N, dtype=np.float32)
     for job in numba.prange(groups * NB):
         nb = job % NB
         scratch = np.empty(G * 192 if packed else 0, dtype=np.uint8)
@@ -225,8 +225,10 @@ def _linear_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, packed, s_x, scale, bias, h
                 t = t0 + r
                 for v in range(NV):
                     n = nb * NC + 16 * v
-                    _dequant_store(out, t * N + n, tile[r * NV + v], xsum[t], s_x[t], scale, n, bias, has_bias)
-    return out.reshape(T, N)
+                    _dequant_store(
+                        out, t * N + n, tile[r * NV + v], xsum[t], s_x[t], scale, n, bias, has_bias, accumulate
+                    )
+    return out
 
 
 def _padded(x_q: np.ndarray, w: VNNIWeights):
@@ -240,9 +242,16 @@ def matmul(x_q: np.ndarray, w: VNNIWeights) -> np.ndarray:
     return _matmul_tiles(*_padded(x_q, w))
 
 
-def linear(x_q, s_x, w: VNNIWeights, scale, bias, has_bias) -> np.ndarray:
-    """float32 (T, N), bit-identical to ``ternary.linear_ref``."""
+def linear(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, residual=None) -> np.ndarray:
+    """float32 (T, N), bit-identical to ``ternary.linear_ref``; added in place to ``residual``
+    (C-contiguous float32 (T, N)) and returned as it, when given."""
     if w.n % NC:  # a width the vector store would overrun: dequantize from the int32 tiles
-        acc = matmul(x_q, w).astype(np.float32) * s_x[:, None] * scale[None, :]
-        return acc + bias if has_bias else acc
-    return _linear_tiles(*_padded(x_q, w), s_x, scale, bias, has_bias)
+        y = matmul(x_q, w).astype(np.float32) * s_x[:, None] * scale[None, :]
+        y = y + bias if has_bias else y
+        if residual is None:
+            return y
+        residual += y
+        return residual
+    out = np.empty((x_q.shape[0], w.n), dtype=np.float32) if residual is None else residual
+    _linear_tiles(*_padded(x_q, w), s_x, scale, bias, has_bias, out.reshape(-1), residual is not None)
+    return out
