@@ -146,8 +146,7 @@ class VNNIWeights:
         return np.ascontiguousarray(u[: self.n, : self.k].astype(np.int8) - 1)
 
 
-@numba.njit(parallel=True, cache=True)
-def _pad_rows(x_q, tp, kp):
+def _pad_rows_impl(x_q, tp, kp):
     """The row sums of int8 (T, K) (int32), and x flattened with rows and columns padded
     with zeros to (tp, kp); no copy when no padding is needed."""
     T, K = x_q.shape
@@ -162,6 +161,17 @@ def _pad_rows(x_q, tp, kp):
     xp = np.zeros((tp, kp), dtype=np.int8)
     xp[:T, :K] = x_q
     return xp.reshape(-1), xsum
+
+
+# small inputs (a batch-1 layer) are cheaper to scan on one thread than to fork and join
+_pad_rows_serial = numba.njit(cache=True)(_pad_rows_impl)
+_pad_rows_parallel = numba.njit(parallel=True, cache=True)(_pad_rows_impl)
+_PARALLEL_PAD_BYTES = 1 << 17
+
+
+def _pad_rows(x_q, tp, kp):
+    fn = _pad_rows_parallel if x_q.size >= _PARALLEL_PAD_BYTES else _pad_rows_serial
+    return fn(x_q, tp, kp)
 
 
 _ROW_BLOCKS_PER_JOB = 8  # a job: one block of 48 channels x up to 64 tokens
