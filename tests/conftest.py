@@ -26,3 +26,23 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+def run_module(module: str, *args, timeout: int = 600):
+    """``python -m MODULE ARGS`` from the repository root, output captured."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    """A small random cifar10-tiny-shaped weight file (depth 1)."""
+    from tinyvit158 import get_preset
+    from tinyvit158.weights import random_checkpoint, save_weights
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_weights(path, random_checkpoint(get_preset("cifar10-tiny").replace(depth=1), seed=2))
+    return path

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_module
 from fake_cifar import make_images, write_jpeg_zip, write_tarball
 
 from tinyvit158.config import CIFAR10_CLASSES
@@ -80,23 +81,7 @@ def test_pickles_cannot_run_code(tmp_path):
 
 
 def evaluate(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "tinyvit158.evaluate", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    from tinyvit158 import get_preset
-    from tinyvit158.weights import random_checkpoint, save_weights
-
-    path = tmp_path_factory.mktemp("w") / "w.safetensors"
-    save_weights(path, random_checkpoint(get_preset("cifar10-tiny").replace(depth=1), seed=2))
-    return path
+    return run_module("tinyvit158.evaluate", *args)
 
 
 def test_evaluate_gives_identical_results_on_zip_and_tarball(layouts, weights):

@@ -1,11 +1,10 @@
 """The command line, run for real in a subprocess."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_module
 
 from tinyvit158 import get_preset
 from tinyvit158.weights import random_checkpoint, save_weights
@@ -14,21 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", "tinyvit158.predict", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_weights(path, random_checkpoint(get_preset("cifar10-tiny").replace(depth=1)))
-    return path
+def run(*args):
+    return run_module("tinyvit158.predict", *args)
 
 
 def test_predicts_a_folder_as_json(weights):

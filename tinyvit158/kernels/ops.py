@@ -40,7 +40,7 @@ from tinyvit158.quant import ACT_EPS, ACT_QMAX
 # faster). No fastmath anywhere: every result is the IEEE one, in a documented order.
 _jit = numba.njit(cache=True, error_model="numpy")
 _pjit = numba.njit(cache=True, error_model="numpy", parallel=True)
-_ROWS = 16  # rows per parallel job: scratch buffers are allocated once per job, not per row
+_ROWS = 16  # rows per parallel job: a job's scratch buffer is allocated once, not per row
 _EPS32 = np.float32(ACT_EPS)
 _QMAX32 = np.float32(ACT_QMAX)
 _INV_SQRT2_32 = np.float32(1.0 / math.sqrt(2.0))
@@ -56,9 +56,8 @@ def _f32_2d(x: np.ndarray, what: str) -> np.ndarray:
 
 
 @_jit
-def _absmax(row, lanes):
-    """max |row|, 16 lanes at a time in a zmm register (max is exact in any order).
-    ``lanes`` is unused (kept for the callers' signature)."""
+def _absmax(row):
+    """max |row|, 16 lanes at a time in a zmm register (max is exact in any order)."""
     n = row.shape[0]
     n16 = n - n % 16
     mv = _fzero()
@@ -72,26 +71,9 @@ def _absmax(row, lanes):
 
 
 @_jit
-def _max16(row, lanes):
-    """max(row) with 16 running maxima in ``lanes`` (exact in any order)."""
-    n = row.shape[0]
-    lanes[:] = -np.inf
-    n16 = n - n % 16
-    for k in range(0, n16, 16):
-        for j in range(16):
-            lanes[j] = row[k + j] if row[k + j] > lanes[j] else lanes[j]
-    m = np.float32(-np.inf)
-    for j in range(16):
-        m = lanes[j] if lanes[j] > m else m
-    for k in range(n16, n):
-        m = row[k] if row[k] > m else m
-    return m
-
-
-@_jit
-def _quantize_row(row, q, lanes):
+def _quantize_row(row, q):
     """Absmax int8 quantization of one float32 row into ``q``; returns the scale."""
-    s = max(_absmax(row, lanes), _EPS32) / _QMAX32
+    s = max(_absmax(row), _EPS32) / _QMAX32
     for k in range(row.shape[0]):
         r = np.rint(row[k] / s)
         q[k] = np.int8(min(max(r, -_QMAX32), _QMAX32))
@@ -104,9 +86,8 @@ def _quantize_rows(x):
     q = np.empty((T, K), dtype=np.int8)
     s = np.empty(T, dtype=np.float32)
     for c in numba.prange((T + _ROWS - 1) // _ROWS):
-        lanes = np.empty(16, dtype=np.float32)
         for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
-            s[t] = _quantize_row(x[t], q[t], lanes)
+            s[t] = _quantize_row(x[t], q[t])
     return q, s
 
 
@@ -116,9 +97,9 @@ def quantize_rows(x: np.ndarray):
 
 
 @_jit
-def _sum16(row, shift, lanes):
+def _sum16(row, shift):
     """sum(row - shift): 16 float32 partial sums in a zmm register (each over n / 16 values),
-    added up in float64; ``lanes`` is unused."""
+    added up in float64."""
     n = row.shape[0]
     n16 = n - n % 16
     sv = _fzero()
@@ -132,9 +113,9 @@ def _sum16(row, shift, lanes):
 
 
 @_jit
-def _sumsq16(row, mean, lanes):
+def _sumsq16(row, mean):
     """sum((row - mean)**2) with 16 float32 partial sums (mean is subtracted first, so the
-    squares carry no cancellation); ``lanes`` is unused."""
+    squares carry no cancellation)."""
     n = row.shape[0]
     n16 = n - n % 16
     sv = _fzero()
@@ -150,10 +131,10 @@ def _sumsq16(row, mean, lanes):
 
 
 @_jit
-def _layernorm_row(row, gamma, beta, eps, out, lanes):
+def _layernorm_row(row, gamma, beta, eps, out):
     n = row.shape[0]
-    mean = _sum16(row, 0.0, lanes) / n
-    rstd = 1.0 / math.sqrt(_sumsq16(row, mean, lanes) / n + eps)
+    mean = _sum16(row, 0.0) / n
+    rstd = 1.0 / math.sqrt(_sumsq16(row, mean) / n + eps)
     for k in range(n):
         out[k] = np.float32((row[k] - mean) * rstd * gamma[k] + beta[k])
 
@@ -163,9 +144,8 @@ def _layernorm(x, gamma, beta, eps):
     T, D = x.shape
     out = np.empty((T, D), dtype=np.float32)
     for c in numba.prange((T + _ROWS - 1) // _ROWS):
-        lanes = np.empty(16, dtype=np.float64)
         for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
-            _layernorm_row(x[t], gamma, beta, eps, out[t], lanes)
+            _layernorm_row(x[t], gamma, beta, eps, out[t])
     return out
 
 
@@ -176,11 +156,9 @@ def _layernorm_quantize(x, gamma, beta, eps):
     s = np.empty(T, dtype=np.float32)
     for c in numba.prange((T + _ROWS - 1) // _ROWS):
         buf = np.empty(D, dtype=np.float32)
-        lanes64 = np.empty(16, dtype=np.float64)
-        lanes32 = np.empty(16, dtype=np.float32)
         for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
-            _layernorm_row(x[t], gamma, beta, eps, buf, lanes64)
-            s[t] = _quantize_row(buf, q[t], lanes32)
+            _layernorm_row(x[t], gamma, beta, eps, buf)
+            s[t] = _quantize_row(buf, q[t])
     return q, s
 
 
@@ -280,10 +258,9 @@ def _gelu_quantize(x):
     s = np.empty(T, dtype=np.float32)
     for c in numba.prange((T + _ROWS - 1) // _ROWS):
         buf = np.empty(K, dtype=np.float32)
-        lanes = np.empty(16, dtype=np.float32)
         for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
             _gelu_row(x[t], buf)
-            s[t] = _quantize_row(buf, q[t], lanes)
+            s[t] = _quantize_row(buf, q[t])
     return q, s
 
 

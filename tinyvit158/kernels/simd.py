@@ -20,20 +20,19 @@ _V16 = ir.VectorType(_I32, 16)  # one zmm of int32 lanes
 _V64B = ir.VectorType(ir.IntType(8), 64)  # the same zmm as 64 bytes
 
 
-class _Zmm(types.Type):
-    """A 512-bit vector of 16 int32 lanes, held in a register."""
+def _vector_type(name: str, llvm_type: ir.Type) -> types.Type:
+    """A Numba type whose values are one LLVM vector (kept in a register by LLVM)."""
+    cls = type(f"_{name}", (types.Type,), {"__init__": lambda self: types.Type.__init__(self, name=name)})
 
-    def __init__(self):
-        super().__init__(name="zmm_i32x16")
+    @register_model(cls)
+    class _Model(models.PrimitiveModel):
+        def __init__(self, dmm, fe_type):
+            super().__init__(dmm, fe_type, llvm_type)
+
+    return cls()
 
 
-zmm = _Zmm()
-
-
-@register_model(_Zmm)
-class _ZmmModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16)
+zmm = _vector_type("zmm_i32x16", _V16)  # 16 int32 lanes
 
 
 def _element_ptr(context, builder, arrty, arr, index):
@@ -152,20 +151,7 @@ def _dequant_store(typingctx, out, out_index, acc, xsum, s, scale, n_index, bias
 # -- float32 vectors ------------------------------------------------------------------------
 
 
-class _Zmmf(types.Type):
-    """A 512-bit vector of 16 float32 lanes, held in a register."""
-
-    def __init__(self):
-        super().__init__(name="zmm_f32x16")
-
-
-zmmf = _Zmmf()
-
-
-@register_model(_Zmmf)
-class _ZmmfModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16F)
+zmmf = _vector_type("zmm_f32x16", _V16F)  # 16 float32 lanes
 
 
 @intrinsic
