@@ -40,6 +40,9 @@ from tinyvit158.quant import ACT_EPS, ACT_QMAX
 # faster). No fastmath anywhere: every result is the IEEE one, in a documented order.
 _jit = numba.njit(cache=True, error_model="numpy")
 _pjit = numba.njit(cache=True, error_model="numpy", parallel=True)
+# Under NUMBA_DISABLE_JIT=1 the vector intrinsics cannot run as Python: each helper that
+# uses them takes a plain NumPy branch instead (in compiled code the branch is dead).
+_PYTHON = bool(numba.config.DISABLE_JIT)
 _ROWS = 16  # rows per parallel job: a job's scratch buffer is allocated once, not per row
 _EPS32 = np.float32(ACT_EPS)
 _QMAX32 = np.float32(ACT_QMAX)
@@ -58,6 +61,8 @@ def _f32_2d(x: np.ndarray, what: str) -> np.ndarray:
 @_jit
 def _absmax(row):
     """max |row|, 16 lanes at a time in a zmm register (max is exact in any order)."""
+    if _PYTHON:
+        return np.float32(np.abs(row).max(initial=0.0))
     n = row.shape[0]
     n16 = n - n % 16
     mv = _fzero()
@@ -100,6 +105,8 @@ def quantize_rows(x: np.ndarray):
 def _sum16(row, shift):
     """sum(row - shift): 16 float32 partial sums in a zmm register (each over n / 16 values),
     added up in float64."""
+    if _PYTHON:
+        return np.sum(row.astype(np.float64) - shift)
     n = row.shape[0]
     n16 = n - n % 16
     sv = _fzero()
@@ -116,6 +123,8 @@ def _sum16(row, shift):
 def _sumsq16(row, mean):
     """sum((row - mean)**2) with 16 float32 partial sums (mean is subtracted first, so the
     squares carry no cancellation)."""
+    if _PYTHON:
+        return np.sum((row.astype(np.float64) - mean) ** 2)
     n = row.shape[0]
     n16 = n - n % 16
     sv = _fzero()
@@ -233,7 +242,7 @@ def _gelu16(v):
 @_jit
 def _gelu_row(row, out):
     n = row.shape[0]
-    n16 = n - n % 16
+    n16 = 0 if _PYTHON else n - n % 16
     for k in range(0, n16, 16):
         _fstore(out, k, _gelu16(_fload(row, k)))
     for k in range(n16, n):

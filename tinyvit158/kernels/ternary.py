@@ -162,12 +162,12 @@ def _matmul_loops(x_q, w):
     out = np.zeros((T, N), dtype=np.int32)
     for t in range(T):
         for n in range(N):
-            acc = 0  # a Python int: int64 under Numba
+            acc = np.int64(0)  # int64 also when run as Python (NUMBA_DISABLE_JIT=1)
             for k in range(K):
                 if w[n, k] == 1:
-                    acc += x_q[t, k]
+                    acc += np.int64(x_q[t, k])
                 elif w[n, k] == -1:
-                    acc -= x_q[t, k]
+                    acc -= np.int64(x_q[t, k])
             out[t, n] = acc
     return out
 
