@@ -20,19 +20,21 @@ _V16 = ir.VectorType(_I32, 16)  # one zmm of int32 lanes
 _V64B = ir.VectorType(ir.IntType(8), 64)  # the same zmm as 64 bytes
 
 
-def _vector_type(name: str, llvm_type: ir.Type) -> types.Type:
-    """A Numba type whose values are one LLVM vector (kept in a register by LLVM)."""
-    cls = type(f"_{name}", (types.Type,), {"__init__": lambda self: types.Type.__init__(self, name=name)})
+class _Zmm(types.Type):
+    """A 512-bit vector of 16 int32 lanes, held in a register. (Module-level classes, not a
+    factory: Numba's cache pickles types by reference and must find them again.)"""
 
-    @register_model(cls)
-    class _Model(models.PrimitiveModel):
-        def __init__(self, dmm, fe_type):
-            super().__init__(dmm, fe_type, llvm_type)
-
-    return cls()
+    def __init__(self):
+        super().__init__(name="zmm_i32x16")
 
 
-zmm = _vector_type("zmm_i32x16", _V16)  # 16 int32 lanes
+@register_model(_Zmm)
+class _ZmmModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16)
+
+
+zmm = _Zmm()  # 16 int32 lanes
 
 
 def _element_ptr(context, builder, arrty, arr, index):
@@ -151,7 +153,20 @@ def _dequant_store(typingctx, out, out_index, acc, xsum, s, scale, n_index, bias
 # -- float32 vectors ------------------------------------------------------------------------
 
 
-zmmf = _vector_type("zmm_f32x16", _V16F)  # 16 float32 lanes
+class _Zmmf(types.Type):
+    """A 512-bit vector of 16 float32 lanes, held in a register."""
+
+    def __init__(self):
+        super().__init__(name="zmm_f32x16")
+
+
+@register_model(_Zmmf)
+class _ZmmfModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V16F)
+
+
+zmmf = _Zmmf()  # 16 float32 lanes
 
 
 @intrinsic
