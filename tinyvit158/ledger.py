@@ -23,7 +23,7 @@ For one image through a ternary ViT, and for the float32 ViT it replaces, it cou
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -139,15 +139,6 @@ def totals(rows: list[Row]) -> dict[str, float]:
     if with_x:
         t["tern_addsub_nonzero_x"] = sum(with_x)
     return t
-
-
-def as_dicts(rows: list[Row]) -> list[dict]:
-    out = []
-    for r in rows:
-        d = asdict(r)
-        d["energy_f32_pj"], d["energy_ternary_pj"] = r.energy_f32_pj, r.energy_ternary_pj
-        out.append(d)
-    return out
 
 
 def _n(v: float) -> str:
