@@ -49,6 +49,16 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tarball):
     assert len((tmp_path / "split" / "log.jsonl").read_text().splitlines()) == 3
 
 
+def test_augmenting_in_worker_processes_changes_nothing(tmp_path, tarball):
+    one = Recipe(**{**RECIPE.__dict__, "epochs": 1})
+    train(one, str(tarball), tmp_path / "main", progress=False)
+    train(one, str(tarball), tmp_path / "workers", progress=False, workers=2)
+    a = torch.load(tmp_path / "main" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "workers" / "last.pt", weights_only=False)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_resume_refuses_a_changed_recipe(tmp_path, tarball):
     train(RECIPE, str(tarball), tmp_path / "r", max_minutes=1e-9, progress=False)
     changed = Recipe(**{**RECIPE.__dict__, "lr": 1e-4})

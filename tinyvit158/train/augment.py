@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -128,18 +129,19 @@ def soft_targets(y: torch.Tensor, classes: int, smoothing: float) -> torch.Tenso
 
 
 def mixup_cutmix(
-    x: torch.Tensor, y: torch.Tensor, classes: int, g: torch.Generator,
+    x: torch.Tensor, y: torch.Tensor, classes: int, g: torch.Generator, rng: np.random.Generator,
     smoothing: float = 0.1, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, prob: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Mix the batch with its reverse (as timm does); returns images and soft targets."""
+    """Mix the batch with its reverse (as timm does); returns images and soft targets.
+
+    ``rng`` draws the Beta(alpha, alpha) mixing weight (torch's Beta takes no generator).
+    """
     t = soft_targets(y, classes, smoothing)
     if prob <= 0 or _rand(g, 1).item() >= prob:
         return x, t
     use_cutmix = _rand(g, 1).item() < 0.5
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    # Beta(a, a) through two Gamma draws; torch's Gamma takes no generator, so this draw
-    # uses the global one, which the trainer seeds at every epoch start
-    lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 1.0
+    lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 1.0
     x2, t2 = x.flip(0), t.flip(0)
     if use_cutmix:
         _, _, H, W = x.shape

@@ -2,10 +2,13 @@
 
 Resumable by construction: after every epoch ``DIR/last.pt`` is replaced atomically
 (temporary file + rename) with the model, optimizer and epoch; rerunning the same command
-continues from there. Every random draw of epoch e comes from generators seeded with
+continues from there. The augmentations of batch s of epoch e come from generators seeded
+with (seed, e, s) and the model's own draws (drop path) from torch's generator seeded with
 (seed, e), so a run killed at any moment and resumed ends with the same weights as an
 uninterrupted one, given the same torch version and thread count (CPU kernels are
-deterministic for a fixed thread count; a GPU's atomics are not).
+deterministic for a fixed thread count; a GPU's atomics are not). ``--workers N``
+augments batches in N processes (the result does not depend on N): on a GPU the
+per-image augmentation would otherwise starve it.
 
 Hyperparameters are chosen on 5,000 images held out of the training split (500 per
 class, fixed by the seed); the test split is never read here.
@@ -123,22 +126,51 @@ def evaluate(model: QATViT, data: Dataset, idx: np.ndarray, device: str, batch: 
     return {"loss": loss / max(len(idx), 1), "acc": correct / max(len(idx), 1)}
 
 
-def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: ViTConfig, r: Recipe, g: torch.Generator):
+def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: ViTConfig, r: Recipe, g: torch.Generator, rng):
     x = random_crop_flip(x, g)
     if r.trivial_augment:
         x = trivial_augment(x, g)
     x = normalize(x, cfg)
-    x, t = mixup_cutmix(x, y, cfg.num_classes, g, r.smoothing, r.mixup, r.cutmix, r.mix_prob)
+    x, t = mixup_cutmix(x, y, cfg.num_classes, g, rng, r.smoothing, r.mixup, r.cutmix, r.mix_prob)
     if r.erase > 0:
         x = random_erasing(x, g, r.erase)
     return x, t
 
 
+class EpochBatches(torch.utils.data.Dataset):
+    """The augmented batches of one epoch; batch s draws only from generators seeded with (seed, epoch, s)."""
+
+    def __init__(self, data: Dataset, order: np.ndarray, recipe: Recipe, epoch: int):
+        self.data, self.order, self.recipe, self.epoch = data, order, recipe, epoch
+        self.cfg = recipe.config()
+
+    def __len__(self) -> int:
+        return len(self.order) // self.recipe.batch
+
+    def __getitem__(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.recipe
+        b = self.order[s * r.batch : (s + 1) * r.batch]
+        seed = np.random.SeedSequence([r.seed, self.epoch, s]).generate_state(1)[0]
+        g = torch.Generator().manual_seed(int(seed))
+        rng = np.random.default_rng([r.seed, self.epoch, s])
+        return augment_batch(to_input(self.data.images[b]), torch.from_numpy(self.data.labels[b]), self.cfg, r, g, rng)
+
+
+def epoch_loader(batches: EpochBatches, workers: int, device: str) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        batches, batch_size=None, shuffle=False, num_workers=workers,
+        pin_memory=device.startswith("cuda"), prefetch_factor=4 if workers else None,
+    )  # fmt: skip
+
+
 def train(
-    recipe: Recipe, data_path: str, out: Path, device: str = "cpu", max_minutes: float = 0.0, progress: bool = True
-) -> dict:
+    recipe: Recipe, data_path: str, out: Path, device: str = "cpu", max_minutes: float = 0.0,
+    progress: bool = True, workers: int = 0, compile: str = "",
+) -> dict:  # fmt: skip
     """Run (or resume) a recipe; returns the last epoch's log record."""
     out.mkdir(parents=True, exist_ok=True)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (10-bit mantissa)
     cfg = recipe.config()
     torch.manual_seed(recipe.seed)
     model = QATViT(cfg, drop_path=recipe.drop_path).to(device)
@@ -168,45 +200,51 @@ def train(
     steps_per_epoch = len(train_idx) // recipe.batch
     total_steps = steps_per_epoch * recipe.epochs
     warmup_steps = steps_per_epoch * recipe.warmup_epochs
+    forward = torch.compile(model, mode=compile) if compile else model  # same parameters, fused kernels
     t_start = time.time()
     record: dict = {}
     for epoch in range(start_epoch, recipe.epochs):
         torch.manual_seed(recipe.seed * 100_003 + epoch)
-        g = torch.Generator().manual_seed(recipe.seed * 100_003 + epoch)
         order = np.random.default_rng([recipe.seed, epoch]).permutation(train_idx)
         quantize = epoch >= recipe.float_epochs
         model.set_quantize(quantize)
         model.train()
-        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        bar = range(steps_per_epoch)
+        t0, seen = time.time(), 0
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        batches = epoch_loader(EpochBatches(data, order, recipe, epoch), workers, device)
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(bar, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step", mininterval=5, leave=False)
-        for s in bar:
+            batches = tqdm(
+                batches, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step", mininterval=5, leave=False,
+                total=steps_per_epoch,
+            )  # fmt: skip
+        for s, (x, t) in enumerate(batches):
             step = epoch * steps_per_epoch + s
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, recipe)
-            b = order[s * recipe.batch : (s + 1) * recipe.batch]
-            y = torch.from_numpy(data.labels[b])
-            x, t = augment_batch(to_input(data.images[b]), y, cfg, recipe, g)
-            logits = model(x.to(device))
-            loss = torch.sum(-t.to(device) * F.log_softmax(logits, dim=1), dim=1).mean()
+            x, t = x.to(device, non_blocking=True), t.to(device, non_blocking=True)
+            if compile == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step's buffers are new
+            logits = forward(x)
+            loss = torch.sum(-t * F.log_softmax(logits, dim=1), dim=1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
             opt.step()
-            seen += len(b)
-            loss_sum += loss.item() * len(b)
-            correct += (logits.argmax(1).cpu() == t.argmax(1)).sum().item()
-            if progress:
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}",
-                    acc=f"{correct / seen:.3f}",
+            seen += len(x)
+            loss_sum += loss.detach() * len(x)  # summed on the device: no sync per step
+            correct += (logits.argmax(1) == t.argmax(1)).sum()
+            if progress and s % 25 == 24:
+                batches.set_postfix(
+                    loss=f"{loss_sum.item() / seen:.3f}",
+                    acc=f"{correct.item() / seen:.3f}",
                     ips=f"{seen / (time.time() - t0):.0f}",
                     refresh=False,
                 )
+        loss_sum, correct = loss_sum.item(), correct.item()
         val = evaluate(model, data, val_idx, device)
         best_now = val["acc"] > best
         best = max(best, val["acc"])
@@ -246,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="run folder: last.pt, best.pt, log.jsonl")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--workers", type=int, default=0, help="processes that augment batches (0: in the main one)")
+    p.add_argument(
+        "--compile", nargs="?", const="default", default="", metavar="MODE",
+        help="torch.compile the model (faster steps on a GPU); MODE e.g. reduce-overhead (CUDA graphs)",
+    )  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after the epoch that passes this (0: never)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -275,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe(**fields, config_overrides=json.dumps(overrides, sort_keys=True))
     try:
         recipe.config()
-        train(recipe, args.data, args.out, args.device, args.max_minutes, progress=not args.no_progress)
+        train(
+            recipe, args.data, args.out, args.device, args.max_minutes,
+            progress=not args.no_progress, workers=args.workers, compile=args.compile,
+        )  # fmt: skip
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
