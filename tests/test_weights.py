@@ -165,3 +165,10 @@ def test_cifar10_tiny_packed_sizes(packing, ratio):
     else:
         assert s["packed"] * ratio <= s["float32_replaced"]  # ceil(K/5) bytes: at most 1/19
     assert s["total"] * 12 < s["float32_total"]  # the whole model, scales and float tensors included
+
+
+def test_saved_file_has_ordinary_permissions(tmp_path, ckpt):
+    save_weights(tmp_path / "w.safetensors", ckpt)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask

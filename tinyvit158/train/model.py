@@ -64,10 +64,14 @@ class BitLinear(nn.Linear):
         if not self.quantize:
             return F.linear(x, self.weight, self.bias)
         x_q, s_x = quantize_activations(x)
-        if self.frozen is not None:
-            return F.linear(x_q * s_x, self.frozen[0] * self.frozen[1], self.bias)
-        w_q, gamma = ternarize_weight(self.weight, self.granularity)
-        return F.linear(ste(x, x_q * s_x), ste(self.weight, w_q * gamma), self.bias)
+        w_q, gamma = self.frozen if self.frozen is not None else ternarize_weight(self.weight, self.granularity)
+        if torch.is_grad_enabled():
+            return F.linear(ste(x, x_q * s_x), ste(self.weight, w_q * gamma), self.bias)
+        # Inference: the engine's arithmetic, in its order. The integer sum is exact in float32
+        # (|acc| <= 127 K < 2**24), then (acc * s_x) * gamma + bias: the same function as the
+        # line above, and bit-identical to the engine's output for the same input codes.
+        y = F.linear(x_q, w_q) * s_x * gamma.reshape(-1)
+        return y + self.bias if self.bias is not None else y
 
 
 def make_linear(cfg: ViTConfig, layer: str, in_f: int, out_f: int, plain: bool = False) -> nn.Linear:
