@@ -69,8 +69,9 @@ def torch_logits(model: QATViT, images_u8: np.ndarray, batch: int = 500) -> np.n
     from tinyvit158.train.trainer import normalize, to_input
 
     out = []
-    for i in range(0, len(images_u8), batch):
-        out.append(model(normalize(to_input(images_u8[i : i + batch]), model.cfg)).numpy())
+    with torch.no_grad():  # inference: BitLinear then runs the engine's integer arithmetic
+        for i in range(0, len(images_u8), batch):
+            out.append(model(normalize(to_input(images_u8[i : i + batch]), model.cfg)).numpy())
     return np.concatenate(out) if out else np.zeros((0, model.cfg.num_classes), np.float32)
 
 
