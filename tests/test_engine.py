@@ -21,7 +21,7 @@ from tinyvit158.engine import Engine
 from tinyvit158.kernels import matmul
 from tinyvit158.oracle import Oracle
 from tinyvit158.quant import quantize_activations
-from tinyvit158.weights import random_checkpoint
+from tinyvit158.weights import load_weights, random_checkpoint
 
 # Where a code may differ: the oracle's unrounded value x / s_x lies within TIE_WINDOW of a
 # rounding boundary. The engine's pre-quantization values carry float32 rounding (relative
@@ -167,3 +167,18 @@ def test_traces_have_the_same_stages(model):
         np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-12)
     finally:
         engine.trace = oracle.trace = None
+
+
+def test_reused_buffers_never_leak_between_calls(weights):
+    """The workspace is reused across calls: results must not depend on what ran before,
+    and returned arrays must not be overwritten by the next call."""
+    engine = Engine(load_weights(weights))
+    rng = np.random.default_rng(5)
+    a, b = (rng.standard_normal((3, 3, 32, 32)).astype(np.float32) for _ in range(2))
+    first = engine(a)
+    kept = first.copy()
+    engine(b)
+    engine(b[:1])  # another batch size replaces the buffers
+    np.testing.assert_array_equal(engine(a), kept)
+    np.testing.assert_array_equal(first, kept)
+    assert np.array_equal(Engine(load_weights(weights))(b), engine(b))

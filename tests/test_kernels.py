@@ -117,6 +117,8 @@ def test_linear_fast_equals_reference_bitwise(path, xw, bias):
     fast, ref = linear(x_q, s_x, pw, path), linear_ref(x_q, s_x, pw)
     assert fast.dtype == np.float32
     assert np.array_equal(fast, ref)  # same float32 operations in the same order
+    into = np.full(ref.shape, np.nan, dtype=np.float32)  # every element must be written
+    assert linear(x_q, s_x, pw, path, out=into) is into and np.array_equal(into, ref)
     exact = int64_reference(x_q, w) * s_x[:, None].astype(np.float64) * pw.scale.astype(np.float64)
     exact = exact + (pw.bias if bias else 0)
     np.testing.assert_allclose(fast, exact, rtol=F32_RTOL * 4, atol=F32_RTOL * np.abs(exact).max(initial=1))
@@ -234,3 +236,26 @@ def test_vector_exp_equals_scalar_exp():
     vexp(x, out)
     scalar = np.array([_exp_nonpositive(v) for v in x], dtype=np.float32)
     assert np.array_equal(out, scalar)  # the same operations; 2**n from exponent bits vs a table
+
+
+def test_out_arguments_are_used_and_checked():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 32)).astype(np.float32)
+    q, s = np.zeros((5, 32), np.int8), np.zeros(5, np.float32)
+    got = gelu_quantize(x, (q, s))
+    assert got[0] is q and got[1] is s
+    assert np.array_equal(q, gelu_quantize(x)[0]) and np.array_equal(s, gelu_quantize(x)[1])
+    g, b = np.ones(32, np.float32), np.zeros(32, np.float32)
+    assert layernorm_quantize(x, g, b, 1e-6, (q, s))[0] is q
+    assert np.array_equal(q, layernorm_quantize(x, g, b, 1e-6)[0])
+    qkv = rng.standard_normal((2, 7, 96)).astype(np.float32)
+    out = np.full((2, 7, 32), np.nan, np.float32)
+    assert attention(qkv, 2, out) is out and np.array_equal(out, attention(qkv, 2))
+    for bad in (np.zeros((5, 31), np.int8), np.zeros((5, 32), np.int16), np.zeros((32, 5), np.int8).T):
+        with pytest.raises(TinyViTError, match="codes must be a C-contiguous int8 array"):
+            gelu_quantize(x, (bad, s))
+    with pytest.raises(TinyViTError, match="out must be"):
+        attention(qkv, 2, np.zeros((2, 7, 33), np.float32))
+    pw = PreparedTernary(rng.integers(-1, 2, (8, 32)).astype(np.int8), np.ones(8, np.float32))
+    with pytest.raises(TinyViTError, match="residual or out"):
+        linear(q, s, pw, residual=np.zeros((5, 8), np.float32), out=np.zeros((5, 8), np.float32))

@@ -33,6 +33,7 @@ from tinyvit158.kernels.simd import (
     _fsub,
     _fzero,
 )
+from tinyvit158.kernels.ternary import check_out
 from tinyvit158.quant import ACT_EPS, ACT_QMAX
 
 # error_model="numpy": a float division by zero gives inf instead of raising, which removes
@@ -86,19 +87,26 @@ def _quantize_row(row, q):
 
 
 @_pjit
-def _quantize_rows(x):
+def _quantize_rows(x, q, s):
     T, K = x.shape
-    q = np.empty((T, K), dtype=np.int8)
-    s = np.empty(T, dtype=np.float32)
     for c in numba.prange((T + _ROWS - 1) // _ROWS):
         for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
             s[t] = _quantize_row(x[t], q[t])
     return q, s
 
 
-def quantize_rows(x: np.ndarray):
-    """Per-token absmax int8 quantizer, bit-identical to ``quant.quantize_activations``."""
-    return _quantize_rows(_f32_2d(x, "quantize_rows"))
+def _codes_out(x: np.ndarray, out) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, scales) arrays for the rows of ``x``: ``out`` checked, or new ones."""
+    q, s = out if out is not None else (None, None)
+    return check_out(q, x.shape, np.int8, "codes"), check_out(s, x.shape[:1], np.float32, "scales")
+
+
+def quantize_rows(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None):
+    """Per-token absmax int8 quantizer, bit-identical to ``quant.quantize_activations``.
+
+    Returns (int8 codes (T, K), float32 scales (T,)), written into ``out`` when given."""
+    x = _f32_2d(x, "quantize_rows")
+    return _quantize_rows(x, *_codes_out(x, out))
 
 
 @_jit
@@ -159,10 +167,8 @@ def _layernorm(x, gamma, beta, eps):
 
 
 @_pjit
-def _layernorm_quantize(x, gamma, beta, eps):
+def _layernorm_quantize(x, gamma, beta, eps, q, s):
     T, D = x.shape
-    q = np.empty((T, D), dtype=np.int8)
-    s = np.empty(T, dtype=np.float32)
     for c in numba.prange((T + _ROWS - 1) // _ROWS):
         buf = np.empty(D, dtype=np.float32)
         for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
@@ -185,9 +191,11 @@ def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) ->
     return _layernorm(*_check_norm(x, gamma, beta), float(eps))
 
 
-def layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float):
-    """``quantize_rows(layernorm(x, ...))`` in one pass: int8 codes and float32 scales."""
-    return _layernorm_quantize(*_check_norm(x, gamma, beta), float(eps))
+def layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, out=None):
+    """``quantize_rows(layernorm(x, ...))`` in one pass: int8 codes and float32 scales
+    (into ``out``, a (codes, scales) pair, when given)."""
+    x, gamma, beta = _check_norm(x, gamma, beta)
+    return _layernorm_quantize(x, gamma, beta, float(eps), *_codes_out(x, out))
 
 
 _ERF_P = (
@@ -261,10 +269,8 @@ def _gelu(x):
 
 
 @_pjit
-def _gelu_quantize(x):
+def _gelu_quantize(x, q, s):
     T, K = x.shape
-    q = np.empty((T, K), dtype=np.int8)
-    s = np.empty(T, dtype=np.float32)
     for c in numba.prange((T + _ROWS - 1) // _ROWS):
         buf = np.empty(K, dtype=np.float32)
         for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
@@ -278,9 +284,11 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return _gelu(_f32_2d(x, "gelu"))
 
 
-def gelu_quantize(x: np.ndarray):
-    """``quantize_rows(gelu(x))`` in one pass: int8 codes and float32 scales."""
-    return _gelu_quantize(_f32_2d(x, "gelu"))
+def gelu_quantize(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None):
+    """``quantize_rows(gelu(x))`` in one pass: int8 codes and float32 scales (into ``out``,
+    a (codes, scales) pair, when given)."""
+    x = _f32_2d(x, "gelu")
+    return _gelu_quantize(x, *_codes_out(x, out))
 
 
 def _check_qkv(qkv: np.ndarray, heads: int) -> np.ndarray:
@@ -337,15 +345,28 @@ def _exp_nonpositive(x):
     return p * _POW2_NEG[int(-n)]
 
 
+@_jit
+def _store_rows(out, o, stride, rows, a0, a1, a2, a3):
+    """Store the first ``rows`` of four 16-lane results at ``o``, ``o + stride``, ..."""
+    _fstore(out, o, a0)
+    if rows > 1:
+        _fstore(out, o + stride, a1)
+    if rows > 2:
+        _fstore(out, o + 2 * stride, a2)
+    if rows > 3:
+        _fstore(out, o + 3 * stride, a3)
+
+
 @_pjit
-def _attention(qkv, heads, rows_per_job):
+def _attention(qkv, heads, rows_per_job, out):
     """Attention of 4 query rows at a time, in zmm registers (``kernels/simd.py``).
 
     Jobs run over (image, head, block of query rows). Each job lays its head's keys out
-    transposed, ``kt[d, j]`` with the key count padded to 16, so that scores for 4 rows x 16
-    keys accumulate in 4 registers over the head dimension (one broadcast of q and one
-    fused multiply-add per row and d) and probabilities x V for 4 rows x 16 channels
-    likewise over the keys: no horizontal sums. Softmax runs on the score rows in between.
+    transposed, ``kt[d, j]`` with the key count padded to 16, so that scores for 4 rows x 32
+    keys accumulate in 8 registers over the head dimension (one broadcast of q per row and
+    d, two fused multiply-adds) and probabilities x V for 4 rows x 32 channels likewise over
+    the keys: no horizontal sums, and 8 independent sums in flight (4 would wait on the
+    FMA latency; measured 5.1 -> see bench --layers). Softmax runs on the score rows in between.
     Needs a head dimension that is a multiple of 16 (the engine checks).
     """
     B, N, C3 = qkv.shape
@@ -354,7 +375,6 @@ def _attention(qkv, heads, rows_per_job):
     Np = (N + 15) // 16 * 16
     scale = np.float32(hd**-0.5)
     flat = qkv.reshape(-1)
-    out = np.empty(B * N * C, dtype=np.float32)
     chunks = (N + rows_per_job - 1) // rows_per_job
     for job in numba.prange(B * heads * chunks):
         b = job // (heads * chunks)
@@ -374,7 +394,32 @@ def _attention(qkv, heads, rows_per_job):
             q1 = (b * N + i0 + min(1, rows - 1)) * C3 + h * hd
             q2 = (b * N + i0 + min(2, rows - 1)) * C3 + h * hd
             q3 = (b * N + i0 + min(3, rows - 1)) * C3 + h * hd
-            for jc in range(0, Np, 16):
+            jc = 0
+            while jc + 32 <= Np:  # 4 rows x 32 keys: 8 independent sums hide the FMA latency
+                a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _fzero()
+                for d in range(hd):
+                    kv = _fload(kt, d * Np + jc)
+                    kw = _fload(kt, d * Np + jc + 16)
+                    s0, s1, s2, s3 = (
+                        _fsplat(flat[q0 + d]),
+                        _fsplat(flat[q1 + d]),
+                        _fsplat(flat[q2 + d]),
+                        _fsplat(flat[q3 + d]),
+                    )
+                    a0, c0 = _ffma(s0, kv, a0), _ffma(s0, kw, c0)
+                    a1, c1 = _ffma(s1, kv, a1), _ffma(s1, kw, c1)
+                    a2, c2 = _ffma(s2, kv, a2), _ffma(s2, kw, c2)
+                    a3, c3 = _ffma(s3, kv, a3), _ffma(s3, kw, c3)
+                _fstore(p, jc, a0)
+                _fstore(p, jc + 16, c0)
+                _fstore(p, Np + jc, a1)
+                _fstore(p, Np + jc + 16, c1)
+                _fstore(p, 2 * Np + jc, a2)
+                _fstore(p, 2 * Np + jc + 16, c2)
+                _fstore(p, 3 * Np + jc, a3)
+                _fstore(p, 3 * Np + jc + 16, c3)
+                jc += 32
+            if jc < Np:  # the last 16 keys
                 a0 = a1 = a2 = a3 = _fzero()
                 for d in range(hd):
                     kv = _fload(kt, d * Np + jc)
@@ -404,7 +449,21 @@ def _attention(qkv, heads, rows_per_job):
                 inv = _fsplat(np.float32(1.0) / _fhsum(sv))
                 for jc in range(0, Np, 16):
                     _fstore(p, base + jc, _fmul(_fload(p, base + jc), inv))
-            for dc in range(0, hd, 16):
+            dc = 0
+            while dc + 32 <= hd:  # 4 rows x 32 channels: 8 independent sums
+                a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _fzero()
+                for j in range(N):
+                    vb = (b * N + j) * C3 + 2 * C + h * hd + dc
+                    vv, vw = _fload(flat, vb), _fload(flat, vb + 16)
+                    s0, s1, s2, s3 = _fsplat(p[j]), _fsplat(p[Np + j]), _fsplat(p[2 * Np + j]), _fsplat(p[3 * Np + j])
+                    a0, c0 = _ffma(s0, vv, a0), _ffma(s0, vw, c0)
+                    a1, c1 = _ffma(s1, vv, a1), _ffma(s1, vw, c1)
+                    a2, c2 = _ffma(s2, vv, a2), _ffma(s2, vw, c2)
+                    a3, c3 = _ffma(s3, vv, a3), _ffma(s3, vw, c3)
+                _store_rows(out, (b * N + i0) * C + h * hd + dc, C, rows, a0, a1, a2, a3)
+                _store_rows(out, (b * N + i0) * C + h * hd + dc + 16, C, rows, c0, c1, c2, c3)
+                dc += 32
+            if dc < hd:  # the last 16 channels
                 a0 = a1 = a2 = a3 = _fzero()
                 for j in range(N):
                     vv = _fload(flat, (b * N + j) * C3 + 2 * C + h * hd + dc)
@@ -412,29 +471,26 @@ def _attention(qkv, heads, rows_per_job):
                     a1 = _ffma(_fsplat(p[Np + j]), vv, a1)
                     a2 = _ffma(_fsplat(p[2 * Np + j]), vv, a2)
                     a3 = _ffma(_fsplat(p[3 * Np + j]), vv, a3)
-                o = (b * N + i0) * C + h * hd + dc
-                _fstore(out, o, a0)
-                if rows > 1:
-                    _fstore(out, o + C, a1)
-                if rows > 2:
-                    _fstore(out, o + 2 * C, a2)
-                if rows > 3:
-                    _fstore(out, o + 3 * C, a3)
+                _store_rows(out, (b * N + i0) * C + h * hd + dc, C, rows, a0, a1, a2, a3)
     return out.reshape(B, N, C)
 
 
-def attention(qkv: np.ndarray, heads: int) -> np.ndarray:
-    """Fast :func:`attention_ref` (float32, agrees to float32 rounding).
+def attention(qkv: np.ndarray, heads: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Fast :func:`attention_ref` (float32, agrees to float32 rounding), into ``out``
+    (float32 (B, N, dim)) when given.
 
     Head dimensions that are not a multiple of 16 (or a disabled JIT) use the reference.
     """
     qkv = _check_qkv(qkv, heads)
     B, N, C3 = qkv.shape
+    out = check_out(out, (B, N, C3 // 3), np.float32, "out")
     if (C3 // 3 // heads) % 16 or numba.config.DISABLE_JIT:
-        return attention_ref(qkv, heads)
+        out[...] = attention_ref(qkv, heads)
+        return out
     # enough jobs for every core at batch 1, whole heads (one key transpose each) otherwise
     rows = 16 if B * heads < 4 * numba.get_num_threads() else (N + 3) // 4 * 4
-    return _attention(qkv, int(heads), rows)
+    _attention(qkv, int(heads), rows, out.reshape(-1))
+    return out
 
 
 @_pjit

@@ -242,6 +242,22 @@ def _check_sx(s_x: np.ndarray, x_q: np.ndarray) -> np.ndarray:
     return s_x
 
 
+def check_out(out: np.ndarray | None, shape: tuple[int, ...], dtype, what: str) -> np.ndarray:
+    """``out`` when it is a C-contiguous array of ``shape`` and ``dtype``; a new one when None.
+
+    The kernels' ``out=`` arguments let a caller (the engine) reuse its buffers: fresh
+    multi-megabyte arrays cost a page fault per 4 KiB on first touch.
+    """
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray) or out.dtype != dtype or out.shape != shape or not out.flags.c_contiguous:
+        raise TinyViTError(
+            f"{what} must be a C-contiguous {np.dtype(dtype).name} array of shape {shape}, found "
+            f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}"
+        )
+    return out
+
+
 def linear_ref(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary) -> np.ndarray:
     """Reference ternary linear: ``acc * s_x[t] * scale[n] + bias[n]`` in float32."""
     acc = matmul_ref(x_q, w)
@@ -264,28 +280,36 @@ def _linear_dot4(x_q, s_x, w, scale, bias, has_bias):
 
 
 def linear(
-    x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, path: str | None = None, residual: np.ndarray | None = None
+    x_q: np.ndarray,
+    s_x: np.ndarray,
+    w: PreparedTernary,
+    path: str | None = None,
+    residual: np.ndarray | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Fast ternary linear, float32 ``(T, N)``, bit-identical to :func:`linear_ref`.
 
     ``residual``: a C-contiguous float32 ``(T, N)`` array the result is added to, in place
-    (``residual + linear(...)``, the same float32 addition), and returned.
+    (``residual + linear(...)``, the same float32 addition), and returned. ``out``: a
+    C-contiguous float32 ``(T, N)`` array to write the result into (not with ``residual``).
     """
     x_q = _check_x(x_q, w)
     s_x = _check_sx(s_x, x_q)
-    if residual is not None and (
-        residual.dtype != np.float32
-        or residual.shape != (x_q.shape[0], w.out_features)
-        or not residual.flags.c_contiguous
-    ):
-        raise TinyViTError(f"residual must be C-contiguous float32 of shape {(x_q.shape[0], w.out_features)}")
+    shape = (x_q.shape[0], w.out_features)
+    if residual is not None and out is not None:
+        raise TinyViTError("linear takes residual or out, not both")
+    if residual is not None:
+        check_out(residual, shape, np.float32, "residual")
+    else:
+        out = check_out(out, shape, np.float32, "out")
     bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
     if (path or kernel_path()) == "vnni":
         from tinyvit158.kernels import vnni
 
-        return vnni.linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None, residual)
+        return vnni.linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None, residual, out)
     y = _linear_dot4(x_q, s_x, w.codes, w.scale, bias, w.bias is not None)
     if residual is None:
-        return y
+        out[...] = y
+        return out
     residual += y
     return residual
