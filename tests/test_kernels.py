@@ -18,6 +18,7 @@ from tinyvit158.kernels import (
     layernorm,
     layernorm_quantize,
     linear,
+    linear_gelu_quantize,
     linear_ref,
     matmul,
     matmul_ref,
@@ -259,3 +260,24 @@ def test_out_arguments_are_used_and_checked():
     pw = PreparedTernary(rng.integers(-1, 2, (8, 32)).astype(np.int8), np.ones(8, np.float32))
     with pytest.raises(TinyViTError, match="residual or out"):
         linear(q, s, pw, residual=np.zeros((5, 8), np.float32), out=np.zeros((5, 8), np.float32))
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize(
+    ("t", "k", "n"), [(300, 48, 96), (513, 100, 768), (1100, 192, 144), (65, 192, 768), (700, 8, 50)]
+)
+def test_linear_gelu_quantize_equals_the_two_steps(path, t, k, n, monkeypatch):
+    """Fused (many rows, N % 48 == 0 on the VNNI path) or not, the codes and scales are
+    those of gelu_quantize(linear(...)) bit for bit; tile edges in T and K included."""
+    name, packed = kernel(path)
+    monkeypatch.setenv("TINYVIT158_KERNEL", name)
+    rng = np.random.default_rng(t + k + n)
+    x_q = rng.integers(-127, 128, (t, k)).astype(np.int8)
+    s_x = (rng.random(t) * 0.05).astype(np.float32)
+    w = PreparedTernary(
+        rng.integers(-1, 2, (n, k)).astype(np.int8), rng.random(n).astype(np.float32),
+        rng.standard_normal(n).astype(np.float32), packed=packed,
+    )  # fmt: skip
+    q, s = linear_gelu_quantize(x_q, s_x, w)
+    q_ref, s_ref = gelu_quantize(linear_ref(x_q, s_x, w))
+    assert np.array_equal(q, q_ref) and np.array_equal(s, s_ref)

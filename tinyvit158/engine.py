@@ -10,6 +10,10 @@ produces its input (LayerNorm -> int8, GELU -> int8), so a block is:
     x = x + linear(o_q, s, proj)
     h_q, s = layernorm_quantize(x, norm2)      h = linear(h_q, s, fc1)       (T, hidden)
     g_q, s = gelu_quantize(h)                  x = x + linear(g_q, s, fc2)
+
+With many tokens the two MLP steps ``linear(fc1)`` and ``gelu_quantize`` are one kernel
+(``kernels.linear_gelu_quantize``): each job makes whole rows of h in cache and quantizes
+them there, so the float32 hidden layer never goes to memory.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from tinyvit158.kernels import (
     layernorm,
     layernorm_quantize,
     linear,
+    linear_gelu_quantize,
     quantize_rows,
 )
 from tinyvit158.oracle import patchify
@@ -87,6 +92,8 @@ class Engine:
         self.record: dict[str, np.ndarray] | None = None  # layer -> int8 input codes (tests)
         self.timings: dict[str, float] | None = None  # part -> seconds (bench --layers)
         self.trace: dict[str, np.ndarray] | None = None  # stage -> output, the oracle's stage names
+        mlp = [f"blocks.{i}.mlp.{fc}" for i in range(cfg.depth) for fc in ("fc1", "fc2")]
+        self._fused_mlp = not cfg.bitlinear_norm and all(layer in self.ternary for layer in mlp)
         self._workspace = threading.local()
 
     def _buf(self, key: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
@@ -125,6 +132,10 @@ class Engine:
     def _ln(self, x: np.ndarray, name: str) -> np.ndarray:
         return layernorm(x, self.p[f"{name}.weight"], self.p[f"{name}.bias"], self.cfg.norm_eps)
 
+    def _ln_quantize(self, x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+        p = self.p
+        return layernorm_quantize(x, p[f"{name}.weight"], p[f"{name}.bias"], self.cfg.norm_eps, self._codes_buf(x))
+
     def linear(
         self,
         x: np.ndarray,
@@ -158,14 +169,9 @@ class Engine:
                 if timing:
                     self._toc(part, t0)
                 return y
-            n = f"{layer}.norm"
-            x_q, s_x = layernorm_quantize(
-                x, self.p[f"{n}.weight"], self.p[f"{n}.bias"], self.cfg.norm_eps, self._codes_buf(x)
-            )
+            x_q, s_x = self._ln_quantize(x, f"{layer}.norm")
         elif norm is not None:
-            x_q, s_x = layernorm_quantize(
-                x, self.p[f"{norm}.weight"], self.p[f"{norm}.bias"], self.cfg.norm_eps, self._codes_buf(x)
-            )
+            x_q, s_x = self._ln_quantize(x, norm)
         elif act:
             x_q, s_x = gelu_quantize(x, self._codes_buf(x))
         else:
@@ -180,6 +186,25 @@ class Engine:
         if timing:
             self._toc(part, t0)
         return y
+
+    def _fc1_gelu_codes(self, x: np.ndarray, blk: str) -> tuple[np.ndarray, np.ndarray]:
+        """int8 codes and scales of ``gelu(fc1(norm2(x)))``: what fc2 takes, bit-identical to
+        the unfused steps, without the float32 hidden layer in memory when it pays."""
+        t0 = time.perf_counter() if self.timings is not None else 0.0
+        x_q, s_x = self._ln_quantize(x, f"{blk}.norm2")
+        if self.record is not None:
+            self.record[f"{blk}.mlp.fc1"] = x_q.copy()
+        if self.timings is not None:
+            t0 = self._toc("norm+quant", t0)
+        w = self.ternary[f"{blk}.mlp.fc1"]
+        T = x.shape[0]
+        codes = (self._buf("hidden_codes", (T, w.out_features), np.int8), self._buf("hidden_scales", (T,)))
+        g_q, g_s = linear_gelu_quantize(x_q, s_x, w, codes)
+        if self.record is not None:
+            self.record[f"{blk}.mlp.fc2"] = g_q.copy()
+        if self.timings is not None:
+            self._toc("fc1+gelu+quant", t0)
+        return g_q, g_s
 
     # -- model ---------------------------------------------------------------------------
     def check_images(self, images: np.ndarray) -> np.ndarray:
@@ -218,8 +243,15 @@ class Engine:
             if self.timings is not None:
                 self._toc("attention", t0)
             self.linear(o, f"{blk}.attn.proj", residual=x)  # x += proj(o), in place
-            h = self.linear(x, f"{blk}.mlp.fc1", norm=f"{blk}.norm2", out="hidden")  # (T, hidden)
-            self.linear(h, f"{blk}.mlp.fc2", act=True, residual=x)  # x += fc2(gelu(h))
+            if self._fused_mlp:  # fc1, GELU and fc2's quantizer in one kernel: codes of gelu(h)
+                g_q, g_s = self._fc1_gelu_codes(x, blk)
+                t0 = time.perf_counter() if self.timings is not None else 0.0
+                linear(g_q, g_s, self.ternary[f"{blk}.mlp.fc2"], residual=x)
+                if self.timings is not None:
+                    self._toc("fc2", t0)
+            else:
+                h = self.linear(x, f"{blk}.mlp.fc1", norm=f"{blk}.norm2", out="hidden")  # (T, hidden)
+                self.linear(h, f"{blk}.mlp.fc2", act=True, residual=x)  # x += fc2(gelu(h))
             self._keep(blk, x.reshape(B, N1, D))
         return x.reshape(B, N1, D)
 

@@ -16,6 +16,7 @@ from tinyvit158.kernels.ops import (
     gelu_quantize,
     layernorm,
     layernorm_quantize,
+    linear_gelu_quantize,
     quantize_rows,
 )
 from tinyvit158.kernels.ternary import (
@@ -42,6 +43,7 @@ __all__ = [
     "layernorm",
     "layernorm_quantize",
     "linear",
+    "linear_gelu_quantize",
     "linear_ref",
     "matmul",
     "matmul_ref",
