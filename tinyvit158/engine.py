@@ -62,8 +62,8 @@ class Engine:
 
     Intermediate arrays (codes, qkv, attention output, MLP hidden) live in buffers kept
     per thread and reused by the next call of the same batch size (a call with another
-    size replaces them): fresh multi-megabyte
-    arrays cost a page fault per 4 KiB on first touch (about 15% of a batch-64 run).
+    size replaces them): fresh multi-megabyte arrays cost a page fault per 4 KiB on first
+    touch (about 15% of a batch-64 run).
     Calls from several threads are safe; arrays the engine returns are always new.
     """
 
@@ -187,24 +187,25 @@ class Engine:
             self._toc(part, t0)
         return y
 
-    def _fc1_gelu_codes(self, x: np.ndarray, blk: str) -> tuple[np.ndarray, np.ndarray]:
-        """int8 codes and scales of ``gelu(fc1(norm2(x)))``: what fc2 takes, bit-identical to
-        the unfused steps, without the float32 hidden layer in memory when it pays."""
-        t0 = time.perf_counter() if self.timings is not None else 0.0
+    def _mlp_fused(self, x: np.ndarray, blk: str) -> None:
+        """``x += fc2(gelu(fc1(norm2(x))))`` in place, with fc1, GELU and fc2's quantizer as
+        one kernel (bit-identical to the unfused steps; no float32 hidden layer in memory)."""
+        timing = self.timings is not None
+        t0 = time.perf_counter() if timing else 0.0
+        fc1, fc2 = self.ternary[f"{blk}.mlp.fc1"], self.ternary[f"{blk}.mlp.fc2"]
         x_q, s_x = self._ln_quantize(x, f"{blk}.norm2")
-        if self.record is not None:
-            self.record[f"{blk}.mlp.fc1"] = x_q.copy()
-        if self.timings is not None:
+        if timing:
             t0 = self._toc("norm+quant", t0)
-        w = self.ternary[f"{blk}.mlp.fc1"]
         T = x.shape[0]
-        codes = (self._buf("hidden_codes", (T, w.out_features), np.int8), self._buf("hidden_scales", (T,)))
-        g_q, g_s = linear_gelu_quantize(x_q, s_x, w, codes)
+        codes = (self._buf("hidden_codes", (T, fc1.out_features), np.int8), self._buf("hidden_scales", (T,)))
+        g_q, g_s = linear_gelu_quantize(x_q, s_x, fc1, codes)
         if self.record is not None:
-            self.record[f"{blk}.mlp.fc2"] = g_q.copy()
-        if self.timings is not None:
-            self._toc("fc1+gelu+quant", t0)
-        return g_q, g_s
+            self.record[f"{blk}.mlp.fc1"], self.record[f"{blk}.mlp.fc2"] = x_q.copy(), g_q.copy()
+        if timing:
+            t0 = self._toc("fc1+gelu+quant", t0)
+        linear(g_q, g_s, fc2, residual=x)
+        if timing:
+            self._toc("fc2", t0)
 
     # -- model ---------------------------------------------------------------------------
     def check_images(self, images: np.ndarray) -> np.ndarray:
@@ -243,12 +244,8 @@ class Engine:
             if self.timings is not None:
                 self._toc("attention", t0)
             self.linear(o, f"{blk}.attn.proj", residual=x)  # x += proj(o), in place
-            if self._fused_mlp:  # fc1, GELU and fc2's quantizer in one kernel: codes of gelu(h)
-                g_q, g_s = self._fc1_gelu_codes(x, blk)
-                t0 = time.perf_counter() if self.timings is not None else 0.0
-                linear(g_q, g_s, self.ternary[f"{blk}.mlp.fc2"], residual=x)
-                if self.timings is not None:
-                    self._toc("fc2", t0)
+            if self._fused_mlp:
+                self._mlp_fused(x, blk)  # x += fc2(gelu(fc1(norm2(x)))), in place
             else:
                 h = self.linear(x, f"{blk}.mlp.fc1", norm=f"{blk}.norm2", out="hidden")  # (T, hidden)
                 self.linear(h, f"{blk}.mlp.fc2", act=True, residual=x)  # x += fc2(gelu(h))

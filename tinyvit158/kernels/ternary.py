@@ -298,18 +298,16 @@ def linear(
     shape = (x_q.shape[0], w.out_features)
     if residual is not None and out is not None:
         raise TinyViTError("linear takes residual or out, not both")
-    if residual is not None:
-        check_out(residual, shape, np.float32, "residual")
-    else:
-        out = check_out(out, shape, np.float32, "out")
+    accumulate = residual is not None
+    out = check_out(residual, shape, np.float32, "residual") if accumulate else check_out(out, shape, np.float32, "out")
     bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
     if (path or kernel_path()) == "vnni":
         from tinyvit158.kernels import vnni
 
-        return vnni.linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None, residual, out)
+        return vnni.linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None, out, accumulate)
     y = _linear_dot4(x_q, s_x, w.codes, w.scale, bias, w.bias is not None)
-    if residual is None:
+    if accumulate:
+        out += y
+    else:
         out[...] = y
-        return out
-    residual += y
-    return residual
+    return out

@@ -252,23 +252,16 @@ def matmul(x_q: np.ndarray, w: VNNIWeights) -> np.ndarray:
     return _matmul_tiles(*_padded(x_q, w))
 
 
-def linear(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, residual=None, out=None) -> np.ndarray:
-    """float32 (T, N), bit-identical to ``ternary.linear_ref``; added in place to ``residual``
-    (C-contiguous float32 (T, N)) and returned as it, when given; else written into ``out``
-    (checked by the caller) or a new array."""
+def linear(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, out, accumulate) -> np.ndarray:
+    """float32 (T, N), bit-identical to ``ternary.linear_ref``, written into ``out``
+    (C-contiguous float32 (T, N), checked by the caller) or added to it when ``accumulate``."""
     if w.n % NC:  # a width the vector store would overrun: dequantize from the int32 tiles
         y = matmul(x_q, w).astype(np.float32) * s_x[:, None] * scale[None, :]
         y = y + bias if has_bias else y
-        if residual is not None:
-            residual += y
-            return residual
-        if out is None:
-            return y
-        out[...] = y
+        if accumulate:
+            out += y
+        else:
+            out[...] = y
         return out
-    if residual is not None:
-        out = residual
-    elif out is None:
-        out = np.empty((x_q.shape[0], w.n), dtype=np.float32)
-    _linear_tiles(*_padded(x_q, w), s_x, scale, bias, has_bias, out.reshape(-1), residual is not None)
+    _linear_tiles(*_padded(x_q, w), s_x, scale, bias, has_bias, out.reshape(-1), accumulate)
     return out
