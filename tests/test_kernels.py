@@ -281,3 +281,39 @@ def test_linear_gelu_quantize_equals_the_two_steps(path, t, k, n, monkeypatch):
     q, s = linear_gelu_quantize(x_q, s_x, w)
     q_ref, s_ref = gelu_quantize(linear_ref(x_q, s_x, w))
     assert np.array_equal(q, q_ref) and np.array_equal(s, s_ref)
+
+
+@pytest.mark.skipif(not cpu_has_vnni(), reason="CPU lacks AVX-512 VNNI")
+@pytest.mark.parametrize("parts", [1, 3, 5, 64])
+@pytest.mark.parametrize("packed", [False, True])
+def test_work_split_does_not_change_results(parts, packed):
+    """Each kernel hands its jobs equal shares of the work (one job per thread by default);
+    any number of jobs, more than there are tiles or rows included, gives the same bits."""
+    from tinyvit158.kernels import ops, vnni
+
+    rng = np.random.default_rng(parts)
+    t, k, n = 65, 192, 96  # 9 row tiles x 2 channel blocks; the last tile has one row
+    x_q = rng.integers(-127, 128, (t, k)).astype(np.int8)
+    s_x = (rng.random(t) * 0.05).astype(np.float32)
+    w = PreparedTernary(
+        rng.integers(-1, 2, (n, k)).astype(np.int8), rng.random(n).astype(np.float32),
+        rng.standard_normal(n).astype(np.float32), packed=packed,
+    )  # fmt: skip
+    y = np.zeros((t, n), np.float32)
+    vl = w.vnni
+    vnni._tiles(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, True, s_x, w.scale, w.bias, True, y.reshape(-1), False,
+                vnni._NONE_I32)  # fmt: skip
+    assert np.array_equal(y, linear_ref(x_q, s_x, w))
+    acc = np.zeros((t, n), np.int32)
+    e = vnni._NONE_F32
+    vnni._tiles(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, False, e, e, e, False, e, False, acc)
+    assert np.array_equal(acc, int64_reference(x_q, w.codes))
+
+    h = rng.standard_normal((t, k)).astype(np.float32)
+    q, s = np.zeros((t, k), np.int8), np.zeros(t, np.float32)
+    ops._gelu_quantize(h, q, s, parts)
+    assert all(np.array_equal(a, b) for a, b in zip((q, s), gelu_quantize(h), strict=True))
+    qkv = rng.standard_normal((2, t, 3 * 2 * 16)).astype(np.float32)
+    o = np.zeros((2, t, 32), np.float32)
+    ops._attention(qkv, 2, o.reshape(-1), parts)
+    assert np.array_equal(o, attention(qkv, 2))

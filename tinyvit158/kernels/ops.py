@@ -46,10 +46,18 @@ _pjit = numba.njit(cache=True, error_model="numpy", parallel=True)
 # Under NUMBA_DISABLE_JIT=1 the vector intrinsics cannot run as Python: each helper that
 # uses them takes a plain NumPy branch instead (in compiled code the branch is dead).
 _PYTHON = bool(numba.config.DISABLE_JIT)
-_ROWS = 16  # rows per parallel job: a job's scratch buffer is allocated once, not per row
 _EPS32 = np.float32(ACT_EPS)
 _QMAX32 = np.float32(ACT_QMAX)
 _INV_SQRT2_32 = np.float32(1.0 / math.sqrt(2.0))
+
+
+def _parts(units: int) -> int:
+    """Parallel jobs for ``units`` rows (or other units of work): one per thread, each
+    kernel giving job p the units ``[p U / P, (p + 1) U / P)``. Numba schedules a prange
+    statically, so equal shares keep both cores busy: at batch 1 (65 rows), fixed 16-row
+    jobs gave one core 48 rows and the other 17. (Passed in: a jitted call of
+    ``numba.get_num_threads`` would keep the kernel out of Numba's cache.)"""
+    return max(1, min(units, numba.get_num_threads()))
 
 
 def _f32_2d(x: np.ndarray, what: str) -> np.ndarray:
@@ -89,10 +97,10 @@ def _quantize_row(row, q):
 
 
 @_pjit
-def _quantize_rows(x, q, s):
+def _quantize_rows(x, q, s, P):
     T, K = x.shape
-    for c in numba.prange((T + _ROWS - 1) // _ROWS):
-        for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
+    for p in numba.prange(P):
+        for t in range(p * T // P, (p + 1) * T // P):
             s[t] = _quantize_row(x[t], q[t])
     return q, s
 
@@ -108,7 +116,7 @@ def quantize_rows(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = Non
 
     Returns (int8 codes (T, K), float32 scales (T,)), written into ``out`` when given."""
     x = _f32_2d(x, "quantize_rows")
-    return _quantize_rows(x, *_codes_out(x.shape, out))
+    return _quantize_rows(x, *_codes_out(x.shape, out), _parts(x.shape[0]))
 
 
 @_jit
@@ -159,21 +167,21 @@ def _layernorm_row(row, gamma, beta, eps, out):
 
 
 @_pjit
-def _layernorm(x, gamma, beta, eps):
+def _layernorm(x, gamma, beta, eps, P):
     T, D = x.shape
     out = np.empty((T, D), dtype=np.float32)
-    for c in numba.prange((T + _ROWS - 1) // _ROWS):
-        for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
+    for p in numba.prange(P):
+        for t in range(p * T // P, (p + 1) * T // P):
             _layernorm_row(x[t], gamma, beta, eps, out[t])
     return out
 
 
 @_pjit
-def _layernorm_quantize(x, gamma, beta, eps, q, s):
+def _layernorm_quantize(x, gamma, beta, eps, q, s, P):
     T, D = x.shape
-    for c in numba.prange((T + _ROWS - 1) // _ROWS):
+    for p in numba.prange(P):
         buf = np.empty(D, dtype=np.float32)
-        for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
+        for t in range(p * T // P, (p + 1) * T // P):
             _layernorm_row(x[t], gamma, beta, eps, buf)
             s[t] = _quantize_row(buf, q[t])
     return q, s
@@ -190,14 +198,15 @@ def _check_norm(x, gamma, beta):
 
 def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
     """LayerNorm over the last axis of float32 ``(T, D)``; float64 statistics, float32 out."""
-    return _layernorm(*_check_norm(x, gamma, beta), float(eps))
+    x, gamma, beta = _check_norm(x, gamma, beta)
+    return _layernorm(x, gamma, beta, float(eps), _parts(x.shape[0]))
 
 
 def layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, out=None):
     """``quantize_rows(layernorm(x, ...))`` in one pass: int8 codes and float32 scales
     (into ``out``, a (codes, scales) pair, when given)."""
     x, gamma, beta = _check_norm(x, gamma, beta)
-    return _layernorm_quantize(x, gamma, beta, float(eps), *_codes_out(x.shape, out))
+    return _layernorm_quantize(x, gamma, beta, float(eps), *_codes_out(x.shape, out), _parts(x.shape[0]))
 
 
 _ERF_P = (
@@ -261,52 +270,51 @@ def _gelu_row(row, out):
 
 
 @_pjit
-def _gelu(x):
+def _gelu(x, P):
     T, K = x.shape
     out = np.empty((T, K), dtype=np.float32)
-    for c in numba.prange((T + _ROWS - 1) // _ROWS):
-        for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
+    for p in numba.prange(P):
+        for t in range(p * T // P, (p + 1) * T // P):
             _gelu_row(x[t], out[t])
     return out
 
 
 @_pjit
-def _gelu_quantize(x, q, s):
+def _gelu_quantize(x, q, s, P):
     T, K = x.shape
-    for c in numba.prange((T + _ROWS - 1) // _ROWS):
+    for p in numba.prange(P):
         buf = np.empty(K, dtype=np.float32)
-        for t in range(c * _ROWS, min(c * _ROWS + _ROWS, T)):
+        for t in range(p * T // P, (p + 1) * T // P):
             _gelu_row(x[t], buf)
             s[t] = _quantize_row(buf, q[t])
     return q, s
 
 
-_FUSED_ROW_TILES = 8  # a job of the fused kernel: 64 rows x all channels (fc1: 192 kB of float32)
-
-
 @_pjit
-def _linear_gelu_quantize_tiles(xp, xsum, wl, G, Kp, Tp, Np, T, N, packed, s_x, scale, bias, has_bias, q, s):
-    """VNNI tiles for whole output rows: each job computes 32 rows x all N channels into a
-    buffer that stays in cache, then GELU + quantizes those rows from there."""
-    NB = Np // vnni.NC
-    RB = Tp // vnni.MR
-    RT = _FUSED_ROW_TILES
-    for job in numba.prange((RB + RT - 1) // RT):
+def _linear_gelu_quantize_tiles(x, wl, K, T, N, packed, s_x, scale, bias, has_bias, q, s):
+    """VNNI tiles for whole output rows: each job computes a row group (64 rows) x all N
+    channels into a buffer that stays in cache, then GELU + quantizes those rows from there."""
+    G = K // 4
+    NB = N // vnni.NC
+    RG = vnni.RT * vnni.MR  # rows a job
+    for job in numba.prange((T + RG - 1) // RG):
         scratch = np.empty(G * 192 if packed else 0, dtype=np.uint8)
-        r0 = job * RT * vnni.MR
-        r1 = min(r0 + RT * vnni.MR, T)
-        buf = np.empty(RT * vnni.MR * N, dtype=np.float32)
+        r0 = job * RG
+        r1 = min(r0 + RG, T)
+        sums = np.empty(RG, dtype=np.int32)
+        vnni._rowsums(x, K, r0, r1, sums)
+        buf = np.empty(RG * N, dtype=np.float32)
         for nb in range(NB):
             w, wnb = vnni._block_weights(wl, nb, G, packed, scratch)
             for t0 in range(r0, r1, vnni.MR):
-                tile = vnni._tile(xp, w, G, Kp, t0, wnb)
+                tile = vnni._tile(x, w, G, K, t0, T, wnb)
                 for r in range(min(vnni.MR, T - t0)):
                     t = t0 + r
                     for v in range(vnni.NV):
                         n = nb * vnni.NC + 16 * v
                         _dequant_store(
-                            buf, (t - r0) * N + n, tile[r * vnni.NV + v], xsum[t], s_x[t], scale, n, bias, has_bias,
-                            False,
+                            buf, (t - r0) * N + n, tile[r * vnni.NV + v], sums[t - r0], s_x[t], scale, n, bias,
+                            has_bias, False,
                         )  # fmt: skip
         for t in range(r0, r1):
             row = buf[(t - r0) * N : (t - r0 + 1) * N]
@@ -331,20 +339,22 @@ def linear_gelu_quantize(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, o
     if kernel_path() != "vnni" or N % vnni.NC or tiles < 16 * numba.get_num_threads() or _PYTHON:
         return gelu_quantize(linear(x_q, s_x, w), (q, s))
     bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
-    padded = vnni._padded(x_q, w.vnni)
-    return _linear_gelu_quantize_tiles(*padded, s_x, w.scale, bias, w.bias is not None, q, s)
+    x, K = vnni._prepared(x_q, w.vnni)
+    wl, packed = w.vnni.wl, w.vnni.packed
+    return _linear_gelu_quantize_tiles(x, wl, K, T, N, packed, s_x, w.scale, bias, w.bias is not None, q, s)
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
     """GELU, erf form (torch ``nn.GELU()`` default), float32 ``(T, K)``."""
-    return _gelu(_f32_2d(x, "gelu"))
+    x = _f32_2d(x, "gelu")
+    return _gelu(x, _parts(x.shape[0]))
 
 
 def gelu_quantize(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None):
     """``quantize_rows(gelu(x))`` in one pass: int8 codes and float32 scales (into ``out``,
     a (codes, scales) pair, when given)."""
     x = _f32_2d(x, "gelu")
-    return _gelu_quantize(x, *_codes_out(x.shape, out))
+    return _gelu_quantize(x, *_codes_out(x.shape, out), _parts(x.shape[0]))
 
 
 def _check_qkv(qkv: np.ndarray, heads: int) -> np.ndarray:
@@ -414,11 +424,12 @@ def _store_rows(out, o, stride, rows, a0, a1, a2, a3):
 
 
 @_pjit
-def _attention(qkv, heads, rows_per_job, out):
+def _attention(qkv, heads, out, P):
     """Attention of 4 query rows at a time, in zmm registers (``kernels/simd.py``).
 
-    Jobs run over (image, head, block of query rows). Each job lays its head's keys out
-    transposed, ``kt[d, j]`` with the key count padded to 16, so that scores for 4 rows x 32
+    Each thread takes an equal share of the (image, head, 4 query rows) units; for each
+    head it starts, it lays the head's keys out transposed, ``kt[d, j]`` with the key
+    count padded to 16, so that scores for 4 rows x 32
     keys accumulate in 8 registers over the head dimension (one broadcast of q per row and
     d, two fused multiply-adds) and probabilities x V for 4 rows x 32 channels likewise over
     the keys: no horizontal sums, and 8 independent sums in flight (4 would wait on the
@@ -433,22 +444,24 @@ def _attention(qkv, heads, rows_per_job, out):
     Np = (N + 15) // 16 * 16
     scale = np.float32(hd**-0.5)
     flat = qkv.reshape(-1)
-    chunks = (N + rows_per_job - 1) // rows_per_job
-    for job in numba.prange(B * heads * chunks):
-        b = job // (heads * chunks)
-        h = (job // chunks) % heads
-        r0 = (job % chunks) * rows_per_job
-        r1 = min(r0 + rows_per_job, N)
+    quads = (N + 3) // 4
+    U = B * heads * quads  # work units: 4 query rows of one image and head
+    for part in numba.prange(P):  # equal numbers of units, consecutive ones share a head
         kt = np.zeros(hd * Np, dtype=np.float32)  # padded keys score 0 and are never read
-        for j in range(N):
-            base = (b * N + j) * C3 + C + h * hd
-            for d in range(hd):
-                kt[d * Np + j] = flat[base + d]
         p = np.empty(4 * Np, dtype=np.float32)
         inv = np.empty(4, dtype=np.float32)  # 1 / sum of each row's exponentials
         scale_v = _fsplat(scale)
-        for i0 in range(r0, r1, 4):
-            rows = min(4, r1 - i0)
+        b = h = have = -1
+        for u in range(part * U // P, (part + 1) * U // P):
+            if u // quads != have:  # a new (image, head): lay its keys out transposed
+                have = u // quads
+                b, h = have // heads, have % heads
+                for j in range(N):
+                    base = (b * N + j) * C3 + C + h * hd
+                    for d in range(hd):
+                        kt[d * Np + j] = flat[base + d]
+            i0 = (u % quads) * 4
+            rows = min(4, N - i0)
             q0 = (b * N + i0) * C3 + h * hd  # rows past the block repeat the last one
             q1 = (b * N + i0 + min(1, rows - 1)) * C3 + h * hd
             q2 = (b * N + i0 + min(2, rows - 1)) * C3 + h * hd
@@ -547,9 +560,7 @@ def attention(qkv: np.ndarray, heads: int, out: np.ndarray | None = None) -> np.
     if (C3 // 3 // heads) % 16 or numba.config.DISABLE_JIT:
         out[...] = attention_ref(qkv, heads)
         return out
-    # enough jobs for every core at batch 1, whole heads (one key transpose each) otherwise
-    rows = 16 if B * heads < 4 * numba.get_num_threads() else (N + 3) // 4 * 4
-    _attention(qkv, int(heads), rows, out.reshape(-1))
+    _attention(qkv, int(heads), out.reshape(-1), _parts(B * heads * ((N + 3) // 4)))
     return out
 
 

@@ -107,6 +107,26 @@ def _dpbusd(typingctx, acc, u8, s8):
 
 
 @intrinsic
+def _vsplat(typingctx, value):
+    """An int32 copied to all 16 lanes."""
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[0], _V16)
+
+    return zmm(types.int32), codegen
+
+
+@intrinsic
+def _vhsum(typingctx, a):
+    """The sum of the 16 int32 lanes (exact)."""
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.vector.reduce.add.v16i32", _I32, args)
+
+    return types.int32(zmm), codegen
+
+
+@intrinsic
 def _vstore(typingctx, arr, index, vec):
     """Store 16 int32 lanes into an int32 array from element ``index``."""
 
