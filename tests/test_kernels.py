@@ -11,6 +11,7 @@ from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels import (
     PreparedTernary,
     attention,
+    attention_quantize,
     attention_ref,
     cpu_has_vnni,
     gelu,
@@ -18,10 +19,12 @@ from tinyvit158.kernels import (
     layernorm,
     layernorm_quantize,
     linear,
+    linear_add_norm_quantize,
     linear_gelu_quantize,
     linear_ref,
     matmul,
     matmul_ref,
+    quantize_rows,
 )
 from tinyvit158.packing import pack
 from tinyvit158.quant import quantize_activations
@@ -264,11 +267,12 @@ def test_out_arguments_are_used_and_checked():
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize(
-    ("t", "k", "n"), [(300, 48, 96), (513, 100, 768), (1100, 192, 144), (65, 192, 768), (700, 8, 50)]
+    ("t", "k", "n"), [(300, 48, 96), (513, 100, 768), (1100, 192, 144), (65, 192, 768), (65, 768, 192), (700, 8, 50)]
 )
-def test_linear_gelu_quantize_equals_the_two_steps(path, t, k, n, monkeypatch):
-    """Fused (many rows, N % 48 == 0 on the VNNI path) or not, the codes and scales are
-    those of gelu_quantize(linear(...)) bit for bit; tile edges in T and K included."""
+def test_fused_linear_kernels_equal_their_steps(path, t, k, n, monkeypatch):
+    """Fused (N % 48 == 0 on the VNNI path) or not, linear_gelu_quantize and
+    linear_add_norm_quantize give the codes, scales and residual of their steps run one
+    after the other, bit for bit; tile edges in T and K included."""
     name, packed = kernel(path)
     monkeypatch.setenv("TINYVIT158_KERNEL", name)
     rng = np.random.default_rng(t + k + n)
@@ -282,6 +286,28 @@ def test_linear_gelu_quantize_equals_the_two_steps(path, t, k, n, monkeypatch):
     q_ref, s_ref = gelu_quantize(linear_ref(x_q, s_x, w))
     assert np.array_equal(q, q_ref) and np.array_equal(s, s_ref)
 
+    res = rng.standard_normal((t, n)).astype(np.float32)
+    gamma, beta = rng.random(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    res_ref = res + linear_ref(x_q, s_x, w)
+    q, s = linear_add_norm_quantize(x_q, s_x, w, res, gamma, beta, 1e-6)
+    q_ref, s_ref = layernorm_quantize(res_ref, gamma, beta, 1e-6)
+    assert np.array_equal(res, res_ref) and np.array_equal(q, q_ref) and np.array_equal(s, s_ref)
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 3),
+    n=st.integers(1, 70),
+    heads=st.sampled_from([1, 3, 4]),
+    hd=st.sampled_from([8, 16, 64]),
+)
+def test_attention_quantize_equals_the_two_steps(seed, b, n, heads, hd):
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((b, n, 3 * heads * hd)).astype(np.float32)
+    q, s = attention_quantize(qkv, heads)
+    q_ref, s_ref = quantize_rows(attention(qkv, heads).reshape(b * n, heads * hd))
+    assert np.array_equal(q, q_ref) and np.array_equal(s, s_ref)
+
 
 @pytest.mark.skipif(not cpu_has_vnni(), reason="CPU lacks AVX-512 VNNI")
 @pytest.mark.parametrize("parts", [1, 3, 5, 64])
@@ -289,7 +315,7 @@ def test_linear_gelu_quantize_equals_the_two_steps(path, t, k, n, monkeypatch):
 def test_work_split_does_not_change_results(parts, packed):
     """Each kernel hands its jobs equal shares of the work (one job per thread by default);
     any number of jobs, more than there are tiles or rows included, gives the same bits."""
-    from tinyvit158.kernels import ops, vnni
+    from tinyvit158.kernels import fused, ops, vnni
 
     rng = np.random.default_rng(parts)
     t, k, n = 65, 192, 96  # 9 row tiles x 2 channel blocks; the last tile has one row
@@ -313,7 +339,15 @@ def test_work_split_does_not_change_results(parts, packed):
     q, s = np.zeros((t, k), np.int8), np.zeros(t, np.float32)
     ops._gelu_quantize(h, q, s, parts)
     assert all(np.array_equal(a, b) for a, b in zip((q, s), gelu_quantize(h), strict=True))
+    q, s = np.zeros((t, n), np.int8), np.zeros(t, np.float32)
+    e = fused._NONE
+    fused._linear_rows(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, s_x, w.scale, w.bias, True, fused._GELU, e, e, e,
+                       0.0, q, s)  # fmt: skip
+    assert all(np.array_equal(a, b) for a, b in zip((q, s), gelu_quantize(linear_ref(x_q, s_x, w)), strict=True))
     qkv = rng.standard_normal((2, t, 3 * 2 * 16)).astype(np.float32)
     o = np.zeros((2, t, 32), np.float32)
-    ops._attention(qkv, 2, o.reshape(-1), parts)
+    ops._attention(qkv, 2, o.reshape(-1), parts, False, ops._NO_CODES, ops._NO_SCALES)
     assert np.array_equal(o, attention(qkv, 2))
+    q, s = np.zeros((2 * t, 32), np.int8), np.zeros(2 * t, np.float32)
+    ops._attention(qkv, 2, ops._NO_SCALES, parts, True, q, s)
+    assert all(np.array_equal(a, b) for a, b in zip((q, s), quantize_rows(o.reshape(2 * t, 32)), strict=True))

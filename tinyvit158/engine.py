@@ -2,18 +2,21 @@
 Numba int8 x ternary kernels (exact int32 accumulation) and float32 everywhere else.
 
 Tokens of the whole batch are flattened to rows, ``T = B * (N + 1)``, for every linear
-layer; attention runs per image and head. Each quantizer is fused into the step that
-produces its input (LayerNorm -> int8, GELU -> int8), so a block is:
+layer; attention runs per image. Each quantizer is fused into the step that produces its
+input (LayerNorm -> int8, GELU -> int8, attention -> int8), so a block is:
 
-    h_q, s = layernorm_quantize(x, norm1)      qkv = linear(h_q, s, qkv)     (T, 3D)
-    o = attention(qkv)                         o_q, s = quantize_rows(o)
-    x = x + linear(o_q, s, proj)
-    h_q, s = layernorm_quantize(x, norm2)      h = linear(h_q, s, fc1)       (T, hidden)
-    g_q, s = gelu_quantize(h)                  x = x + linear(g_q, s, fc2)
+    qkv = linear(x_q, s, qkv)                                          (T, 3D)
+    o_q, s = attention_quantize(qkv)
+    x += linear(o_q, s, proj);    h_q, s = layernorm_quantize(x, norm2)
+    g_q, s = gelu_quantize(linear(h_q, s, fc1))                        (T, hidden)
+    x += linear(g_q, s, fc2);     x_q, s = layernorm_quantize(x, next block's norm1)
 
-With many tokens the two MLP steps ``linear(fc1)`` and ``gelu_quantize`` are one kernel
-(``kernels.linear_gelu_quantize``): each job makes whole rows of h in cache and quantizes
-them there, so the float32 hidden layer never goes to memory.
+where ``x_q`` came from the previous block (the first block's from ``norm1``). When every
+layer of the blocks is ternary and the VNNI path runs, each line is one kernel (one
+parallel region): ``kernels.attention_quantize``, ``kernels.linear_add_norm_quantize``
+and ``kernels.linear_gelu_quantize`` compute whole output rows and finish them in cache
+(bit-identical to the steps one after the other). Other models (float layers, BitLinear
+norms) run the steps one by one.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels import (
     PreparedTernary,
     attention,
+    attention_quantize,
     float_linear,
     gelu,
     gelu_quantize,
@@ -35,6 +39,7 @@ from tinyvit158.kernels import (
     layernorm,
     layernorm_quantize,
     linear,
+    linear_add_norm_quantize,
     linear_gelu_quantize,
     quantize_rows,
 )
@@ -92,8 +97,8 @@ class Engine:
         self.record: dict[str, np.ndarray] | None = None  # layer -> int8 input codes (tests)
         self.timings: dict[str, float] | None = None  # part -> seconds (bench --layers)
         self.trace: dict[str, np.ndarray] | None = None  # stage -> output, the oracle's stage names
-        mlp = [f"blocks.{i}.mlp.{fc}" for i in range(cfg.depth) for fc in ("fc1", "fc2")]
-        self._fused_mlp = not cfg.bitlinear_norm and all(layer in self.ternary for layer in mlp)
+        blocks = [layer for layer in cfg.linear_shapes() if layer.startswith("blocks.")]
+        self._fused = not cfg.bitlinear_norm and all(layer in self.ternary for layer in blocks)
         self._workspace = threading.local()
 
     def _buf(self, key: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
@@ -187,25 +192,50 @@ class Engine:
             self._toc(part, t0)
         return y
 
-    def _mlp_fused(self, x: np.ndarray, blk: str) -> None:
-        """``x += fc2(gelu(fc1(norm2(x))))`` in place, with fc1, GELU and fc2's quantizer as
-        one kernel (bit-identical to the unfused steps; no float32 hidden layer in memory)."""
-        timing = self.timings is not None
+    def _blocks_fused(self, x: np.ndarray, B: int) -> None:
+        """Every block, ``x`` (T, D) updated in place, each step one kernel (module docstring)."""
+        cfg, p, tern = self.cfg, self.p, self.ternary
+        T, D = x.shape
+        timing, record = self.timings is not None, self.record
         t0 = time.perf_counter() if timing else 0.0
-        fc1, fc2 = self.ternary[f"{blk}.mlp.fc1"], self.ternary[f"{blk}.mlp.fc2"]
-        x_q, s_x = self._ln_quantize(x, f"{blk}.norm2")
+        codes = self._codes_buf(x)  # each block's qkv input, then its fc1 input
+        attn_codes = self._buf("attn_codes", (T, D), np.int8), self._buf("attn_scales", (T,))
+        hidden_codes = self._buf("hidden_codes", (T, cfg.hidden_dim), np.int8), self._buf("hidden_scales", (T,))
+        x_q, s_x = self._ln_quantize(x, "blocks.0.norm1")
         if timing:
             t0 = self._toc("norm+quant", t0)
-        T = x.shape[0]
-        codes = (self._buf("hidden_codes", (T, fc1.out_features), np.int8), self._buf("hidden_scales", (T,)))
-        g_q, g_s = linear_gelu_quantize(x_q, s_x, fc1, codes)
-        if self.record is not None:
-            self.record[f"{blk}.mlp.fc1"], self.record[f"{blk}.mlp.fc2"] = x_q.copy(), g_q.copy()
-        if timing:
-            t0 = self._toc("fc1+gelu+quant", t0)
-        linear(g_q, g_s, fc2, residual=x)
-        if timing:
-            self._toc("fc2", t0)
+        for i in range(cfg.depth):
+            blk = f"blocks.{i}"
+            if record is not None:
+                record[f"{blk}.attn.qkv"] = x_q.copy()
+            qkv = linear(x_q, s_x, tern[f"{blk}.attn.qkv"], out=self._buf("qkv", (T, 3 * D)))
+            if timing:
+                t0 = self._toc("qkv", t0)
+            o_q, o_s = attention_quantize(qkv.reshape(B, T // B, 3 * D), cfg.heads, attn_codes)
+            if record is not None:
+                record[f"{blk}.attn.proj"] = o_q.copy()
+            if timing:
+                t0 = self._toc("attention+quant", t0)
+            norm2 = p[f"{blk}.norm2.weight"], p[f"{blk}.norm2.bias"], cfg.norm_eps
+            h_q, h_s = linear_add_norm_quantize(o_q, o_s, tern[f"{blk}.attn.proj"], x, *norm2, codes)
+            if record is not None:
+                record[f"{blk}.mlp.fc1"] = h_q.copy()
+            if timing:
+                t0 = self._toc("proj+norm+quant", t0)
+            g_q, g_s = linear_gelu_quantize(h_q, h_s, tern[f"{blk}.mlp.fc1"], hidden_codes)
+            if record is not None:
+                record[f"{blk}.mlp.fc2"] = g_q.copy()
+            if timing:
+                t0 = self._toc("fc1+gelu+quant", t0)
+            fc2 = tern[f"{blk}.mlp.fc2"]
+            if i + 1 < cfg.depth:
+                norm1 = p[f"blocks.{i + 1}.norm1.weight"], p[f"blocks.{i + 1}.norm1.bias"], cfg.norm_eps
+                x_q, s_x = linear_add_norm_quantize(g_q, g_s, fc2, x, *norm1, codes)
+            else:
+                linear(g_q, g_s, fc2, residual=x)
+            if timing:
+                t0 = self._toc("fc2+norm+quant" if i + 1 < cfg.depth else "fc2", t0)
+            self._keep(blk, x.reshape(B, T // B, D))
 
     # -- model ---------------------------------------------------------------------------
     def check_images(self, images: np.ndarray) -> np.ndarray:
@@ -236,6 +266,9 @@ class Engine:
         x[:, 1:] = emb + self.p["pos_embed"][0, 1:]
         self._keep("tokens", x)
         x = x.reshape(B * N1, D)  # (T, D): every token of the batch is a row
+        if self._fused:
+            self._blocks_fused(x, B)
+            return x.reshape(B, N1, D)
         for i in range(cfg.depth):
             blk = f"blocks.{i}"
             qkv = self.linear(x, f"{blk}.attn.qkv", norm=f"{blk}.norm1", out="qkv")  # (T, 3D)
@@ -244,11 +277,8 @@ class Engine:
             if self.timings is not None:
                 self._toc("attention", t0)
             self.linear(o, f"{blk}.attn.proj", residual=x)  # x += proj(o), in place
-            if self._fused_mlp:
-                self._mlp_fused(x, blk)  # x += fc2(gelu(fc1(norm2(x)))), in place
-            else:
-                h = self.linear(x, f"{blk}.mlp.fc1", norm=f"{blk}.norm2", out="hidden")  # (T, hidden)
-                self.linear(h, f"{blk}.mlp.fc2", act=True, residual=x)  # x += fc2(gelu(h))
+            h = self.linear(x, f"{blk}.mlp.fc1", norm=f"{blk}.norm2", out="hidden")  # (T, hidden)
+            self.linear(h, f"{blk}.mlp.fc2", act=True, residual=x)  # x += fc2(gelu(h))
             self._keep(blk, x.reshape(B, N1, D))
         return x.reshape(B, N1, D)
 

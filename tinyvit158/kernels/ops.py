@@ -16,9 +16,7 @@ import numba
 import numpy as np
 
 from tinyvit158.errors import TinyViTError
-from tinyvit158.kernels import vnni
 from tinyvit158.kernels.simd import (
-    _dequant_store,
     _fabs,
     _fadd,
     _fdiv,
@@ -35,7 +33,7 @@ from tinyvit158.kernels.simd import (
     _fsub,
     _fzero,
 )
-from tinyvit158.kernels.ternary import PreparedTernary, _check_sx, _check_x, check_out, kernel_path, linear
+from tinyvit158.kernels.ternary import check_out
 from tinyvit158.quant import ACT_EPS, ACT_QMAX
 
 # error_model="numpy": a float division by zero gives inf instead of raising, which removes
@@ -290,60 +288,6 @@ def _gelu_quantize(x, q, s, P):
     return q, s
 
 
-@_pjit
-def _linear_gelu_quantize_tiles(x, wl, K, T, N, packed, s_x, scale, bias, has_bias, q, s):
-    """VNNI tiles for whole output rows: each job computes a row group (64 rows) x all N
-    channels into a buffer that stays in cache, then GELU + quantizes those rows from there."""
-    G = K // 4
-    NB = N // vnni.NC
-    RG = vnni.RT * vnni.MR  # rows a job
-    for job in numba.prange((T + RG - 1) // RG):
-        scratch = np.empty(G * 192 if packed else 0, dtype=np.uint8)
-        r0 = job * RG
-        r1 = min(r0 + RG, T)
-        sums = np.empty(RG, dtype=np.int32)
-        vnni._rowsums(x, K, r0, r1, sums)
-        buf = np.empty(RG * N, dtype=np.float32)
-        for nb in range(NB):
-            w, wnb = vnni._block_weights(wl, nb, G, packed, scratch)
-            for t0 in range(r0, r1, vnni.MR):
-                tile = vnni._tile(x, w, G, K, t0, T, wnb)
-                for r in range(min(vnni.MR, T - t0)):
-                    t = t0 + r
-                    for v in range(vnni.NV):
-                        n = nb * vnni.NC + 16 * v
-                        _dequant_store(
-                            buf, (t - r0) * N + n, tile[r * vnni.NV + v], sums[t - r0], s_x[t], scale, n, bias,
-                            has_bias, False,
-                        )  # fmt: skip
-        for t in range(r0, r1):
-            row = buf[(t - r0) * N : (t - r0 + 1) * N]
-            _gelu_row(row, row)
-            s[t] = _quantize_row(row, q[t])
-    return q, s
-
-
-def linear_gelu_quantize(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, out=None):
-    """``gelu_quantize(linear(x_q, s_x, w))``, bit-identical, as one kernel when it pays.
-
-    On the VNNI path with at least 16 row tiles per thread, each job computes whole output
-    rows (all channels) and quantizes them while they are in cache, so the (T, N) float32
-    hidden layer of the MLP never goes to memory (at batch 64 of cifar10-tiny: 12.8 MB
-    written and read back per block). Otherwise it is the two calls.
-    """
-    x_q = _check_x(x_q, w)
-    s_x = _check_sx(s_x, x_q)
-    T, N = x_q.shape[0], w.out_features
-    q, s = _codes_out((T, N), out)
-    tiles = -(-T // vnni.MR)
-    if kernel_path() != "vnni" or N % vnni.NC or tiles < 16 * numba.get_num_threads() or _PYTHON:
-        return gelu_quantize(linear(x_q, s_x, w), (q, s))
-    bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
-    x, K = vnni._prepared(x_q, w.vnni)
-    wl, packed = w.vnni.wl, w.vnni.packed
-    return _linear_gelu_quantize_tiles(x, wl, K, T, N, packed, s_x, w.scale, bias, w.bias is not None, q, s)
-
-
 def gelu(x: np.ndarray) -> np.ndarray:
     """GELU, erf form (torch ``nn.GELU()`` default), float32 ``(T, K)``."""
     x = _f32_2d(x, "gelu")
@@ -424,19 +368,22 @@ def _store_rows(out, o, stride, rows, a0, a1, a2, a3):
 
 
 @_pjit
-def _attention(qkv, heads, out, P):
+def _attention(qkv, heads, out, P, quantize, q, s):
     """Attention of 4 query rows at a time, in zmm registers (``kernels/simd.py``).
 
-    Each thread takes an equal share of the (image, head, 4 query rows) units; for each
-    head it starts, it lays the head's keys out transposed, ``kt[d, j]`` with the key
-    count padded to 16, so that scores for 4 rows x 32
+    Each thread takes an equal share of the (image, 4 query rows) units, and runs every
+    head of a unit. For each image it starts, it lays the keys out transposed, ``kt[c, j]``
+    with the key count padded to 16, so that scores for 4 rows x 32
     keys accumulate in 8 registers over the head dimension (one broadcast of q per row and
     d, two fused multiply-adds) and probabilities x V for 4 rows x 32 channels likewise over
     the keys: no horizontal sums, and 8 independent sums in flight (4 would wait on the
     FMA latency). Each row's 1 / sum of exponentials multiplies its output instead of its
     probabilities (one pass less), and the row max and sum reduce as trees. Softmax runs
     on the score rows in between. Measured at batch 64 of cifar10-tiny: 3.4 ms a call
-    before these three changes, 1.95 after. Needs a head dimension that is a multiple of 16 (the engine checks).
+    before these three changes, 1.95 after. With ``quantize`` the output rows stay in a
+    4-row buffer and become int8 codes ``q`` and scales ``s`` (``quantize_rows``) as soon as
+    the unit's last head is done; else they go to ``out``. Needs a head dimension that is
+    a multiple of 16 (the wrappers check).
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
@@ -445,107 +392,112 @@ def _attention(qkv, heads, out, P):
     scale = np.float32(hd**-0.5)
     flat = qkv.reshape(-1)
     quads = (N + 3) // 4
-    U = B * heads * quads  # work units: 4 query rows of one image and head
-    for part in numba.prange(P):  # equal numbers of units, consecutive ones share a head
-        kt = np.zeros(hd * Np, dtype=np.float32)  # padded keys score 0 and are never read
+    U = B * quads  # work units: 4 query rows of one image, every head
+    for part in numba.prange(P):  # equal numbers of units; consecutive ones share an image
+        kt = np.zeros(C * Np, dtype=np.float32)  # padded keys score 0 and are never read
         p = np.empty(4 * Np, dtype=np.float32)
         inv = np.empty(4, dtype=np.float32)  # 1 / sum of each row's exponentials
+        ob = np.empty(4 * C if quantize else 0, dtype=np.float32)  # the unit's output rows
         scale_v = _fsplat(scale)
-        b = h = have = -1
+        b = -1
         for u in range(part * U // P, (part + 1) * U // P):
-            if u // quads != have:  # a new (image, head): lay its keys out transposed
-                have = u // quads
-                b, h = have // heads, have % heads
+            if u // quads != b:  # a new image: lay its keys out transposed, kt[c, j]
+                b = u // quads
                 for j in range(N):
-                    base = (b * N + j) * C3 + C + h * hd
-                    for d in range(hd):
-                        kt[d * Np + j] = flat[base + d]
+                    base = (b * N + j) * C3 + C
+                    for c in range(C):
+                        kt[c * Np + j] = flat[base + c]
             i0 = (u % quads) * 4
             rows = min(4, N - i0)
-            q0 = (b * N + i0) * C3 + h * hd  # rows past the block repeat the last one
-            q1 = (b * N + i0 + min(1, rows - 1)) * C3 + h * hd
-            q2 = (b * N + i0 + min(2, rows - 1)) * C3 + h * hd
-            q3 = (b * N + i0 + min(3, rows - 1)) * C3 + h * hd
-            jc = 0
-            while jc + 32 <= Np:  # 4 rows x 32 keys: 8 independent sums hide the FMA latency
-                a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _fzero()
-                for d in range(hd):
-                    kv = _fload(kt, d * Np + jc)
-                    kw = _fload(kt, d * Np + jc + 16)
-                    s0, s1, s2, s3 = (
-                        _fsplat(flat[q0 + d]),
-                        _fsplat(flat[q1 + d]),
-                        _fsplat(flat[q2 + d]),
-                        _fsplat(flat[q3 + d]),
-                    )
-                    a0, c0 = _ffma(s0, kv, a0), _ffma(s0, kw, c0)
-                    a1, c1 = _ffma(s1, kv, a1), _ffma(s1, kw, c1)
-                    a2, c2 = _ffma(s2, kv, a2), _ffma(s2, kw, c2)
-                    a3, c3 = _ffma(s3, kv, a3), _ffma(s3, kw, c3)
-                _fstore(p, jc, a0)
-                _fstore(p, jc + 16, c0)
-                _fstore(p, Np + jc, a1)
-                _fstore(p, Np + jc + 16, c1)
-                _fstore(p, 2 * Np + jc, a2)
-                _fstore(p, 2 * Np + jc + 16, c2)
-                _fstore(p, 3 * Np + jc, a3)
-                _fstore(p, 3 * Np + jc + 16, c3)
-                jc += 32
-            if jc < Np:  # the last 16 keys
-                a0 = a1 = a2 = a3 = _fzero()
-                for d in range(hd):
-                    kv = _fload(kt, d * Np + jc)
-                    a0 = _ffma(_fsplat(flat[q0 + d]), kv, a0)
-                    a1 = _ffma(_fsplat(flat[q1 + d]), kv, a1)
-                    a2 = _ffma(_fsplat(flat[q2 + d]), kv, a2)
-                    a3 = _ffma(_fsplat(flat[q3 + d]), kv, a3)
-                _fstore(p, jc, a0)
-                _fstore(p, Np + jc, a1)
-                _fstore(p, 2 * Np + jc, a2)
-                _fstore(p, 3 * Np + jc, a3)
-            for r in range(4):  # softmax of each score row (max-subtracted), 16 keys at a time
-                base = r * Np
-                for j in range(N, Np):
-                    p[base + j] = -np.inf  # padded keys: no weight
-                mv = _fsplat(np.float32(-np.inf))
-                for jc in range(0, Np, 16):
-                    v = _fmul(_fload(p, base + jc), scale_v)
-                    _fstore(p, base + jc, v)
-                    mv = _fmax(mv, v)
-                m = _fsplat(_fhmax(mv))
-                sv = _fzero()
-                for jc in range(0, Np, 16):
-                    e = _fexp_nonpositive(_fsub(_fload(p, base + jc), m))
-                    _fstore(p, base + jc, e)
-                    sv = _fadd(sv, e)
-                inv[r] = np.float32(1.0) / _fhsum(sv)  # applied to the row's output: one pass less
-            i0v, i1v, i2v, i3v = _fsplat(inv[0]), _fsplat(inv[1]), _fsplat(inv[2]), _fsplat(inv[3])
-            dc = 0
-            while dc + 32 <= hd:  # 4 rows x 32 channels: 8 independent sums
-                a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _fzero()
-                for j in range(N):
-                    vb = (b * N + j) * C3 + 2 * C + h * hd + dc
-                    vv, vw = _fload(flat, vb), _fload(flat, vb + 16)
-                    s0, s1, s2, s3 = _fsplat(p[j]), _fsplat(p[Np + j]), _fsplat(p[2 * Np + j]), _fsplat(p[3 * Np + j])
-                    a0, c0 = _ffma(s0, vv, a0), _ffma(s0, vw, c0)
-                    a1, c1 = _ffma(s1, vv, a1), _ffma(s1, vw, c1)
-                    a2, c2 = _ffma(s2, vv, a2), _ffma(s2, vw, c2)
-                    a3, c3 = _ffma(s3, vv, a3), _ffma(s3, vw, c3)
-                o = (b * N + i0) * C + h * hd + dc
-                _store_rows(out, o, C, rows, _fmul(a0, i0v), _fmul(a1, i1v), _fmul(a2, i2v), _fmul(a3, i3v))
-                _store_rows(out, o + 16, C, rows, _fmul(c0, i0v), _fmul(c1, i1v), _fmul(c2, i2v), _fmul(c3, i3v))
-                dc += 32
-            if dc < hd:  # the last 16 channels
-                a0 = a1 = a2 = a3 = _fzero()
-                for j in range(N):
-                    vv = _fload(flat, (b * N + j) * C3 + 2 * C + h * hd + dc)
-                    a0 = _ffma(_fsplat(p[j]), vv, a0)
-                    a1 = _ffma(_fsplat(p[Np + j]), vv, a1)
-                    a2 = _ffma(_fsplat(p[2 * Np + j]), vv, a2)
-                    a3 = _ffma(_fsplat(p[3 * Np + j]), vv, a3)
-                o = (b * N + i0) * C + h * hd + dc
-                _store_rows(out, o, C, rows, _fmul(a0, i0v), _fmul(a1, i1v), _fmul(a2, i2v), _fmul(a3, i3v))
-    return out.reshape(B, N, C)
+            dst, obase = (ob, 0) if quantize else (out, (b * N + i0) * C)
+            for h in range(heads):
+                q0 = (b * N + i0) * C3 + h * hd  # rows past the block repeat the last one
+                q1 = (b * N + i0 + min(1, rows - 1)) * C3 + h * hd
+                q2 = (b * N + i0 + min(2, rows - 1)) * C3 + h * hd
+                q3 = (b * N + i0 + min(3, rows - 1)) * C3 + h * hd
+                jc = 0
+                while jc + 32 <= Np:  # 4 rows x 32 keys: 8 independent sums hide the FMA latency
+                    a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _fzero()
+                    for d in range(hd):
+                        kv = _fload(kt, (h * hd + d) * Np + jc)
+                        kw = _fload(kt, (h * hd + d) * Np + jc + 16)
+                        s0, s1, s2, s3 = (
+                            _fsplat(flat[q0 + d]),
+                            _fsplat(flat[q1 + d]),
+                            _fsplat(flat[q2 + d]),
+                            _fsplat(flat[q3 + d]),
+                        )
+                        a0, c0 = _ffma(s0, kv, a0), _ffma(s0, kw, c0)
+                        a1, c1 = _ffma(s1, kv, a1), _ffma(s1, kw, c1)
+                        a2, c2 = _ffma(s2, kv, a2), _ffma(s2, kw, c2)
+                        a3, c3 = _ffma(s3, kv, a3), _ffma(s3, kw, c3)
+                    _fstore(p, jc, a0)
+                    _fstore(p, jc + 16, c0)
+                    _fstore(p, Np + jc, a1)
+                    _fstore(p, Np + jc + 16, c1)
+                    _fstore(p, 2 * Np + jc, a2)
+                    _fstore(p, 2 * Np + jc + 16, c2)
+                    _fstore(p, 3 * Np + jc, a3)
+                    _fstore(p, 3 * Np + jc + 16, c3)
+                    jc += 32
+                if jc < Np:  # the last 16 keys
+                    a0 = a1 = a2 = a3 = _fzero()
+                    for d in range(hd):
+                        kv = _fload(kt, (h * hd + d) * Np + jc)
+                        a0 = _ffma(_fsplat(flat[q0 + d]), kv, a0)
+                        a1 = _ffma(_fsplat(flat[q1 + d]), kv, a1)
+                        a2 = _ffma(_fsplat(flat[q2 + d]), kv, a2)
+                        a3 = _ffma(_fsplat(flat[q3 + d]), kv, a3)
+                    _fstore(p, jc, a0)
+                    _fstore(p, Np + jc, a1)
+                    _fstore(p, 2 * Np + jc, a2)
+                    _fstore(p, 3 * Np + jc, a3)
+                for r in range(4):  # softmax of each score row (max-subtracted), 16 keys at a time
+                    base = r * Np
+                    for j in range(N, Np):
+                        p[base + j] = -np.inf  # padded keys: no weight
+                    mv = _fsplat(np.float32(-np.inf))
+                    for jc in range(0, Np, 16):
+                        v = _fmul(_fload(p, base + jc), scale_v)
+                        _fstore(p, base + jc, v)
+                        mv = _fmax(mv, v)
+                    m = _fsplat(_fhmax(mv))
+                    sv = _fzero()
+                    for jc in range(0, Np, 16):
+                        e = _fexp_nonpositive(_fsub(_fload(p, base + jc), m))
+                        _fstore(p, base + jc, e)
+                        sv = _fadd(sv, e)
+                    inv[r] = np.float32(1.0) / _fhsum(sv)  # applied to the row's output: one pass less
+                i0v, i1v, i2v, i3v = _fsplat(inv[0]), _fsplat(inv[1]), _fsplat(inv[2]), _fsplat(inv[3])
+                dc = 0
+                while dc + 32 <= hd:  # 4 rows x 32 channels: 8 independent sums
+                    a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _fzero()
+                    for j in range(N):
+                        vb = (b * N + j) * C3 + 2 * C + h * hd + dc
+                        vv, vw = _fload(flat, vb), _fload(flat, vb + 16)
+                        s0, s1 = _fsplat(p[j]), _fsplat(p[Np + j])
+                        s2, s3 = _fsplat(p[2 * Np + j]), _fsplat(p[3 * Np + j])
+                        a0, c0 = _ffma(s0, vv, a0), _ffma(s0, vw, c0)
+                        a1, c1 = _ffma(s1, vv, a1), _ffma(s1, vw, c1)
+                        a2, c2 = _ffma(s2, vv, a2), _ffma(s2, vw, c2)
+                        a3, c3 = _ffma(s3, vv, a3), _ffma(s3, vw, c3)
+                    o = obase + h * hd + dc
+                    _store_rows(dst, o, C, rows, _fmul(a0, i0v), _fmul(a1, i1v), _fmul(a2, i2v), _fmul(a3, i3v))
+                    _store_rows(dst, o + 16, C, rows, _fmul(c0, i0v), _fmul(c1, i1v), _fmul(c2, i2v), _fmul(c3, i3v))
+                    dc += 32
+                if dc < hd:  # the last 16 channels
+                    a0 = a1 = a2 = a3 = _fzero()
+                    for j in range(N):
+                        vv = _fload(flat, (b * N + j) * C3 + 2 * C + h * hd + dc)
+                        a0 = _ffma(_fsplat(p[j]), vv, a0)
+                        a1 = _ffma(_fsplat(p[Np + j]), vv, a1)
+                        a2 = _ffma(_fsplat(p[2 * Np + j]), vv, a2)
+                        a3 = _ffma(_fsplat(p[3 * Np + j]), vv, a3)
+                    o = obase + h * hd + dc
+                    _store_rows(dst, o, C, rows, _fmul(a0, i0v), _fmul(a1, i1v), _fmul(a2, i2v), _fmul(a3, i3v))
+            if quantize:  # whole rows are done: their int8 codes, from cache
+                for r in range(rows):
+                    s[b * N + i0 + r] = _quantize_row(ob[r * C : (r + 1) * C], q[b * N + i0 + r])
 
 
 def attention(qkv: np.ndarray, heads: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -557,11 +509,28 @@ def attention(qkv: np.ndarray, heads: int, out: np.ndarray | None = None) -> np.
     qkv = _check_qkv(qkv, heads)
     B, N, C3 = qkv.shape
     out = check_out(out, (B, N, C3 // 3), np.float32, "out")
-    if (C3 // 3 // heads) % 16 or numba.config.DISABLE_JIT:
+    if (C3 // 3 // heads) % 16 or _PYTHON:
         out[...] = attention_ref(qkv, heads)
-        return out
-    _attention(qkv, int(heads), out.reshape(-1), _parts(B * heads * ((N + 3) // 4)))
+    else:
+        _attention(qkv, int(heads), out.reshape(-1), _parts(B * ((N + 3) // 4)), False, _NO_CODES, _NO_SCALES)
     return out
+
+
+def attention_quantize(qkv: np.ndarray, heads: int, out: tuple[np.ndarray, np.ndarray] | None = None):
+    """``quantize_rows(attention(qkv, heads))`` as one kernel, bit-identical: int8 codes
+    (B * N, dim) and float32 scales (B * N,), into ``out`` when given. Each unit of work
+    finishes its 4 rows for every head, so it quantizes them while they are in cache."""
+    qkv = _check_qkv(qkv, heads)
+    B, N, C3 = qkv.shape
+    q, s = _codes_out((B * N, C3 // 3), out)
+    if (C3 // 3 // heads) % 16 or _PYTHON:
+        return quantize_rows(attention(qkv, heads).reshape(B * N, -1), (q, s))
+    _attention(qkv, int(heads), _NO_SCALES, _parts(B * ((N + 3) // 4)), True, q, s)
+    return q, s
+
+
+_NO_CODES = np.empty((0, 0), dtype=np.int8)
+_NO_SCALES = np.empty(0, dtype=np.float32)
 
 
 @_pjit

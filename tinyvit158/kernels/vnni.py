@@ -168,19 +168,38 @@ RT = 8  # row tiles of a row group: 64 rows, whose activations stay in cache acr
 
 
 @numba.njit(cache=True)
+def _unpack_block(wl, nb, G, dst, dst_nb):
+    """Spread block ``nb`` of the 2-bit layout ``wl`` to the 1-byte layout, as block
+    ``dst_nb`` of ``dst``."""
+    for g in range(G):
+        src = (nb * G + g) * 48
+        o = (dst_nb * G + g) * 192
+        _vstore(dst, o, _vload_u2(wl, src))
+        _vstore(dst, o + 64, _vload_u2(wl, src + 16))
+        _vstore(dst, o + 128, _vload_u2(wl, src + 32))
+
+
+@numba.njit(cache=True)
 def _block_weights(wl, nb, G, packed, scratch):
     """The 1-byte layout of channel block ``nb``, and its block index in that array: the
     array itself when not packed, else ``scratch`` after spreading the 2-bit codes into it
     (once per block a job visits, then reused by its row tiles, from L1/L2)."""
     if not packed:
         return wl, nb
-    for g in range(G):
-        src = (nb * G + g) * 48
-        dst = g * 192
-        _vstore(scratch, dst, _vload_u2(wl, src))
-        _vstore(scratch, dst + 64, _vload_u2(wl, src + 16))
-        _vstore(scratch, dst + 128, _vload_u2(wl, src + 32))
+    _unpack_block(wl, nb, G, scratch, 0)
     return scratch, 0
+
+
+@numba.njit(cache=True)
+def _all_weights(wl, NB, G, packed):
+    """The 1-byte layout of every block: ``wl`` itself, or its 2-bit codes spread into a
+    new array (for a job that visits every block: once, then from L2)."""
+    if not packed:
+        return wl
+    out = np.empty(NB * G * 192, dtype=np.uint8)
+    for nb in range(NB):
+        _unpack_block(wl, nb, G, out, nb)
+    return out
 
 
 @numba.njit(cache=True)
