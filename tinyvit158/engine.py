@@ -252,6 +252,10 @@ class Engine:
 
     def forward_features(self, images: np.ndarray) -> np.ndarray:
         """Normalized images [B, C, H, W] -> tokens [B, N+1, D] before the final norm."""
+        return self._features(images).copy()
+
+    def _features(self, images: np.ndarray) -> np.ndarray:
+        """:meth:`forward_features` in this thread's workspace (overwritten by the next call)."""
         cfg = self.cfg
         images = self.check_images(images)
         B, N1, D = images.shape[0], cfg.num_tokens, cfg.dim
@@ -259,11 +263,11 @@ class Engine:
         if ws.get("batch") != B:  # buffers fit one batch size; keep only the latest size's
             ws["batch"], ws["bufs"] = B, {}
         patches = patchify(images, cfg.patch_size).reshape(B * cfg.num_patches, cfg.patch_dim)
-        emb = self.linear(patches, "patch_embed.proj").reshape(B, cfg.num_patches, D)
+        emb = self.linear(patches, "patch_embed.proj", out="patches").reshape(B, cfg.num_patches, D)
         self._keep("patch_embed", emb)
-        x = np.empty((B, N1, D), dtype=np.float32)
+        x = self._buf("x", (B, N1, D))
         x[:, 0] = self.cls_pos
-        x[:, 1:] = emb + self.p["pos_embed"][0, 1:]
+        np.add(emb, self.p["pos_embed"][0, 1:], out=x[:, 1:])
         self._keep("tokens", x)
         x = x.reshape(B * N1, D)  # (T, D): every token of the batch is a row
         if self._fused:
@@ -292,6 +296,6 @@ class Engine:
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """Normalized float images [B, C, H, W] -> float32 logits [B, classes]."""
-        return self.forward_head(self.forward_features(images))
+        return self.forward_head(self._features(images))
 
     __call__ = forward

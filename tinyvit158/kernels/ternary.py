@@ -31,6 +31,7 @@ import numba
 import numpy as np
 
 from tinyvit158.errors import TinyViTError
+from tinyvit158.kernels import vnni
 from tinyvit158.packing import unpack
 
 KERNEL_ENV = "TINYVIT158_KERNEL"
@@ -48,7 +49,12 @@ def cpu_has_vnni() -> bool:
 
 def kernel_path() -> str:
     """The kernel path in use: ``$TINYVIT158_KERNEL`` (auto, vnni, generic), auto by default."""
-    want = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    return _resolve_path(os.environ.get(KERNEL_ENV, "auto"))
+
+
+@functools.cache
+def _resolve_path(setting: str) -> str:  # cached: every linear layer asks, ~1 us a time
+    want = setting.strip().lower() or "auto"
     if want == "auto":
         return "vnni" if cpu_has_vnni() else "generic"
     if want not in PATHS:
@@ -103,9 +109,7 @@ class PreparedTernary:
     @property
     def vnni(self):
         if self._vnni is None or self._vnni.packed != self.packed:
-            from tinyvit158.kernels.vnni import VNNIWeights
-
-            self._vnni = VNNIWeights(self.codes, self.packed)
+            self._vnni = vnni.VNNIWeights(self.codes, self.packed)
         return self._vnni
 
     def compact(self) -> None:
@@ -227,8 +231,6 @@ def matmul(x_q: np.ndarray, w: PreparedTernary, path: str | None = None) -> np.n
     """
     x_q = _check_x(x_q, w)
     if (path or kernel_path()) == "vnni":
-        from tinyvit158.kernels import vnni
-
         return vnni.matmul(x_q, w.vnni)
     return _matmul_dot4(x_q, w.codes)
 
@@ -302,8 +304,6 @@ def linear(
     out = check_out(residual, shape, np.float32, "residual") if accumulate else check_out(out, shape, np.float32, "out")
     bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
     if (path or kernel_path()) == "vnni":
-        from tinyvit158.kernels import vnni
-
         return vnni.linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None, out, accumulate)
     y = _linear_dot4(x_q, s_x, w.codes, w.scale, bias, w.bias is not None)
     if accumulate:
