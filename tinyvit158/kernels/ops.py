@@ -19,18 +19,21 @@ from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels.simd import (
     _fabs,
     _fadd,
+    _fbcast,
     _fdiv,
     _fexp_nonpositive,
     _ffma,
     _fhmax,
     _fhsum,
     _fload,
+    _fmask_from,
     _fmax,
     _fmin,
     _fmul,
     _fsplat,
     _fstore,
     _fsub,
+    _ftranspose16,
     _fzero,
 )
 from tinyvit158.kernels.ternary import check_out
@@ -367,6 +370,33 @@ def _store_rows(out, o, stride, rows, a0, a1, a2, a3):
         _fstore(out, o + 3 * stride, a3)
 
 
+@_jit
+def _score(p, o, v, scale_v, N):
+    """Store scaled scores of keys ``o % Np ...`` + 15 at ``p[o]`` (keys past N: -inf, no
+    weight) and return them, for the running maximum."""
+    v = _fmul(v, scale_v)
+    Np = p.shape[0] // 4
+    valid = N - o % Np
+    if valid < 16:
+        v = _fmask_from(v, valid)
+    _fstore(p, o, v)
+    return v
+
+
+@_jit
+def _softmax_row(p, base, Np, mv):
+    """exp(score - max) in place for one score row (max-subtracted, 16 keys at a time);
+    returns 1 / the sum of the exponentials, which the caller applies to the row's output
+    instead of its probabilities (one pass less)."""
+    m = _fsplat(_fhmax(mv))
+    sv = _fzero()
+    for jc in range(0, Np, 16):
+        e = _fexp_nonpositive(_fsub(_fload(p, base + jc), m))
+        _fstore(p, base + jc, e)
+        sv = _fadd(sv, e)
+    return np.float32(1.0) / _fhsum(sv)
+
+
 @_pjit
 def _attention(qkv, heads, out, P, quantize, q, s):
     """Attention of 4 query rows at a time, in zmm registers (``kernels/simd.py``).
@@ -389,6 +419,7 @@ def _attention(qkv, heads, out, P, quantize, q, s):
     C = C3 // 3
     hd = C // heads
     Np = (N + 15) // 16 * 16
+    N16 = N - N % 16
     scale = np.float32(hd**-0.5)
     flat = qkv.reshape(-1)
     quads = (N + 3) // 4
@@ -403,7 +434,10 @@ def _attention(qkv, heads, out, P, quantize, q, s):
         for u in range(part * U // P, (part + 1) * U // P):
             if u // quads != b:  # a new image: lay its keys out transposed, kt[c, j]
                 b = u // quads
-                for j in range(N):
+                for j0 in range(0, N16, 16):  # 16 x 16 blocks in registers
+                    for c0 in range(0, C, 16):
+                        _ftranspose16(flat, (b * N + j0) * C3 + C + c0, C3, kt, c0 * Np + j0, Np)
+                for j in range(N16, N):
                     base = (b * N + j) * C3 + C
                     for c in range(C):
                         kt[c * Np + j] = flat[base + c]
@@ -416,58 +450,47 @@ def _attention(qkv, heads, out, P, quantize, q, s):
                 q2 = (b * N + i0 + min(2, rows - 1)) * C3 + h * hd
                 q3 = (b * N + i0 + min(3, rows - 1)) * C3 + h * hd
                 jc = 0
+                m0 = m1 = m2 = m3 = _fsplat(np.float32(-np.inf))  # running row maxima
                 while jc + 32 <= Np:  # 4 rows x 32 keys: 8 independent sums hide the FMA latency
                     a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _fzero()
                     for d in range(hd):
                         kv = _fload(kt, (h * hd + d) * Np + jc)
                         kw = _fload(kt, (h * hd + d) * Np + jc + 16)
                         s0, s1, s2, s3 = (
-                            _fsplat(flat[q0 + d]),
-                            _fsplat(flat[q1 + d]),
-                            _fsplat(flat[q2 + d]),
-                            _fsplat(flat[q3 + d]),
+                            _fbcast(flat, q0 + d),
+                            _fbcast(flat, q1 + d),
+                            _fbcast(flat, q2 + d),
+                            _fbcast(flat, q3 + d),
                         )
                         a0, c0 = _ffma(s0, kv, a0), _ffma(s0, kw, c0)
                         a1, c1 = _ffma(s1, kv, a1), _ffma(s1, kw, c1)
                         a2, c2 = _ffma(s2, kv, a2), _ffma(s2, kw, c2)
                         a3, c3 = _ffma(s3, kv, a3), _ffma(s3, kw, c3)
-                    _fstore(p, jc, a0)
-                    _fstore(p, jc + 16, c0)
-                    _fstore(p, Np + jc, a1)
-                    _fstore(p, Np + jc + 16, c1)
-                    _fstore(p, 2 * Np + jc, a2)
-                    _fstore(p, 2 * Np + jc + 16, c2)
-                    _fstore(p, 3 * Np + jc, a3)
-                    _fstore(p, 3 * Np + jc + 16, c3)
+                    m0 = _fmax(m0, _fmax(_score(p, jc, a0, scale_v, N), _score(p, jc + 16, c0, scale_v, N)))
+                    m1 = _fmax(m1, _fmax(_score(p, Np + jc, a1, scale_v, N), _score(p, Np + jc + 16, c1, scale_v, N)))
+                    m2 = _fmax(
+                        m2, _fmax(_score(p, 2 * Np + jc, a2, scale_v, N), _score(p, 2 * Np + jc + 16, c2, scale_v, N))
+                    )
+                    m3 = _fmax(
+                        m3, _fmax(_score(p, 3 * Np + jc, a3, scale_v, N), _score(p, 3 * Np + jc + 16, c3, scale_v, N))
+                    )
                     jc += 32
                 if jc < Np:  # the last 16 keys
                     a0 = a1 = a2 = a3 = _fzero()
                     for d in range(hd):
                         kv = _fload(kt, (h * hd + d) * Np + jc)
-                        a0 = _ffma(_fsplat(flat[q0 + d]), kv, a0)
-                        a1 = _ffma(_fsplat(flat[q1 + d]), kv, a1)
-                        a2 = _ffma(_fsplat(flat[q2 + d]), kv, a2)
-                        a3 = _ffma(_fsplat(flat[q3 + d]), kv, a3)
-                    _fstore(p, jc, a0)
-                    _fstore(p, Np + jc, a1)
-                    _fstore(p, 2 * Np + jc, a2)
-                    _fstore(p, 3 * Np + jc, a3)
-                for r in range(4):  # softmax of each score row (max-subtracted), 16 keys at a time
-                    base = r * Np
-                    for j in range(N, Np):
-                        p[base + j] = -np.inf  # padded keys: no weight
-                    mv = _fsplat(np.float32(-np.inf))
-                    for jc in range(0, Np, 16):
-                        v = _fmul(_fload(p, base + jc), scale_v)
-                        _fstore(p, base + jc, v)
-                        mv = _fmax(mv, v)
-                    m = _fsplat(_fhmax(mv))
-                    sv = _fzero()
-                    for jc in range(0, Np, 16):
-                        e = _fexp_nonpositive(_fsub(_fload(p, base + jc), m))
-                        _fstore(p, base + jc, e)
-                        sv = _fadd(sv, e)
-                    inv[r] = np.float32(1.0) / _fhsum(sv)  # applied to the row's output: one pass less
+                        a0 = _ffma(_fbcast(flat, q0 + d), kv, a0)
+                        a1 = _ffma(_fbcast(flat, q1 + d), kv, a1)
+                        a2 = _ffma(_fbcast(flat, q2 + d), kv, a2)
+                        a3 = _ffma(_fbcast(flat, q3 + d), kv, a3)
+                    m0 = _fmax(m0, _score(p, jc, a0, scale_v, N))
+                    m1 = _fmax(m1, _score(p, Np + jc, a1, scale_v, N))
+                    m2 = _fmax(m2, _score(p, 2 * Np + jc, a2, scale_v, N))
+                    m3 = _fmax(m3, _score(p, 3 * Np + jc, a3, scale_v, N))
+                inv[0] = _softmax_row(p, 0, Np, m0)  # exponentials in place; 1 / their sum
+                inv[1] = _softmax_row(p, Np, Np, m1)
+                inv[2] = _softmax_row(p, 2 * Np, Np, m2)
+                inv[3] = _softmax_row(p, 3 * Np, Np, m3)
                 i0v, i1v, i2v, i3v = _fsplat(inv[0]), _fsplat(inv[1]), _fsplat(inv[2]), _fsplat(inv[3])
                 dc = 0
                 while dc + 32 <= hd:  # 4 rows x 32 channels: 8 independent sums
@@ -475,8 +498,8 @@ def _attention(qkv, heads, out, P, quantize, q, s):
                     for j in range(N):
                         vb = (b * N + j) * C3 + 2 * C + h * hd + dc
                         vv, vw = _fload(flat, vb), _fload(flat, vb + 16)
-                        s0, s1 = _fsplat(p[j]), _fsplat(p[Np + j])
-                        s2, s3 = _fsplat(p[2 * Np + j]), _fsplat(p[3 * Np + j])
+                        s0, s1 = _fbcast(p, j), _fbcast(p, Np + j)
+                        s2, s3 = _fbcast(p, 2 * Np + j), _fbcast(p, 3 * Np + j)
                         a0, c0 = _ffma(s0, vv, a0), _ffma(s0, vw, c0)
                         a1, c1 = _ffma(s1, vv, a1), _ffma(s1, vw, c1)
                         a2, c2 = _ffma(s2, vv, a2), _ffma(s2, vw, c2)
@@ -489,10 +512,10 @@ def _attention(qkv, heads, out, P, quantize, q, s):
                     a0 = a1 = a2 = a3 = _fzero()
                     for j in range(N):
                         vv = _fload(flat, (b * N + j) * C3 + 2 * C + h * hd + dc)
-                        a0 = _ffma(_fsplat(p[j]), vv, a0)
-                        a1 = _ffma(_fsplat(p[Np + j]), vv, a1)
-                        a2 = _ffma(_fsplat(p[2 * Np + j]), vv, a2)
-                        a3 = _ffma(_fsplat(p[3 * Np + j]), vv, a3)
+                        a0 = _ffma(_fbcast(p, j), vv, a0)
+                        a1 = _ffma(_fbcast(p, Np + j), vv, a1)
+                        a2 = _ffma(_fbcast(p, 2 * Np + j), vv, a2)
+                        a3 = _ffma(_fbcast(p, 3 * Np + j), vv, a3)
                     o = obase + h * hd + dc
                     _store_rows(dst, o, C, rows, _fmul(a0, i0v), _fmul(a1, i1v), _fmul(a2, i2v), _fmul(a3, i3v))
             if quantize:  # whole rows are done: their int8 codes, from cache

@@ -343,3 +343,62 @@ def _fmin(typingctx, a, b):
         return _call(builder, "llvm.minnum.v16f32", _V16F, args)
 
     return zmmf(zmmf, zmmf), codegen
+
+
+@intrinsic
+def _ftranspose16(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
+    """``dst[d_off + c * d_stride + i] = src[s_off + i * s_stride + c]`` for a 16 x 16 block
+    of float32: 16 row loads, 4 rounds of 16 two-register shuffles (swap the off-diagonal
+    halves, then quarters, ...), 16 stores: a quarter of an instruction per element, where a
+    scalar transpose costs a load and a store each."""
+
+    def codegen(context, builder, sig, args):
+        src_a, s_o, s_s, dst_a, d_o, d_s = args
+        s_o, s_s = builder.sext(s_o, ir.IntType(64)), builder.sext(s_s, ir.IntType(64))
+        d_o, d_s = builder.sext(d_o, ir.IntType(64)), builder.sext(d_s, ir.IntType(64))
+
+        def ptr(arrty, arr, off, stride, i):
+            index = builder.add(off, builder.mul(stride, ir.Constant(ir.IntType(64), i)))
+            return builder.bitcast(_element_ptr(context, builder, arrty, arr, index), _V16F.as_pointer())
+
+        rows = [builder.load(ptr(sig.args[0], src_a, s_o, s_s, i), align=4) for i in range(16)]
+        for b in (8, 4, 2, 1):
+            new = list(rows)
+            for i in range(16):
+                if i & b:
+                    continue
+                lo = [lane if not lane & b else 16 + lane - b for lane in range(16)]
+                hi = [lane + b if not lane & b else 16 + lane for lane in range(16)]
+                for k, mask in ((i, lo), (i + b, hi)):
+                    new[k] = builder.shuffle_vector(rows[i], rows[i + b], ir.Constant(ir.VectorType(_I32, 16), mask))
+            rows = new
+        for c in range(16):
+            builder.store(rows[c], ptr(sig.args[3], dst_a, d_o, d_s, c), align=4)
+        return context.get_dummy_value()
+
+    return types.void(src, s_off, s_stride, dst, d_off, d_stride), codegen
+
+
+@intrinsic
+def _fmask_from(typingctx, a, k):
+    """``a`` with lanes ``k``, ``k + 1``, ... 15 set to -inf (all of them when k <= 0)."""
+
+    def codegen(context, builder, sig, args):
+        lanes = ir.Constant(_V16, list(range(16)))
+        keep = builder.icmp_signed("<", lanes, _splat(builder, builder.trunc(args[1], _I32), _V16))
+        return builder.select(keep, args[0], _splat(builder, ir.Constant(_F32, float("-inf")), _V16F))
+
+    return zmmf(zmmf, types.int64), codegen
+
+
+@intrinsic
+def _fbcast(typingctx, arr, index):
+    """``arr[index]`` (float32) copied to 16 lanes: one ``vbroadcastss`` from memory. (As
+    ``_fsplat(arr[index])`` Numba adds a negative-index test per load: in the attention
+    loops that tripled the instructions per fused multiply-add.)"""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        return _splat(builder, builder.load(ptr, align=4), _V16F)
+
+    return zmmf(arr, index), codegen
