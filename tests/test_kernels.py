@@ -80,7 +80,7 @@ def test_tile_edges(path, t, n, k):
     x = rng.integers(-127, 128, size=(t, k)).astype(np.int8)
     w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
     pw = prepared(w, path=path)
-    pw.compact()  # what the engine keeps: the kernel layout alone (codes rebuilt for the reference)
+    pw.compact(kernel(path)[0])  # what the engine keeps: the kernel layout alone (codes rebuilt for the reference)
     assert np.array_equal(matmul(x, pw, kernel(path)[0]), int64_reference(x, w))
     s_x = rng.random(t).astype(np.float32)
     assert np.array_equal(linear(x, s_x, pw, kernel(path)[0]), linear_ref(x, s_x, pw))

@@ -218,7 +218,7 @@ def blas_info() -> str:
 
 # -- kernels alone: GOP/s on the model's matmul shapes ----------------------------------
 def kernel_table(model: str, tokens: list[int], seconds: float = 0.3) -> list[dict]:
-    from tinyvit158.kernels import PreparedTernary, cpu_has_vnni, matmul
+    from tinyvit158.kernels import PreparedTernary, cpu_has_vnni, linear
 
     cfg = get_preset(model)
     shapes = {}
@@ -241,10 +241,12 @@ def kernel_table(model: str, tokens: list[int], seconds: float = 0.3) -> list[di
     for t in tokens:
         for kind, n, k in shapes:
             x = rng.integers(-127, 128, size=(t, k)).astype(np.int8)
-            w = PreparedTernary(rng.integers(-1, 2, size=(n, k)).astype(np.int8), np.ones(n, np.float32))
+            s_x, out = np.full(t, 0.01, np.float32), np.empty((t, n), np.float32)
+            codes = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+            w = PreparedTernary(codes, np.ones(n, np.float32), np.zeros(n, np.float32), packed=True)  # as the engine
             row = {"layer": kind, "T": t, "K": k, "N": n}
-            for p in paths:
-                row[f"{p}_gops"] = rate(lambda p=p, x=x, w=w: matmul(x, w, p), 2 * t * k * n)
+            for p in paths:  # the engine's call: int8 in, float32 (dequantized, + bias) out
+                row[f"{p}_gops"] = rate(lambda p=p, x=x, w=w, s=s_x, o=out: linear(x, s, w, p, out=o), 2 * t * k * n)
             xf, wf = x.astype(np.float32), w.codes.astype(np.float32).T.copy()
             time.sleep(0.3)  # let the kernels' threads settle before BLAS (and vice versa below)
             row["sgemm_gops"] = rate(lambda xf=xf, wf=wf: xf @ wf, 2 * t * k * n)

@@ -88,8 +88,7 @@ class Engine:
         for layer in cfg.linear_shapes():
             if cfg.is_ternary(layer):
                 self.ternary[layer] = PreparedTernary(*ckpt.ternary(layer), packed=packed)
-                if kernel_path() == "vnni":
-                    self.ternary[layer].compact()  # the VNNI layout only: 2 bits a weight when packed
+                self.ternary[layer].compact(kernel_path())  # the kernel's layout only (VNNI packed: 2 bits)
             else:
                 w = np.ascontiguousarray(ckpt.float_weight(layer).T)  # (in, out) for x @ w
                 self.float[layer] = (w, t[f"{layer}.bias"].astype(np.float32))

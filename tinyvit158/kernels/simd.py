@@ -155,7 +155,9 @@ def _dequant_store(typingctx, out, out_index, acc, xsum, s, scale, n_index, bias
 
     def codegen(context, builder, sig, args):
         out_a, out_i, acc_v, xsum_v, s_v, scale_a, n_i, bias_a, has_b, acc_b = args
-        v = builder.sub(acc_v, _splat(builder, builder.sext(xsum_v, _I32) if xsum_v.type != _I32 else xsum_v, _V16))
+        w = xsum_v.type.width
+        xs = xsum_v if w == 32 else builder.sext(xsum_v, _I32) if w < 32 else builder.trunc(xsum_v, _I32)
+        v = builder.sub(acc_v, _splat(builder, xs, _V16))
         f = builder.fmul(builder.sitofp(v, _V16F), _splat(builder, s_v, _V16F))
         sc_ptr = _element_ptr(context, builder, sig.args[5], scale_a, n_i)
         f = builder.fmul(f, builder.load(builder.bitcast(sc_ptr, _V16F.as_pointer()), align=4))
@@ -402,3 +404,36 @@ def _fbcast(typingctx, arr, index):
         return _splat(builder, builder.load(ptr, align=4), _V16F)
 
     return zmmf(arr, index), codegen
+
+
+@intrinsic
+def _fload_i8(typingctx, arr, index):
+    """16 int8 values from element ``index``, converted to 16 float32 lanes (exact)."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        v = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+        return builder.sitofp(v, _V16F)
+
+    return zmmf(arr, index), codegen
+
+
+@intrinsic
+def _fbcast_i8(typingctx, arr, index):
+    """``arr[index]`` (int8) as a float32, copied to 16 lanes."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        return _splat(builder, builder.sitofp(builder.load(ptr, align=1), _F32), _V16F)
+
+    return zmmf(arr, index), codegen
+
+
+@intrinsic
+def _ftoi(typingctx, a):
+    """16 float32 lanes holding whole numbers, as 16 int32 lanes (exact below 2**31)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fptosi(args[0], _V16)
+
+    return zmm(zmmf), codegen

@@ -4,17 +4,16 @@
 {-1, 0, +1}: every product is an addition, a subtraction or nothing, and
 ``|acc| <= 127 * K``, so int32 is exact for any K below 2**24.
 
-Kernel choice (generic path, measured on the 2-core AVX-512 machine, cifar10-tiny shapes,
-see tests/README or ``python -m tinyvit158.bench`` once it exists):
-- one dot product per output over K, four outputs per pass so each activation byte is
-  loaded once for four weight rows, operands widened to int32 and every step cast back to
-  int32 so LLVM keeps 32-bit lanes: 43-53 GOP/s;
-- the same with one output per pass: 22-48 GOP/s; an outer-product loop over K with an
-  inner loop over N (weights transposed): 17-44 GOP/s; a 4 x 64 register tile: 4-5 GOP/s
-  (Numba did not keep the tile in registers);
-- an add/subtract index-list kernel (the "sign split" of PERF_NOTES.md) ran 19-32 GOP/s.
-So the fast generic kernel decodes the packed weights once, at load, to int8 ``[N, K]``
-and runs the four-outputs dot product. NumPy sgemm reaches 60-170 GOP/s on these shapes.
+Kernel choice (generic path, measured on the 2-core AVX-512 machine, cifar10-tiny shapes):
+- plain Numba loops, one dot product per output over K (four outputs per pass, int32
+  lanes): 35-50 GOP/s, whatever the element type (int32, int16, float32 measured alike):
+  the horizontal sum that ends each output costs as much as the K / 16 vector steps;
+- an outer-product loop (weights transposed) 17-44 GOP/s; a sign-split add/subtract
+  index list 19-32 GOP/s; a 4 x 64 tile in a local array 4-5 GOP/s (not kept in registers);
+- ``kernels/portable.py``: a 6-token x 16-channel tile in LLVM's portable float32 vectors
+  (exact: every partial sum is an integer below 2**24 for K <= 132,104): 118-122 GOP/s,
+  0.6-0.8x NumPy sgemm (160-205 GOP/s). This is the generic path; ``_matmul_dot4`` stays
+  for K beyond that bound and for NUMBA_DISABLE_JIT=1.
 
 On CPUs with AVX-512 VNNI the ``vnni`` path (``kernels/vnni.py``) runs 700-1,130 GOP/s.
 The path is chosen once: ``TINYVIT158_KERNEL=auto`` (default: vnni when llvmlite reports
@@ -31,7 +30,7 @@ import numba
 import numpy as np
 
 from tinyvit158.errors import TinyViTError
-from tinyvit158.kernels import vnni
+from tinyvit158.kernels import portable, vnni
 from tinyvit158.packing import unpack
 
 KERNEL_ENV = "TINYVIT158_KERNEL"
@@ -98,30 +97,45 @@ class PreparedTernary:
         self._codes, self.scale, self.bias = codes, scale, bias
         self.shape = codes.shape
         self.packed = packed
-        self._vnni = None
+        self._vnni = self._portable = None
 
     @property
     def codes(self) -> np.ndarray:
         if self._codes is None:
-            self._codes = self._vnni.codes()
+            self._codes = (self._vnni or self._portable).codes()
         return self._codes
 
     @property
-    def vnni(self):
+    def vnni(self) -> vnni.VNNIWeights:
         if self._vnni is None or self._vnni.packed != self.packed:
             self._vnni = vnni.VNNIWeights(self.codes, self.packed)
         return self._vnni
 
-    def compact(self) -> None:
-        """Keep only the VNNI layout in memory (a quarter of the int8 codes when packed)."""
-        self.vnni  # noqa: B018 - builds it
+    @property
+    def portable(self) -> portable.PortableWeights:
+        if self._portable is None:
+            self._portable = portable.PortableWeights(self.codes)
+        return self._portable
+
+    def compact(self, path: str = "vnni") -> None:
+        """Keep only the layout the kernel ``path`` reads (the VNNI one: a quarter of the
+        int8 codes when packed; the generic tile's: one byte a weight)."""
+        if path == "vnni":
+            self.vnni  # noqa: B018 - builds it
+            self._portable = None
+        elif _use_portable(self.in_features):
+            self.portable  # noqa: B018
+            self._vnni = None
+        else:
+            return
         self._codes = None
 
     @property
     def nbytes(self) -> int:
         """Bytes held now: whichever layouts exist, the scales and the bias."""
         held = [a for a in (self._codes, self.scale, self.bias) if a is not None]
-        return sum(a.nbytes for a in held) + (self._vnni.nbytes if self._vnni is not None else 0)
+        layouts = [w.nbytes for w in (self._vnni, self._portable) if w is not None]
+        return sum(a.nbytes for a in held) + sum(layouts)
 
     @classmethod
     def from_packed(cls, packed: np.ndarray, k: int, fmt: str, scale, bias=None) -> PreparedTernary:
@@ -134,6 +148,12 @@ class PreparedTernary:
     @property
     def in_features(self) -> int:
         return self.shape[1]
+
+
+def _use_portable(k: int) -> bool:
+    """The generic path's register tile (``kernels/portable.py``): needs compiled code (its
+    vector intrinsics) and K small enough for exact float32 sums."""
+    return not numba.config.DISABLE_JIT and k <= portable.K_EXACT
 
 
 def _check_x(x_q: np.ndarray, w: PreparedTernary) -> np.ndarray:
@@ -232,6 +252,8 @@ def matmul(x_q: np.ndarray, w: PreparedTernary, path: str | None = None) -> np.n
     x_q = _check_x(x_q, w)
     if (path or kernel_path()) == "vnni":
         return vnni.matmul(x_q, w.vnni)
+    if _use_portable(w.in_features):
+        return portable.matmul(x_q, w.portable)
     return _matmul_dot4(x_q, w.codes)
 
 
@@ -305,6 +327,8 @@ def linear(
     bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
     if (path or kernel_path()) == "vnni":
         return vnni.linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None, out, accumulate)
+    if _use_portable(w.in_features):
+        return portable.linear(x_q, s_x, w.portable, w.scale, bias, w.bias is not None, out, accumulate)
     y = _linear_dot4(x_q, s_x, w.codes, w.scale, bias, w.bias is not None)
     if accumulate:
         out += y
