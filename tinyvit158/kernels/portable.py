@@ -114,15 +114,8 @@ def matmul(x_q: np.ndarray, w: PortableWeights) -> np.ndarray:
 
 
 def linear(x_q, s_x, w: PortableWeights, scale, bias, has_bias, out, accumulate) -> np.ndarray:
-    """float32 (T, N) into ``out``, bit-identical to ``ternary.linear_ref`` (as ``vnni.linear``)."""
-    if w.n % NC:
-        y = matmul(x_q, w).astype(np.float32) * s_x[:, None] * scale[None, :]
-        y = y + bias if has_bias else y
-        if accumulate:
-            out += y
-        else:
-            out[...] = y
-        return out
+    """float32 (T, N) into ``out``, bit-identical to ``ternary.linear_ref``, as
+    ``vnni.linear``; the caller checks that N % 16 == 0."""
     T, flat = x_q.shape[0], out.reshape(-1)
     parts = numba.get_num_threads()
     _tiles(x_q.reshape(-1), w.wb, w.k, T, w.n, parts, True, s_x, scale, bias, has_bias, flat, accumulate, _NONE_I32)

@@ -289,20 +289,6 @@ def linear_ref(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary) -> np.ndarr
     return y + w.bias if w.bias is not None else y
 
 
-@numba.njit(parallel=True, cache=True)
-def _linear_dot4(x_q, s_x, w, scale, bias, has_bias):
-    """The fast kernel with dequantization fused into the store (float32, same op order)."""
-    acc = _matmul_dot4(x_q, w)
-    T, N = acc.shape
-    out = np.empty((T, N), dtype=np.float32)
-    for t in numba.prange(T):
-        st = s_x[t]
-        for n in range(N):
-            y = np.float32(acc[t, n]) * st * scale[n]
-            out[t, n] = y + bias[n] if has_bias else y
-    return out
-
-
 def linear(
     x_q: np.ndarray,
     s_x: np.ndarray,
@@ -325,11 +311,13 @@ def linear(
     accumulate = residual is not None
     out = check_out(residual, shape, np.float32, "residual") if accumulate else check_out(out, shape, np.float32, "out")
     bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
-    if (path or kernel_path()) == "vnni":
+    path, n = path or kernel_path(), w.out_features
+    if path == "vnni" and n % vnni.NC == 0:  # every ViT width: dequantized in the kernel's stores
         return vnni.linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None, out, accumulate)
-    if _use_portable(w.in_features):
+    if path == "generic" and n % portable.NC == 0 and _use_portable(w.in_features):
         return portable.linear(x_q, s_x, w.portable, w.scale, bias, w.bias is not None, out, accumulate)
-    y = _linear_dot4(x_q, s_x, w.codes, w.scale, bias, w.bias is not None)
+    y = matmul(x_q, w, path).astype(np.float32) * s_x[:, None] * w.scale[None, :]  # linear_ref's operations
+    y = y + w.bias if w.bias is not None else y
     if accumulate:
         out += y
     else:

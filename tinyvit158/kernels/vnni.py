@@ -293,15 +293,8 @@ def matmul(x_q: np.ndarray, w: VNNIWeights) -> np.ndarray:
 
 def linear(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, out, accumulate) -> np.ndarray:
     """float32 (T, N), bit-identical to ``ternary.linear_ref``, written into ``out``
-    (C-contiguous float32 (T, N), checked by the caller) or added to it when ``accumulate``."""
-    if w.n % NC:  # a width the vector store would overrun: dequantize from the int32 sums
-        y = matmul(x_q, w).astype(np.float32) * s_x[:, None] * scale[None, :]
-        y = y + bias if has_bias else y
-        if accumulate:
-            out += y
-        else:
-            out[...] = y
-        return out
+    (C-contiguous float32 (T, N)) or added to it when ``accumulate``. The caller
+    (``kernels.ternary.linear``) checks the inputs and that N % 48 == 0."""
     x, K = _prepared(x_q, w)
     T = x_q.shape[0]
     parts, flat = numba.get_num_threads(), out.reshape(-1)
