@@ -5,7 +5,7 @@ import math
 import subprocess
 import sys
 
-from tinyvit158.bench import NumpyFloatViT, erf32, kernel_table
+from tinyvit158.bench import NumpyFloatViT, erf32, kernel_table, merge_rounds
 
 
 def test_bench_smoke_json():
@@ -60,3 +60,17 @@ def test_numpy_baseline_is_the_same_function():
         expected = QATViT.float_twin(ck)(torch.from_numpy(images)).numpy()
     got = NumpyFloatViT(ck)(images)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_merge_rounds_takes_the_median_round():
+    def run(median, lo, hi, rss, layers):
+        return {"variant": "engine", "batch": 1, "median_s": median, "min_s": lo, "max_s": hi, "repeats": 3,
+                "peak_rss_bytes": rss, "load_s": 0.5, "layers_s": {"qkv": layers}}  # fmt: skip
+
+    failed = {"variant": "engine", "error": "x"}
+    rounds = [run(3.0, 2.0, 9.0, 10, 0.3), run(1.0, 0.5, 1.5, 30, 0.1), failed, run(2.0, 1.0, 2.5, 20, 0.2)]
+    merged = merge_rounds(rounds)
+    assert merged["median_s"] == 2.0 and (merged["min_s"], merged["max_s"]) == (0.5, 9.0)
+    assert merged["peak_rss_bytes"] == 30 and merged["rounds"] == 3 and merged["repeats"] == 9
+    assert merged["layers_s"] == {"qkv": 0.2}
+    assert merge_rounds([{"variant": "engine", "batch": 1, "error": "boom"}])["error"] == "boom"

@@ -274,13 +274,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=30, help="timed calls per variant (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls after the first (default 3)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a variant after this long")
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="run every variant this many times, interleaved, and report the median of the rounds' medians "
+        "(a shared machine drifts by 10-30%% over minutes; interleaving spreads that over all variants)",
+    )  # fmt: skip
     p.add_argument("--layers", action="store_true", help="also time each part of the engine")
     p.add_argument("--kernels", action="store_true", help="also measure GOP/s of the int8 x ternary kernels vs sgemm")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if any(b < 1 for b in args.batch) or args.repeats < 1 or args.warmup < 0:
-        p.error("--batch and --repeats must be at least 1, --warmup at least 0")
+    if any(b < 1 for b in args.batch) or args.repeats < 1 or args.rounds < 1 or args.warmup < 0:
+        p.error("--batch, --repeats and --rounds must be at least 1, --warmup at least 0")
     try:
         get_preset(args.model)
     except TinyViTError as e:
@@ -307,18 +312,38 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "params": sum(n * k for n, k in cfg.linear_shapes().values()),
         "cpu": _cpu_name(), "cores": os.cpu_count(), "kernel_path": kernel_path(), "blas": blas_info(),
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "python": platform.python_version(),
+        "rounds": args.rounds,
     }  # fmt: skip
-    results = []
-    jobs = [(b, v) for b in args.batch for v in variants]
+    runs: dict[tuple[int, str], list[dict]] = {}
+    jobs = [(b, v) for _ in range(args.rounds) for b in args.batch for v in variants]
     for b, v in tqdm(jobs, desc="bench", unit="run", file=sys.stderr):
         args.batch_now = b
-        results.append(run_child(v, args))
+        runs.setdefault((b, v), []).append(run_child(v, args))
+    results = [merge_rounds(r) for r in runs.values()]
     kernels = kernel_table(args.model, [cfg.num_tokens, 64 * cfg.num_tokens]) if args.kernels else None
     if args.json:
         print(json.dumps({"info": info, "results": results, "kernels": kernels, "skipped": skipped}))
         return 0
     print_report(info, results, kernels, skipped)
     return 0
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One result from the rounds of one (batch, variant): the median of their medians,
+    the extremes of their extremes, the largest peak memory, per-part times as medians."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[-1]
+    merged = dict(ok[len(ok) // 2])
+    merged["median_s"] = float(np.median([r["median_s"] for r in ok]))
+    merged["min_s"], merged["max_s"] = min(r["min_s"] for r in ok), max(r["max_s"] for r in ok)
+    merged["repeats"] = sum(r["repeats"] for r in ok)
+    merged["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in ok)
+    merged["load_s"] = float(np.median([r["load_s"] for r in ok]))
+    merged["rounds"] = len(ok)
+    if "layers_s" in merged:
+        merged["layers_s"] = {k: float(np.median([r["layers_s"].get(k, 0.0) for r in ok])) for k in merged["layers_s"]}
+    return merged
 
 
 def _cpu_name() -> str:
@@ -338,6 +363,8 @@ def print_report(info, results, kernels, skipped) -> None:
         f"# BLAS: {info['blas']}"
         + (f"; OPENBLAS_CORETYPE={info['openblas_coretype']}" if info["openblas_coretype"] else "")
     )
+    if info.get("rounds", 1) > 1:
+        print(f"# img/s: the median of {info['rounds']} interleaved rounds' medians; min and max over all calls")
     for v in skipped:
         print(f"# {v}: skipped (PyTorch not installed: pip install -e '.[train]')")
     cols = ["variant", "batch", "img/s", "(min", "max)", "x numpy", "weights", "peak RSS", "load s", "threads"]
