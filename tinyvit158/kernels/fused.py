@@ -30,6 +30,7 @@ from tinyvit158.kernels.ops import (
     _layernorm_row,
     _pjit,
     _quantize_row,
+    _quantize_with,
     gelu_quantize,
     layernorm_quantize,
 )
@@ -74,8 +75,7 @@ def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, mode
             for t in range(r0, r1):
                 if mode == _GELU:
                     h = buf[(t - r0) * N : (t - r0 + 1) * N]
-                    _gelu_row(h, h)
-                    s[t] = _quantize_row(h, q[t])
+                    s[t] = _quantize_with(h, q[t], _gelu_row(h, h))
                 else:
                     _layernorm_row(res[t * N : (t + 1) * N], gamma, beta, eps, row)
                     s[t] = _quantize_row(row, q[t])

@@ -30,6 +30,7 @@ from tinyvit158.kernels.simd import (
     _fmax,
     _fmin,
     _fmul,
+    _fquantize_store,
     _fsplat,
     _fstore,
     _fsub,
@@ -90,8 +91,19 @@ def _absmax(row):
 @_jit
 def _quantize_row(row, q):
     """Absmax int8 quantization of one float32 row into ``q``; returns the scale."""
-    s = max(_absmax(row), _EPS32) / _QMAX32
-    for k in range(row.shape[0]):
+    return _quantize_with(row, q, _absmax(row))
+
+
+@_jit
+def _quantize_with(row, q, absmax):
+    """:func:`_quantize_row` given the row's largest magnitude (from the pass that wrote it)."""
+    s = max(absmax, _EPS32) / _QMAX32
+    n = row.shape[0]
+    n16 = 0 if _PYTHON else n - n % 16
+    s_v, qmax_v = _fsplat(s), _fsplat(_QMAX32)
+    for k in range(0, n16, 16):
+        _fquantize_store(q, k, _fload(row, k), s_v, qmax_v)
+    for k in range(n16, n):
         r = np.rint(row[k] / s)
         q[k] = np.int8(min(max(r, -_QMAX32), _QMAX32))
     return s
@@ -261,13 +273,23 @@ def _gelu16(v):
 
 @_jit
 def _gelu_row(row, out):
+    """GELU of a row into ``out``; returns the largest magnitude written (for the quantizer)."""
     n = row.shape[0]
     n16 = 0 if _PYTHON else n - n % 16
-    for k in range(0, n16, 16):
-        _fstore(out, k, _gelu16(_fload(row, k)))
     for k in range(n16, n):
         v = row[k]
         out[k] = np.float32(0.5) * v * (np.float32(1.0) + _erf(v * _INV_SQRT2_32))
+    if _PYTHON:
+        return np.float32(np.abs(out).max(initial=0.0))
+    mv = _fzero()
+    for k in range(0, n16, 16):
+        g = _gelu16(_fload(row, k))
+        _fstore(out, k, g)
+        mv = _fmax(mv, _fabs(g))
+    m = _fhmax(mv)
+    for k in range(n16, n):
+        m = max(m, abs(out[k]))
+    return m
 
 
 @_pjit
@@ -286,8 +308,7 @@ def _gelu_quantize(x, q, s, P):
     for p in numba.prange(P):
         buf = np.empty(K, dtype=np.float32)
         for t in range(p * T // P, (p + 1) * T // P):
-            _gelu_row(x[t], buf)
-            s[t] = _quantize_row(buf, q[t])
+            s[t] = _quantize_with(buf, q[t], _gelu_row(x[t], buf))
     return q, s
 
 

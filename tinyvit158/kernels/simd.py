@@ -437,3 +437,23 @@ def _ftoi(typingctx, a):
         return builder.fptosi(args[0], _V16)
 
     return zmm(zmmf), codegen
+
+
+@intrinsic
+def _fquantize_store(typingctx, q, index, v, s_v, qmax_v):
+    """``q[index + i] = int8(clamp(rint(v[i] / s), -qmax, qmax))`` for 16 lanes: IEEE
+    division, round half to even (``llvm.rint``, as ``np.rint``), clamp, then exact
+    conversion: the scalar quantizer's operations, 16 at a time (LLVM kept that loop at
+    8 lanes)."""
+
+    def codegen(context, builder, sig, args):
+        q_a, q_i, v, s, qm = args
+        r = _call(builder, "llvm.rint.v16f32", _V16F, [builder.fdiv(v, s)])
+        r = _call(builder, "llvm.maxnum.v16f32", _V16F, [r, builder.fneg(qm)])
+        r = _call(builder, "llvm.minnum.v16f32", _V16F, [r, qm])
+        codes = builder.trunc(builder.fptosi(r, _V16), ir.VectorType(ir.IntType(8), 16))
+        ptr = _element_ptr(context, builder, sig.args[0], q_a, q_i)
+        builder.store(codes, builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(q, index, zmmf, zmmf, zmmf), codegen
