@@ -74,3 +74,12 @@ def test_merge_rounds_takes_the_median_round():
     assert merged["peak_rss_bytes"] == 30 and merged["rounds"] == 3 and merged["repeats"] == 9
     assert merged["layers_s"] == {"qkv": 0.2}
     assert merge_rounds([{"variant": "engine", "batch": 1, "error": "boom"}])["error"] == "boom"
+
+
+def test_instruction_rates_are_measured():
+    from tinyvit158.kernels import cpu_has_vnni
+    from tinyvit158.kernels.peak import instruction_rates
+
+    rates = instruction_rates(cpu_has_vnni(), seconds=0.01)
+    assert rates["fma"] > 0
+    assert (rates["vpdpbusd"] > 0) if cpu_has_vnni() else rates["vpdpbusd"] is None

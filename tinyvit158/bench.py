@@ -321,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         runs.setdefault((b, v), []).append(run_child(v, args))
     results = [merge_rounds(r) for r in runs.values()]
     kernels = kernel_table(args.model, [cfg.num_tokens, 64 * cfg.num_tokens]) if args.kernels else None
+    if args.kernels:
+        import numba
+
+        from tinyvit158.kernels import cpu_has_vnni
+        from tinyvit158.kernels.peak import instruction_rates
+
+        info["instructions_per_s"] = instruction_rates(cpu_has_vnni())
+        info["threads"] = numba.get_num_threads()
     if args.json:
         print(json.dumps({"info": info, "results": results, "kernels": kernels, "skipped": skipped}))
         return 0
@@ -392,8 +400,19 @@ def print_report(info, results, kernels, skipped) -> None:
             )
             print(f"\n{r['variant']} batch {r['batch']}, per call {total * 1e3:.2f} ms: {parts}")
     if kernels:
+        rates, threads = info["instructions_per_s"], info["threads"]
         print(
-            f"\n{'layer':<12} {'T':>6} {'K':>5} {'N':>5} "
+            f"\n# peak, measured on one core x {threads} threads: 16-lane float32 FMA {rates['fma'] / 1e9:.2f} G/s"
+            f" -> {rates['fma'] * 32 * threads / 1e9:.0f} GFLOP/s"
+            + (
+                f"; vpdpbusd {rates['vpdpbusd'] / 1e9:.2f} G/s -> int8 {rates['vpdpbusd'] * 128 * threads / 1e9:.0f}"
+                " GOP/s (4x float32 per instruction)"
+                if rates["vpdpbusd"]
+                else ""
+            )
+        )
+        print(
+            f"{'layer':<12} {'T':>6} {'K':>5} {'N':>5} "
             + " ".join(f"{k[:-5] + ' GOP/s':>14}" for k in kernels[0] if k.endswith("_gops"))
             + "   best/sgemm"
         )
