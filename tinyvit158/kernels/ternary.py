@@ -15,7 +15,8 @@ Kernel choice (generic path, measured on the 2-core AVX-512 machine, cifar10-tin
   0.6-0.8x NumPy sgemm (160-205 GOP/s). This is the generic path; ``_matmul_dot4`` stays
   for K beyond that bound and for NUMBA_DISABLE_JIT=1.
 
-On CPUs with AVX-512 VNNI the ``vnni`` path (``kernels/vnni.py``) runs 700-1,130 GOP/s.
+On CPUs with AVX-512 VNNI the ``vnni`` path (``kernels/vnni.py``) runs 550-1,000 GOP/s on
+the same shapes, whole calls (``python -m tinyvit158.bench --kernels``).
 The path is chosen once: ``TINYVIT158_KERNEL=auto`` (default: vnni when llvmlite reports
 the host has avx512f, avx512bw and avx512vnni, and Numba's JIT is on), ``vnni`` or
 ``generic``. Both paths are tested against the same references.
