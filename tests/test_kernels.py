@@ -71,11 +71,12 @@ def test_matmul_small_elementwise(path, xw):
 
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)
-@pytest.mark.parametrize("t", [1, 7, 8, 9, 65])
+@pytest.mark.parametrize("t", [1, 6, 7, 8, 9, 65])
 @pytest.mark.parametrize("n", [1, 47, 48, 49, 577])
 @pytest.mark.parametrize("k", [1, 3, 4, 5, 193])
 def test_tile_edges(path, t, n, k):
-    # the VNNI tile is 8 tokens x 48 channels x 4 inputs: shapes on, below and above each edge
+    # the VNNI tile is 8 tokens x 48 channels x 4 inputs, the generic one 6 tokens x 16
+    # channels: shapes on, below and above each edge
     rng = np.random.default_rng(t * 10_000 + n * 10 + k)
     x = rng.integers(-127, 128, size=(t, k)).astype(np.int8)
     w = rng.integers(-1, 2, size=(n, k)).astype(np.int8)
