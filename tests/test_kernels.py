@@ -352,3 +352,16 @@ def test_work_split_does_not_change_results(parts, packed):
     q, s = np.zeros((2 * t, 32), np.int8), np.zeros(2 * t, np.float32)
     ops._attention(qkv, 2, ops._NO_SCALES, parts, True, q, s)
     assert all(np.array_equal(a, b) for a, b in zip((q, s), quantize_rows(o.reshape(2 * t, 32)), strict=True))
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_generic_path_stays_exact_at_the_float32_bound(extra):
+    """The generic tile sums in float32, exact while |sum| <= 127 K < 2**24; one input more
+    than that bound and the int32 loops take over. All-127 inputs make the largest sums."""
+    from tinyvit158.kernels.portable import K_EXACT
+
+    k = K_EXACT + extra
+    x = np.full((3, k), 127, dtype=np.int8)
+    x[1] = -127
+    w = PreparedTernary(np.ones((16, k), dtype=np.int8), np.ones(16, np.float32))
+    assert np.array_equal(matmul(x, w, "generic"), int64_reference(x, w.codes))
