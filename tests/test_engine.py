@@ -182,3 +182,24 @@ def test_reused_buffers_never_leak_between_calls(weights):
     np.testing.assert_array_equal(engine(a), kept)
     np.testing.assert_array_equal(first, kept)
     assert np.array_equal(Engine(load_weights(weights))(b), engine(b))
+
+
+def test_bound_plan_equals_the_checked_steps(monkeypatch):
+    """The engine's plan (kernel calls bound once per batch size) computes what the checked
+    kernel functions compute, step for step: logits, recorded codes, traced stages, parts."""
+    cfg = CONFIGS["cifar10-tiny"].replace(depth=2)
+    engine = Engine(random_checkpoint(cfg, seed=3))
+    images = np.random.default_rng(0).standard_normal((3, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
+    runs = []
+    for stepwise in (False, True):
+        if stepwise:
+            monkeypatch.setattr(Engine, "_plan", lambda self, x, B: None)
+        engine.record, engine.trace, engine.timings = {}, {}, {}
+        logits = engine(images)
+        again = engine(images)  # the second call reuses the plan and the buffers
+        runs.append((logits, again, engine.record, engine.trace, set(engine.timings)))
+    (a, a2, rec_a, tr_a, parts_a), (b, b2, rec_b, tr_b, parts_b) = runs
+    assert np.array_equal(a, b) and np.array_equal(a2, a) and np.array_equal(b2, b)
+    assert rec_a.keys() == rec_b.keys() and all(np.array_equal(rec_a[k], rec_b[k]) for k in rec_a)
+    assert tr_a.keys() == tr_b.keys() and all(np.array_equal(tr_a[k], tr_b[k]) for k in tr_a)
+    assert parts_a == parts_b

@@ -37,13 +37,13 @@ from tinyvit158.kernels.ops import (
 from tinyvit158.kernels.simd import _dequant_store
 from tinyvit158.kernels.ternary import PreparedTernary, _check_sx, _check_x, check_out, kernel_path, linear
 
-_GELU, _ADD_NORM = 1, 2  # what a job does with its rows once they are computed
+GELU, ADD_NORM = 1, 2  # what a job does with its rows once they are computed
 
 
 @_pjit
 def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, mode, res, gamma, beta, eps, q, s):
-    """Rows of ``linear(x)`` (T, N), then per row: GELU (``mode == _GELU``, rows in a job
-    buffer) or add to ``res`` (flat T * N, in place) and LayerNorm (``_ADD_NORM``); then
+    """Rows of ``linear(x)`` (T, N), then per row: GELU (``mode == GELU``, rows in a job
+    buffer) or add to ``res`` (flat T * N, in place) and LayerNorm (``ADD_NORM``); then
     int8 codes into ``q`` (T, N) and scales into ``s``. Needs N % 48 == 0."""
     MR, NV, NC = vnni.MR, vnni.NV, vnni.NC
     G = K // 4
@@ -53,7 +53,7 @@ def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, mode
     for p in numba.prange(parts):
         w = vnni._all_weights(wl, NB, G, packed)  # every block, spread to bytes once a job
         sums = np.empty(RG, dtype=np.int32)
-        buf = np.empty(RG * N if mode == _GELU else 0, dtype=np.float32)
+        buf = np.empty(RG * N if mode == GELU else 0, dtype=np.float32)
         row = np.empty(N, dtype=np.float32)
         b0, b1 = p * RB // parts, (p + 1) * RB // parts
         for c0 in range(b0, b1, vnni.RT):
@@ -67,13 +67,13 @@ def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, mode
                         for v in range(NV):
                             n = nb * NC + 16 * v
                             a = tile[r * NV + v]
-                            if mode == _GELU:
+                            if mode == GELU:
                                 o = (t - r0) * N + n
                                 _dequant_store(buf, o, a, sums[t - r0], s_x[t], scale, n, bias, has_bias, False)
                             else:
                                 _dequant_store(res, t * N + n, a, sums[t - r0], s_x[t], scale, n, bias, has_bias, True)
             for t in range(r0, r1):
-                if mode == _GELU:
+                if mode == GELU:
                     h = buf[(t - r0) * N : (t - r0 + 1) * N]
                     s[t] = _quantize_with(h, q[t], _gelu_row(h, h))
                 else:
@@ -88,14 +88,20 @@ def _fused(w: PreparedTernary) -> bool:
     return kernel_path() == "vnni" and w.out_features % vnni.NC == 0 and not _PYTHON
 
 
-def _run(x_q, s_x, w: PreparedTernary, mode, res, gamma, beta, eps, q, s):
+def bind(x_q, s_x, w: PreparedTernary, mode, res, gamma, beta, eps, q, s):
+    """``(kernel, args)`` of the one-pass kernel (``mode`` GELU or ADD_NORM), bound to these
+    arrays, for a caller that repeats it (the engine's plan; see ``vnni.bind_linear``)."""
     x, K = vnni._prepared(x_q, w.vnni)
     bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
     T, N, parts = x_q.shape[0], w.out_features, numba.get_num_threads()
-    _linear_rows(
-        x, w.vnni.wl, K, T, N, w.vnni.packed, parts, s_x, w.scale, bias, w.bias is not None, mode, res, gamma, beta,
-        eps, q, s,
-    )  # fmt: skip
+    args = (x, w.vnni.wl, K, T, N, w.vnni.packed, parts, s_x, w.scale, bias, w.bias is not None, mode, res, gamma, beta,
+            eps, q, s)  # fmt: skip
+    return _linear_rows, args
+
+
+def _run(x_q, s_x, w: PreparedTernary, mode, res, gamma, beta, eps, q, s):
+    fn, args = bind(x_q, s_x, w, mode, res, gamma, beta, eps, q, s)
+    fn(*args)
     return q, s
 
 
@@ -107,7 +113,7 @@ def linear_gelu_quantize(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, o
     q, s = _codes_out((x_q.shape[0], w.out_features), out)
     if not _fused(w):
         return gelu_quantize(linear(x_q, s_x, w), (q, s))
-    return _run(x_q, s_x, w, _GELU, _NONE, _NONE, _NONE, 0.0, q, s)
+    return _run(x_q, s_x, w, GELU, _NONE, _NONE, _NONE, 0.0, q, s)
 
 
 def linear_add_norm_quantize(
@@ -134,4 +140,4 @@ def linear_add_norm_quantize(
     if not _fused(w):
         linear(x_q, s_x, w, residual=residual)
         return layernorm_quantize(residual, gamma, beta, eps, (q, s))
-    return _run(x_q, s_x, w, _ADD_NORM, residual.reshape(-1), gamma, beta, float(eps), q, s)
+    return _run(x_q, s_x, w, ADD_NORM, residual.reshape(-1), gamma, beta, float(eps), q, s)

@@ -577,8 +577,16 @@ def attention_quantize(qkv: np.ndarray, heads: int, out: tuple[np.ndarray, np.nd
     q, s = _codes_out((B * N, C3 // 3), out)
     if (C3 // 3 // heads) % 16 or _PYTHON:
         return quantize_rows(attention(qkv, heads).reshape(B * N, -1), (q, s))
-    _attention(qkv, int(heads), _NO_SCALES, _parts(B * ((N + 3) // 4)), True, q, s)
+    fn, args = bind_attention_quantize(qkv, heads, q, s)
+    fn(*args)
     return q, s
+
+
+def bind_attention_quantize(qkv: np.ndarray, heads: int, q: np.ndarray, s: np.ndarray):
+    """``(kernel, args)``: the one-pass call of :func:`attention_quantize`, bound to these
+    arrays (checked, head dimension a multiple of 16), for a caller that repeats it."""
+    B, N = qkv.shape[:2]
+    return _attention, (qkv, int(heads), _NO_SCALES, _parts(B * ((N + 3) // 4)), True, q, s)
 
 
 _NO_CODES = np.empty((0, 0), dtype=np.int8)

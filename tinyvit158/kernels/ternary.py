@@ -290,6 +290,16 @@ def linear_ref(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary) -> np.ndarr
     return y + w.bias if w.bias is not None else y
 
 
+def bind_linear(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, out: np.ndarray, accumulate: bool):
+    """``(kernel, args)``: the VNNI call :func:`linear` makes for these (checked) arrays,
+    bound once for a caller that repeats it on buffers it refills (the engine's plan).
+    Needs the VNNI path, K % 4 == 0 and N % 48 == 0 (else returns None)."""
+    if kernel_path() != "vnni" or w.in_features % 4 or w.out_features % vnni.NC:
+        return None
+    bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
+    return vnni.bind_linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None, out, accumulate)
+
+
 def linear(
     x_q: np.ndarray,
     s_x: np.ndarray,

@@ -291,12 +291,20 @@ def matmul(x_q: np.ndarray, w: VNNIWeights) -> np.ndarray:
     return acc
 
 
+def bind_linear(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, out, accumulate):
+    """``(kernel, args)``: the call :func:`linear` makes, bound to these arrays, for a caller
+    that repeats it on buffers it refills (the engine's plan). Only where ``x_q`` is read in
+    place (K % 4 == 0): else the bound call would hold a padded copy."""
+    x, K = _prepared(x_q, w)
+    parts, flat = numba.get_num_threads(), out.reshape(-1)
+    return _tiles, (x, w.wl, K, x_q.shape[0], w.n, w.packed, parts, True, s_x, scale, bias, has_bias, flat, accumulate,
+                    _NONE_I32)  # fmt: skip
+
+
 def linear(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, out, accumulate) -> np.ndarray:
     """float32 (T, N), bit-identical to ``ternary.linear_ref``, written into ``out``
     (C-contiguous float32 (T, N)) or added to it when ``accumulate``. The caller
     (``kernels.ternary.linear``) checks the inputs and that N % 48 == 0."""
-    x, K = _prepared(x_q, w)
-    T = x_q.shape[0]
-    parts, flat = numba.get_num_threads(), out.reshape(-1)
-    _tiles(x, w.wl, K, T, w.n, w.packed, parts, True, s_x, scale, bias, has_bias, flat, accumulate, _NONE_I32)
+    fn, args = bind_linear(x_q, s_x, w, scale, bias, has_bias, out, accumulate)
+    fn(*args)
     return out
