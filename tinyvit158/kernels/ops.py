@@ -101,9 +101,10 @@ def _quantize_with(row, q, absmax):
     s = max(absmax, _EPS32) / _QMAX32
     n = row.shape[0]
     n16 = 0 if _PYTHON else n - n % 16
-    s_v, qmax_v = _fsplat(s), _fsplat(_QMAX32)
-    for k in range(0, n16, 16):
-        _fquantize_store(q, k, _fload(row, k), s_v, qmax_v)
+    if n16:
+        s_v, qmax_v = _fsplat(s), _fsplat(_QMAX32)
+        for k in range(0, n16, 16):
+            _fquantize_store(q, k, _fload(row, k), s_v, qmax_v)
     for k in range(n16, n):
         r = np.rint(row[k] / s)
         q[k] = np.int8(min(max(r, -_QMAX32), _QMAX32))
