@@ -18,7 +18,7 @@ from kernel_paths import kernel as kernel_of
 
 from tinyvit158 import TinyViTError, get_preset
 from tinyvit158.engine import Engine
-from tinyvit158.kernels import matmul
+from tinyvit158.kernels import cpu_has_vnni, matmul
 from tinyvit158.oracle import Oracle
 from tinyvit158.quant import quantize_activations
 from tinyvit158.weights import load_weights, random_checkpoint
@@ -203,3 +203,22 @@ def test_bound_plan_equals_the_checked_steps(monkeypatch):
     assert rec_a.keys() == rec_b.keys() and all(np.array_equal(rec_a[k], rec_b[k]) for k in rec_a)
     assert tr_a.keys() == tr_b.keys() and all(np.array_equal(tr_a[k], tr_b[k]) for k in tr_a)
     assert parts_a == parts_b
+
+
+@pytest.mark.skipif(not cpu_has_vnni(), reason="CPU lacks AVX-512 VNNI")
+def test_plan_follows_the_kernel_path(monkeypatch):
+    """A plan bound on the VNNI path is not used once TINYVIT158_KERNEL asks for generic."""
+    from unittest import mock
+
+    from tinyvit158 import engine as engine_module
+
+    engine = Engine(random_checkpoint(CONFIGS["cifar10-tiny"].replace(depth=2), seed=0))
+    images = np.zeros((1, 3, 32, 32), np.float32)
+    monkeypatch.setenv("TINYVIT158_KERNEL", "vnni")
+    vnni_logits = engine(images)
+    monkeypatch.setenv("TINYVIT158_KERNEL", "generic")
+    stepwise = engine_module.linear_add_norm_quantize  # what the step-by-step blocks call
+    with mock.patch.object(engine_module, "linear_add_norm_quantize", wraps=stepwise) as steps:
+        generic_logits = engine(images)
+    assert steps.call_count == 3  # proj twice, fc2 once (the last block's fc2 only adds)
+    assert np.array_equal(generic_logits, vnni_logits)  # the two paths are bit-identical

@@ -225,6 +225,8 @@ class Engine:
         them (at batch 1 those took 0.3 of 1.6 ms). Each step: (part, kernel, args, the
         layer and input codes it reads, for ``record``; the block it ends, for ``trace``).
         None off the VNNI path or for shapes off its tiles: then :meth:`_blocks_stepwise`."""
+        if kernel_path() != "vnni" or numba.config.DISABLE_JIT:  # asked each call: the path may change
+            return None
         bufs = self._workspace.__dict__["bufs"]
         if "plan" in bufs:
             return bufs["plan"]
@@ -240,7 +242,7 @@ class Engine:
             blk = f"blocks.{i}"
             w = {k: tern[f"{blk}.{k}"] for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
             fused_ok = all(v.in_features % 4 == 0 and v.out_features % 48 == 0 for v in w.values())
-            if kernel_path() != "vnni" or numba.config.DISABLE_JIT or (D // cfg.heads) % 16 or not fused_ok:
+            if (D // cfg.heads) % 16 or not fused_ok:
                 bufs["plan"] = None
                 return None
             norm2 = p[f"{blk}.norm2.weight"], p[f"{blk}.norm2.bias"], eps
