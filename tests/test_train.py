@@ -87,3 +87,37 @@ def test_export_matches_the_torch_model(tmp_path, tarball):
     margin = np.diff(np.sort(ours, axis=1)[:, -2:], axis=1)[:, 0]
     clear = margin > 0.05 * scale
     assert np.array_equal(engine_logits.argmax(1)[clear], ours.argmax(1)[clear])
+
+
+def test_distill_loss():
+    from tinyvit158.train.trainer import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    targets = torch.softmax(torch.randn(6, 10, generator=g), dim=1)
+    ce = torch.sum(-targets * torch.log_softmax(logits, 1), 1).mean()
+    assert torch.allclose(distill_loss(logits, targets, teacher, 0.0, 4.0), ce)
+    assert torch.allclose(distill_loss(logits, targets, None, 0.7, 4.0), ce)
+    # a student that already matches its teacher pays only the hard term
+    assert torch.allclose(distill_loss(logits, targets, logits.clone(), 0.7, 4.0), 0.3 * ce, atol=1e-6)
+    assert distill_loss(logits, targets, teacher, 1.0, 4.0) > 0
+
+
+def test_distilled_run_resumes_exactly(tmp_path, tarball):
+    """A float teacher (all epochs float) teaches a ternary student; the distilled run is
+    resumable like any other, and the teacher changes what the student learns."""
+    teacher = Recipe(**{**RECIPE.__dict__, "epochs": 1, "float_epochs": 1})
+    train(teacher, str(tarball), tmp_path / "teacher", progress=False)
+    student = Recipe(**{**RECIPE.__dict__, "teacher": str(tmp_path / "teacher" / "last.pt"), "distill": 0.5})
+    whole = train(student, str(tarball), tmp_path / "whole", progress=False)
+    train(student, str(tarball), tmp_path / "split", max_minutes=1e-9, progress=False)
+    resumed = train(student, str(tarball), tmp_path / "split", progress=False)
+    keys = ("epoch", "train_loss", "val_acc")
+    assert [resumed[k] for k in keys] == [whole[k] for k in keys] and whole["epoch"] == 3
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = train(RECIPE, str(tarball), tmp_path / "plain", progress=False)
+    assert plain["train_loss"] != whole["train_loss"]
+    with pytest.raises(TinyViTError, match="needs --teacher"):
+        train(Recipe(**{**RECIPE.__dict__, "distill": 0.5}), str(tarball), tmp_path / "none", progress=False)

@@ -12,6 +12,11 @@ per-image augmentation would otherwise starve it.
 
 Hyperparameters are chosen on 5,000 images held out of the training split (500 per
 class, fixed by the seed); the test split is never read here.
+
+Knowledge distillation: ``--teacher RUN/last.pt --distill A [--distill-temp T]`` trains
+on ``(1 - A)`` x the usual loss plus ``A`` x the teacher's soft targets (any trained run:
+float, e.g. ``--float-epochs`` equal to ``--epochs``, or ternary; wider or deeper models
+too, as long as inputs and classes match). Not used for the shipped weights yet.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ class Recipe:
     holdout: int = 5000
     limit_train: int = 0  # use only this many training images (smoke tests); 0: all
     seed: int = 0
+    teacher: str = ""  # a trainer checkpoint whose model teaches this one (knowledge distillation)
+    distill: float = 0.0  # weight of the teacher's soft targets in the loss (0: no distillation)
+    distill_temp: float = 4.0  # softmax temperature of the distillation term
 
     def config(self) -> ViTConfig:
         return get_preset(self.preset).replace(**json.loads(self.config_overrides))
@@ -75,6 +83,40 @@ def atomic_torch_save(obj, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def distill_loss(
+    logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float, temp: float
+) -> torch.Tensor:
+    """``(1 - alpha)`` x cross-entropy with the (smoothed, mixed) ``targets`` plus ``alpha`` x
+    T^2 x KL(teacher || student) of the softmaxes at temperature T (Hinton, Vinyals and Dean
+    2015: the T^2 keeps the soft term's gradients on the scale of the hard one's).
+    ``alpha = 0`` (or no teacher) is the plain cross-entropy."""
+    ce = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+    if teacher_logits is None or alpha == 0:
+        return ce
+    kl = F.kl_div(
+        F.log_softmax(logits / temp, dim=1), F.log_softmax(teacher_logits / temp, dim=1),
+        reduction="batchmean", log_target=True,
+    )  # fmt: skip
+    return (1 - alpha) * ce + alpha * temp * temp * kl
+
+
+def load_teacher(path: str, cfg: ViTConfig, device: str) -> QATViT:
+    """A trained run's model (``last.pt`` or ``best.pt``) as a fixed teacher: eval mode, no
+    gradients, ternary or float as its run ended (a float teacher: ``--float-epochs`` equal
+    to ``--epochs``). Its architecture may differ from the student's; its inputs may not."""
+    from tinyvit158.train.export import load_run
+
+    model, state = load_run(path, device)
+    t = model.cfg
+    if (t.image_size, t.in_chans, t.num_classes, t.mean, t.std) != (
+        cfg.image_size, cfg.in_chans, cfg.num_classes, cfg.mean, cfg.std,
+    ):  # fmt: skip
+        raise TinyViTError(f"teacher {path} takes other inputs or classes than the student ({t.name} vs {cfg.name})")
+    model.set_quantize(bool(state.get("log", {}).get("quantized", True)))
+    model.requires_grad_(False)
+    return model
 
 
 def split_holdout(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -175,12 +217,16 @@ def train(
     torch.manual_seed(recipe.seed)
     model = QATViT(cfg, drop_path=recipe.drop_path).to(device)
     opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
+    if recipe.distill and not recipe.teacher:
+        raise TinyViTError("--distill needs --teacher (a trainer checkpoint)")
+    teacher = load_teacher(recipe.teacher, cfg, device) if recipe.teacher and recipe.distill else None
     start_epoch, best = 0, 0.0
     last = out / "last.pt"
     if last.exists():
         state = torch.load(last, map_location=device, weights_only=False)
-        if state["recipe"] != asdict(recipe):
-            changed = {k: (state["recipe"].get(k), v) for k, v in asdict(recipe).items() if state["recipe"].get(k) != v}
+        saved = {**asdict(Recipe()), **state["recipe"]}  # runs from before a field existed had its default
+        if saved != asdict(recipe):
+            changed = {k: (saved.get(k), v) for k, v in asdict(recipe).items() if saved.get(k) != v}
             raise TinyViTError(
                 f"{last} was trained with a different recipe {changed}; use another --out or the same options"
             )
@@ -228,7 +274,11 @@ def train(
             if compile == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step's buffers are new
             logits = forward(x)
-            loss = torch.sum(-t * F.log_softmax(logits, dim=1), dim=1).mean()
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+            loss = distill_loss(logits, t, teacher_logits, recipe.distill, recipe.distill_temp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip:
