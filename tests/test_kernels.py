@@ -40,6 +40,17 @@ def int64_reference(x_q, w):
     return x_q.astype(np.int64) @ w.astype(np.int64).T
 
 
+def random_layer(rng, t, k, n, packed):
+    """int8 activations (t, k) with their scales, and a random ternary layer (n, k) with bias."""
+    x_q = rng.integers(-127, 128, (t, k)).astype(np.int8)
+    s_x = (rng.random(t) * 0.05).astype(np.float32)
+    w = PreparedTernary(
+        rng.integers(-1, 2, (n, k)).astype(np.int8), rng.random(n).astype(np.float32),
+        rng.standard_normal(n).astype(np.float32), packed=packed,
+    )  # fmt: skip
+    return x_q, s_x, w
+
+
 def prepared(w, seed=0, path="generic"):
     rng = np.random.default_rng(seed)
     n = w.shape[0]
@@ -277,12 +288,7 @@ def test_fused_linear_kernels_equal_their_steps(path, t, k, n, monkeypatch):
     name, packed = kernel(path)
     monkeypatch.setenv("TINYVIT158_KERNEL", name)
     rng = np.random.default_rng(t + k + n)
-    x_q = rng.integers(-127, 128, (t, k)).astype(np.int8)
-    s_x = (rng.random(t) * 0.05).astype(np.float32)
-    w = PreparedTernary(
-        rng.integers(-1, 2, (n, k)).astype(np.int8), rng.random(n).astype(np.float32),
-        rng.standard_normal(n).astype(np.float32), packed=packed,
-    )  # fmt: skip
+    x_q, s_x, w = random_layer(rng, t, k, n, packed)
     q, s = linear_gelu_quantize(x_q, s_x, w)
     q_ref, s_ref = gelu_quantize(linear_ref(x_q, s_x, w))
     assert np.array_equal(q, q_ref) and np.array_equal(s, s_ref)
@@ -320,12 +326,7 @@ def test_work_split_does_not_change_results(parts, packed):
 
     rng = np.random.default_rng(parts)
     t, k, n = 65, 192, 96  # 9 row tiles x 2 channel blocks; the last tile has one row
-    x_q = rng.integers(-127, 128, (t, k)).astype(np.int8)
-    s_x = (rng.random(t) * 0.05).astype(np.float32)
-    w = PreparedTernary(
-        rng.integers(-1, 2, (n, k)).astype(np.int8), rng.random(n).astype(np.float32),
-        rng.standard_normal(n).astype(np.float32), packed=packed,
-    )  # fmt: skip
+    x_q, s_x, w = random_layer(rng, t, k, n, packed)
     y = np.zeros((t, n), np.float32)
     vl = w.vnni
     vnni._tiles(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, True, s_x, w.scale, w.bias, True, y.reshape(-1), False,

@@ -49,8 +49,8 @@ from tinyvit158.kernels import (
     linear_gelu_quantize,
     quantize_rows,
 )
-from tinyvit158.kernels.ops import bind_attention_quantize
-from tinyvit158.kernels.ternary import bind_linear
+from tinyvit158.kernels.ops import bind_attention
+from tinyvit158.kernels.ternary import bind_linear, fits_vnni_tiles
 from tinyvit158.oracle import patchify
 from tinyvit158.weights import Checkpoint, load_weights
 
@@ -241,14 +241,13 @@ class Engine:
         for i in range(cfg.depth):
             blk = f"blocks.{i}"
             w = {k: tern[f"{blk}.{k}"] for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
-            fused_ok = all(v.in_features % 4 == 0 and v.out_features % 48 == 0 for v in w.values())
-            if (D // cfg.heads) % 16 or not fused_ok:
+            if (D // cfg.heads) % 16 or not all(map(fits_vnni_tiles, w.values())):
                 bufs["plan"] = None
                 return None
             norm2 = p[f"{blk}.norm2.weight"], p[f"{blk}.norm2.bias"], eps
             plan += [
                 ("qkv", *bind_linear(*codes, w["attn.qkv"], qkv, False), (f"{blk}.attn.qkv", codes[0]), None),
-                ("attention+quant", *bind_attention_quantize(qkv.reshape(B, -1, 3 * D), cfg.heads, *attn), None, None),
+                ("attention+quant", *bind_attention(qkv.reshape(B, -1, 3 * D), cfg.heads, codes=attn), None, None),
                 ("proj+norm+quant", *fused.bind(*attn, w["attn.proj"], fused.ADD_NORM, flat, *norm2, *codes),
                  (f"{blk}.attn.proj", attn[0]), None),
                 ("fc1+gelu+quant", *fused.bind(*codes, w["mlp.fc1"], fused.GELU, _NONE, _NONE, _NONE, 0.0, *hidden),

@@ -92,10 +92,8 @@ def bind(x_q, s_x, w: PreparedTernary, mode, res, gamma, beta, eps, q, s):
     """``(kernel, args)`` of the one-pass kernel (``mode`` GELU or ADD_NORM), bound to these
     arrays, for a caller that repeats it (the engine's plan; see ``vnni.bind_linear``)."""
     x, K = vnni._prepared(x_q, w.vnni)
-    bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
     T, N, parts = x_q.shape[0], w.out_features, numba.get_num_threads()
-    args = (x, w.vnni.wl, K, T, N, w.vnni.packed, parts, s_x, w.scale, bias, w.bias is not None, mode, res, gamma, beta,
-            eps, q, s)  # fmt: skip
+    args = (x, w.vnni.wl, K, T, N, w.vnni.packed, parts, s_x, w.scale, *w.bias_args, mode, res, gamma, beta, eps, q, s)
     return _linear_rows, args
 
 

@@ -443,8 +443,7 @@ def _attention(qkv, heads, out, P, quantize, q, s):
     the keys: no horizontal sums, and 8 independent sums in flight (4 would wait on the
     FMA latency). Each row's 1 / sum of exponentials multiplies its output instead of its
     probabilities (one pass less), and the row max and sum reduce as trees. Softmax runs
-    on the score rows in between. Measured at batch 64 of cifar10-tiny: 3.4 ms a call
-    before these three changes, 1.95 after. With ``quantize`` the output rows stay in a
+    on the score rows in between. With ``quantize`` the output rows stay in a
     4-row buffer and become int8 codes ``q`` and scales ``s`` (``quantize_rows``) as soon as
     the unit's last head is done; else they go to ``out``. Needs a head dimension that is
     a multiple of 16 (the wrappers check).
@@ -459,7 +458,7 @@ def _attention(qkv, heads, out, P, quantize, q, s):
     quads = (N + 3) // 4
     U = B * quads  # work units: 4 query rows of one image, every head
     for part in numba.prange(P):  # equal numbers of units; consecutive ones share an image
-        kt = np.zeros(C * Np, dtype=np.float32)  # padded keys score 0 and are never read
+        kt = np.zeros(C * Np, dtype=np.float32)  # padded keys score 0, then -inf (``_score``)
         p = np.empty(4 * Np, dtype=np.float32)
         inv = np.empty(4, dtype=np.float32)  # 1 / sum of each row's exponentials
         ob = np.empty(4 * C if quantize else 0, dtype=np.float32)  # the unit's output rows
@@ -566,7 +565,8 @@ def attention(qkv: np.ndarray, heads: int, out: np.ndarray | None = None) -> np.
     if (C3 // 3 // heads) % 16 or _PYTHON:
         out[...] = attention_ref(qkv, heads)
     else:
-        _attention(qkv, int(heads), out.reshape(-1), _parts(B * ((N + 3) // 4)), False, _NO_CODES, _NO_SCALES)
+        fn, args = bind_attention(qkv, heads, out=out)
+        fn(*args)
     return out
 
 
@@ -579,16 +579,21 @@ def attention_quantize(qkv: np.ndarray, heads: int, out: tuple[np.ndarray, np.nd
     q, s = _codes_out((B * N, C3 // 3), out)
     if (C3 // 3 // heads) % 16 or _PYTHON:
         return quantize_rows(attention(qkv, heads).reshape(B * N, -1), (q, s))
-    fn, args = bind_attention_quantize(qkv, heads, q, s)
+    fn, args = bind_attention(qkv, heads, codes=(q, s))
     fn(*args)
     return q, s
 
 
-def bind_attention_quantize(qkv: np.ndarray, heads: int, q: np.ndarray, s: np.ndarray):
-    """``(kernel, args)``: the one-pass call of :func:`attention_quantize`, bound to these
-    arrays (checked, head dimension a multiple of 16), for a caller that repeats it."""
+def bind_attention(qkv: np.ndarray, heads: int, out: np.ndarray | None = None, codes=None):
+    """``(kernel, args)``: the register kernel's call for these (checked) arrays, head
+    dimension a multiple of 16: into ``out`` (float32 (B, N, dim)), or straight to int8
+    ``codes`` (a (codes, scales) pair) when given. Bound once by a caller that repeats it
+    (the engine's plan)."""
     B, N = qkv.shape[:2]
-    return _attention, (qkv, int(heads), _NO_SCALES, _parts(B * ((N + 3) // 4)), True, q, s)
+    P = _parts(B * ((N + 3) // 4))
+    if codes is None:
+        return _attention, (qkv, int(heads), out.reshape(-1), P, False, _NO_CODES, _NO_SCALES)
+    return _attention, (qkv, int(heads), _NO_SCALES, P, True, *codes)
 
 
 _NO_CODES = np.empty((0, 0), dtype=np.int8)

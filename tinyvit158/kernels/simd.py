@@ -107,16 +107,6 @@ def _dpbusd(typingctx, acc, u8, s8):
 
 
 @intrinsic
-def _vsplat(typingctx, value):
-    """An int32 copied to all 16 lanes."""
-
-    def codegen(context, builder, sig, args):
-        return _splat(builder, args[0], _V16)
-
-    return zmm(types.int32), codegen
-
-
-@intrinsic
 def _vhsum(typingctx, a):
     """The sum of the 16 int32 lanes (exact)."""
 
@@ -414,17 +404,6 @@ def _fload_i8(typingctx, arr, index):
         ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
         v = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
         return builder.sitofp(v, _V16F)
-
-    return zmmf(arr, index), codegen
-
-
-@intrinsic
-def _fbcast_i8(typingctx, arr, index):
-    """``arr[index]`` (int8) as a float32, copied to 16 lanes."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        return _splat(builder, builder.sitofp(builder.load(ptr, align=1), _F32), _V16F)
 
     return zmmf(arr, index), codegen
 

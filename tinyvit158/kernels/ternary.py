@@ -132,6 +132,12 @@ class PreparedTernary:
         self._codes = None
 
     @property
+    def bias_args(self) -> tuple[np.ndarray, bool]:
+        """(bias, has_bias) as the kernels take them: without a bias, the scale array stands
+        in (a float32 array of the right length the kernels never read)."""
+        return (self.bias, True) if self.bias is not None else (self.scale, False)
+
+    @property
     def nbytes(self) -> int:
         """Bytes held now: whichever layouts exist, the scales and the bias."""
         held = [a for a in (self._codes, self.scale, self.bias) if a is not None]
@@ -290,14 +296,19 @@ def linear_ref(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary) -> np.ndarr
     return y + w.bias if w.bias is not None else y
 
 
+def fits_vnni_tiles(w: PreparedTernary) -> bool:
+    """Whether the VNNI kernels read this layer's activations in place and store its
+    outputs from whole tiles (K % 4 == 0, N % 48 == 0: every ViT layer but a classifier)."""
+    return w.in_features % 4 == 0 and w.out_features % vnni.NC == 0
+
+
 def bind_linear(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, out: np.ndarray, accumulate: bool):
     """``(kernel, args)``: the VNNI call :func:`linear` makes for these (checked) arrays,
     bound once for a caller that repeats it on buffers it refills (the engine's plan).
     Needs the VNNI path, K % 4 == 0 and N % 48 == 0 (else returns None)."""
-    if kernel_path() != "vnni" or w.in_features % 4 or w.out_features % vnni.NC:
+    if kernel_path() != "vnni" or not fits_vnni_tiles(w):
         return None
-    bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
-    return vnni.bind_linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None, out, accumulate)
+    return vnni.bind_linear(x_q, s_x, w.vnni, w.scale, *w.bias_args, out, accumulate)
 
 
 def linear(
@@ -321,12 +332,11 @@ def linear(
         raise TinyViTError("linear takes residual or out, not both")
     accumulate = residual is not None
     out = check_out(residual, shape, np.float32, "residual") if accumulate else check_out(out, shape, np.float32, "out")
-    bias = w.bias if w.bias is not None else w.scale  # placeholder, unused when has_bias is False
     path, n = path or kernel_path(), w.out_features
     if path == "vnni" and n % vnni.NC == 0:  # every ViT width: dequantized in the kernel's stores
-        return vnni.linear(x_q, s_x, w.vnni, w.scale, bias, w.bias is not None, out, accumulate)
+        return vnni.linear(x_q, s_x, w.vnni, w.scale, *w.bias_args, out, accumulate)
     if path == "generic" and n % portable.NC == 0 and _use_portable(w.in_features):
-        return portable.linear(x_q, s_x, w.portable, w.scale, bias, w.bias is not None, out, accumulate)
+        return portable.linear(x_q, s_x, w.portable, w.scale, *w.bias_args, out, accumulate)
     y = matmul(x_q, w, path).astype(np.float32) * s_x[:, None] * w.scale[None, :]  # linear_ref's operations
     y = y + w.bias if w.bias is not None else y
     if accumulate:

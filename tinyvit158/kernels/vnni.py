@@ -48,7 +48,6 @@ from tinyvit158.kernels.simd import (
     _vhsum,
     _vload,
     _vload_u2,
-    _vsplat,
     _vstore,
     _vzero,
 )
@@ -164,6 +163,7 @@ class VNNIWeights:
         return np.ascontiguousarray(u[: self.n, : self.k].astype(np.int8) - 1)
 
 
+_ONES = np.ones(4, dtype=np.uint8)  # broadcast: 64 bytes of 1, for row sums by vpdpbusd
 RT = 8  # row tiles of a row group: 64 rows, whose activations stay in cache across channel blocks
 
 
@@ -206,7 +206,7 @@ def _all_weights(wl, NB, G, packed):
 def _rowsums(x, K, t0, t1, sums):
     """``sums[t - t0] = sum_k x[t, k]`` for rows t0 <= t < t1 of flat int8 (T, K): one
     ``vpdpbusd`` with a vector of ones per 64 bytes."""
-    ones = _vsplat(np.int32(0x01010101))
+    ones = _vbroadcast4(_ONES, 0)
     for t in range(t0, t1):
         acc = _vzero()
         k64 = K - K % 64

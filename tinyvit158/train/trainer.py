@@ -219,7 +219,6 @@ def train(
     opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
     if recipe.distill and not recipe.teacher:
         raise TinyViTError("--distill needs --teacher (a trainer checkpoint)")
-    teacher = load_teacher(recipe.teacher, cfg, device) if recipe.teacher and recipe.distill else None
     start_epoch, best = 0, 0.0
     last = out / "last.pt"
     if last.exists():
@@ -238,6 +237,7 @@ def train(
         print(f"{out}: all {recipe.epochs} epochs done", file=sys.stderr)
         return {"epoch": start_epoch, "best_val_acc": best}
 
+    teacher = load_teacher(recipe.teacher, cfg, device) if recipe.teacher and recipe.distill else None
     data = load_cifar10(data_path, "train", progress=progress)
     train_idx, val_idx = split_holdout(data.labels, recipe.holdout, recipe.seed)
     if recipe.limit_train:
