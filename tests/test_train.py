@@ -121,3 +121,55 @@ def test_distilled_run_resumes_exactly(tmp_path, tarball):
     assert plain["train_loss"] != whole["train_loss"]
     with pytest.raises(TinyViTError, match="needs --teacher"):
         train(Recipe(**{**RECIPE.__dict__, "distill": 0.5}), str(tarball), tmp_path / "none", progress=False)
+
+
+def test_bfloat16_products_round_only_the_output():
+    """``--matmul bfloat16`` multiplies the codes themselves (exact in bfloat16), so the
+    forward pass differs from float32 only by rounding each sum to bfloat16 (8 bits), and
+    the gradients stay close to float32's."""
+    from tinyvit158.config import get_preset
+    from tinyvit158.train.model import BitLinear, quantize_activations, ternarize_weight
+
+    cfg = get_preset("cifar10-tiny")
+    torch.manual_seed(0)
+    layer = BitLinear(96, 40, True, cfg)
+    x = torch.randn(3, 17, 96)
+    outs, grads = {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        layer.matmul_dtype = dtype
+        xi = x.clone().requires_grad_(True)
+        layer.zero_grad()
+        y = layer(xi)
+        (y * torch.linspace(-1, 1, 40)).sum().backward()
+        outs[dtype], grads[dtype] = y.detach(), (xi.grad, layer.weight.grad.clone(), layer.bias.grad.clone())
+    x_q, s_x = quantize_activations(x)
+    w_q, gamma = ternarize_weight(layer.weight.detach(), "tensor")
+    acc = torch.einsum("btk,ok->bto", x_q.double(), w_q.double())  # exact integer sums
+    exact = acc * s_x.double() * gamma.double().reshape(-1) + layer.bias.detach().double()
+    unit = s_x.double() * gamma.double().reshape(-1)  # one step of the sum
+    scale = (acc.abs() + 1) * unit + layer.bias.detach().double().abs()
+    assert ((outs[torch.bfloat16].double() - exact).abs() / scale).max() <= 2.0**-8  # one bfloat16 rounding
+    assert ((outs[torch.float32].double() - exact).abs() / scale).max() < 1e-5
+    for a, b in zip(grads[torch.float32], grads[torch.bfloat16], strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=2e-2 * a.abs().max())
+    layer.eval()
+    with torch.no_grad():  # inference is the engine's arithmetic whatever the training dtype
+        assert torch.equal(layer(x), (x_q @ w_q.T) * s_x * gamma.reshape(-1) + layer.bias)
+
+
+def test_bfloat16_run_and_fine_tuning_from_a_run(tmp_path, tarball):
+    from tinyvit158.train.trainer import init_from
+
+    one = Recipe(**{**RECIPE.__dict__, "epochs": 1, "matmul": "bfloat16"})
+    first = train(one, str(tarball), tmp_path / "a", progress=False)
+    assert np.isfinite(first["train_loss"])
+    model = QATViT(one.config())
+    init_from(model, str(tmp_path / "a" / "last.pt"), "cpu")
+    saved = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
+    tuned = Recipe(**{**one.__dict__, "init": str(tmp_path / "a" / "last.pt")})
+    assert train(tuned, str(tarball), tmp_path / "b", progress=False)["train_loss"] != first["train_loss"]
+    with pytest.raises(TinyViTError, match="--init"):
+        init_from(QATViT(one.config().replace(dim=48)), str(tmp_path / "a" / "last.pt"), "cpu")
+    with pytest.raises(TinyViTError, match="--matmul"):
+        train(Recipe(**{**one.__dict__, "matmul": "int4"}), str(tarball), tmp_path / "c", progress=False)

@@ -52,6 +52,7 @@ class BitLinear(nn.Linear):
         self.granularity = cfg.scale_granularity
         self.norm = nn.LayerNorm(in_features, eps=cfg.norm_eps) if cfg.bitlinear_norm else None
         self.quantize = True
+        self.matmul_dtype = torch.float32  # of the training forward's product; see forward
         self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes, gamma) from a weight file
 
     def freeze(self, codes: torch.Tensor, gamma: torch.Tensor) -> None:
@@ -65,8 +66,19 @@ class BitLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         x_q, s_x = quantize_activations(x)
         w_q, gamma = self.frozen if self.frozen is not None else ternarize_weight(self.weight, self.granularity)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.matmul_dtype == torch.float32:
             return F.linear(ste(x, x_q * s_x), ste(self.weight, w_q * gamma), self.bias)
+        if torch.is_grad_enabled():
+            # The same function and gradients, with the product taken over the codes: they are
+            # small integers, exact in bfloat16, so the product's inputs are exact and only its
+            # output (and the backward pass) is rounded to bfloat16's 8 bits. AMX (CPU) and
+            # tensor cores run it 5-10x faster than float32; the scales stay float32.
+            s_x, gamma = s_x.detach(), gamma.detach()
+            u = ste(x / s_x, x_q)  # forward: the codes; backward: d/dx (x / s_x)
+            v = ste(self.weight / (gamma + WEIGHT_EPS), w_q)
+            dt = self.matmul_dtype
+            y = F.linear(u.to(dt), v.to(dt)).float() * (s_x * gamma.reshape(-1))
+            return y + self.bias if self.bias is not None else y
         # Inference: the engine's arithmetic, in its order. The integer sum is exact in float32
         # (|acc| <= 127 K < 2**24), then (acc * s_x) * gamma + bias: the same function as the
         # line above, and bit-identical to the engine's output for the same input codes.
@@ -209,6 +221,13 @@ class QATViT(nn.Module):
         for m in self.modules():
             if isinstance(m, BitLinear):
                 m.quantize = on
+
+    def set_matmul_dtype(self, dtype: torch.dtype) -> None:
+        """The dtype of the ternary layers' products in training (float32 or bfloat16);
+        inference (no gradients) always computes the engine's exact sums in float32."""
+        for m in self.modules():
+            if isinstance(m, BitLinear):
+                m.matmul_dtype = dtype
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
