@@ -173,3 +173,26 @@ def test_bfloat16_run_and_fine_tuning_from_a_run(tmp_path, tarball):
         init_from(QATViT(one.config().replace(dim=48)), str(tmp_path / "a" / "last.pt"), "cpu")
     with pytest.raises(TinyViTError, match="--matmul"):
         train(Recipe(**{**one.__dict__, "matmul": "int4"}), str(tarball), tmp_path / "c", progress=False)
+
+
+def test_snapshots_average_and_export(tmp_path, tarball, capsys):
+    from tinyvit158.train import average, export
+
+    train(RECIPE, str(tarball), tmp_path / "run", progress=False, snapshots=2)
+    assert sorted(p.name for p in (tmp_path / "run").glob("epoch-*.pt")) == ["epoch-002.pt", "epoch-003.pt"]
+    snaps = [str(tmp_path / "run" / f"epoch-00{e}.pt") for e in (2, 3)]
+    assert average.main([*snaps, "--out", str(tmp_path / "avg.pt"), "--data", str(tarball)]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch-002.pt: held-out accuracy" in printed and "average of 2: held-out accuracy" in printed
+    avg = torch.load(tmp_path / "avg.pt", weights_only=False)
+    a, b = (torch.load(p, weights_only=False)["model"] for p in snaps)
+    for k in a:
+        assert torch.allclose(avg["model"][k], (a[k] + b[k]) / 2, rtol=1e-6, atol=1e-7), k
+    assert avg["epoch"] == 3 and avg["averaged"] == ["epoch-002.pt (epoch 2)", "epoch-003.pt (epoch 3)"]
+    assert export.main([str(tmp_path / "avg.pt"), "--out", str(tmp_path / "avg.safetensors")]) == 0
+    source = load_weights(tmp_path / "avg.safetensors").source
+    assert source["averaged"] == avg["averaged"] and source["val_acc"] == avg["log"]["val_acc"]
+    other = Recipe(**{**RECIPE.__dict__, "epochs": 1, "config_overrides": '{"depth": 1, "dim": 16, "heads": 2}'})
+    train(other, str(tarball), tmp_path / "other", progress=False)
+    assert average.main([snaps[0], str(tmp_path / "other" / "last.pt"), "--out", str(tmp_path / "x.pt")]) == 1
+    assert "another architecture" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()

@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             "val_acc": log.get("val_acc"),
             "checkpoint": Path(args.checkpoint).name,
         }
+        if "averaged" in state:
+            source["averaged"] = state["averaged"]  # tinyvit158.train.average: the mean of these epochs
         if args.data:
             from tinyvit158.data import load_cifar10
 

@@ -230,9 +230,10 @@ def epoch_loader(batches: EpochBatches, workers: int, device: str) -> torch.util
 
 def train(
     recipe: Recipe, data_path: str, out: Path, device: str = "cpu", max_minutes: float = 0.0,
-    progress: bool = True, workers: int = 0, compile: str = "",
+    progress: bool = True, workers: int = 0, compile: str = "", snapshots: int = 0,
 ) -> dict:  # fmt: skip
-    """Run (or resume) a recipe; returns the last epoch's log record."""
+    """Run (or resume) a recipe; returns the last epoch's log record. ``snapshots``: also
+    keep the model of each of the last that many epochs as ``out/epoch-NNN.pt`` (to average)."""
     out.mkdir(parents=True, exist_ok=True)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (10-bit mantissa)
@@ -338,8 +339,11 @@ def train(
             "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
         }  # fmt: skip
         atomic_torch_save(state, last)
+        weights_only = {k: v for k, v in state.items() if k != "optimizer"}
         if best_now and quantize:
-            atomic_torch_save({k: v for k, v in state.items() if k != "optimizer"}, out / "best.pt")
+            atomic_torch_save(weights_only, out / "best.pt")
+        if epoch + 1 > recipe.epochs - snapshots:
+            atomic_torch_save(weights_only, out / f"epoch-{epoch + 1:03d}.pt")
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         print(
@@ -370,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, default=0.0, help="stop after the epoch that passes this (0: never)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--snapshots", type=int, default=0, metavar="K",
+        help="keep the models of the last K epochs as OUT/epoch-NNN.pt (for python -m tinyvit158.train.average)",
+    )  # fmt: skip
+    p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="change a ViTConfig field (JSON value)"
     )
     defaults = Recipe()
@@ -398,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe.config()
         train(
             recipe, args.data, args.out, args.device, args.max_minutes,
-            progress=not args.no_progress, workers=args.workers, compile=args.compile,
+            progress=not args.no_progress, workers=args.workers, compile=args.compile, snapshots=args.snapshots,
         )  # fmt: skip
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,80 @@
+"""Average the weights of a run's last epochs (stochastic weight averaging).
+
+``python -m tinyvit158.train.average RUN/epoch-*.pt --out RUN/average.pt [--data PATH]``
+
+The latent float weights of a run's last epochs (``--snapshots K`` saves them as
+``RUN/epoch-NNN.pt``), averaged, tend to lie in a flatter region of the loss than any one
+of them (Izmailov et al. 2018, "Averaging weights leads to wider optima"); the exporter
+then ternarizes the average like any checkpoint. There are no batch statistics to
+recompute (a ViT has only LayerNorms). With ``--data`` it prints the held-out accuracy
+(the 5,000 training images the run never trained on) of every input and of the average,
+so that the choice between them is made on held-out data, never on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from tinyvit158.errors import TinyViTError
+from tinyvit158.train.export import load_run
+from tinyvit158.train.trainer import atomic_torch_save, evaluate, split_holdout
+
+
+def average_runs(paths: list[str | Path]) -> dict:
+    """A checkpoint (like ``best.pt``) whose model is the mean of the given checkpoints' models."""
+    if not paths:
+        raise TinyViTError("no checkpoints to average")
+    states = []
+    for path in paths:
+        _, state = load_run(path)  # checks that it is a trainer checkpoint
+        if states and state["config"] != states[0]["config"]:
+            raise TinyViTError(f"{path}: another architecture than {paths[0]}")
+        states.append(state)
+    model = {
+        k: torch.stack([s["model"][k].float() for s in states]).mean(0).to(v.dtype)
+        for k, v in states[0]["model"].items()
+    }
+    last = max(states, key=lambda s: s["epoch"])
+    out = {k: v for k, v in last.items() if k not in ("optimizer", "model")}
+    out["model"] = model
+    out["averaged"] = [f"{Path(p).name} (epoch {s['epoch']})" for p, s in zip(paths, states, strict=True)]
+    out["log"] = {"quantized": True}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tinyvit158.train.average", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+", help="trainer checkpoints of one run (RUN/epoch-NNN.pt)")
+    p.add_argument("--out", required=True, type=Path, help="the averaged checkpoint to write")
+    p.add_argument("--data", help="CIFAR-10 location: held-out accuracy of the inputs and the average")
+    args = p.parse_args(argv)
+    try:
+        state = average_runs(args.checkpoints)
+        if args.data:
+            from tinyvit158.data import load_cifar10
+
+            data = load_cifar10(args.data, "train", progress=True)
+            recipe = state["recipe"]
+            _, val_idx = split_holdout(data.labels, recipe["holdout"], recipe["seed"])
+            for path in args.checkpoints:
+                model, _ = load_run(path)
+                print(f"{path}: held-out accuracy {evaluate(model, data, val_idx, 'cpu')['acc']:.4f}")
+            model, _ = load_run(args.checkpoints[0])
+            model.load_state_dict(state["model"])
+            state["log"]["val_acc"] = evaluate(model, data, val_idx, "cpu")["acc"]
+            print(f"average of {len(args.checkpoints)}: held-out accuracy {state['log']['val_acc']:.4f}")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(state, args.out)
+    except TinyViTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
