@@ -169,6 +169,11 @@ def test_bfloat16_run_and_fine_tuning_from_a_run(tmp_path, tarball):
     assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
     tuned = Recipe(**{**one.__dict__, "init": str(tmp_path / "a" / "last.pt")})
     assert train(tuned, str(tarball), tmp_path / "b", progress=False)["train_loss"] != first["train_loss"]
+    from tinyvit158.train import export
+
+    assert export.main([str(tmp_path / "b" / "last.pt"), "--out", str(tmp_path / "b.safetensors")]) == 0
+    (parent,) = load_weights(tmp_path / "b.safetensors").source["fine_tuned_from"]  # where it started
+    assert parent["checkpoint"] == "a/last.pt" and parent["epoch"] == 1 and parent["recipe"] == one.__dict__
     with pytest.raises(TinyViTError, match="--init"):
         init_from(QATViT(one.config().replace(dim=48)), str(tmp_path / "a" / "last.pt"), "cpu")
     with pytest.raises(TinyViTError, match="--matmul"):

@@ -64,6 +64,24 @@ def to_checkpoint(model: QATViT, source: dict) -> tuple[Checkpoint, int]:
     return Checkpoint(cfg, tensors, source), differing
 
 
+def lineage(state: dict, limit: int = 20) -> list[dict]:
+    """The runs a fine-tuned checkpoint grew from (its recipe's ``init``, that run's ``init``,
+    ...), nearest first: each one's checkpoint file name, epoch, device, torch and recipe."""
+    chain = []
+    while (state.get("recipe") or {}).get("init") and len(chain) < limit:
+        path = Path(state["recipe"]["init"])
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError):
+            chain.append({"checkpoint": str(path), "missing": True})
+            break
+        chain.append({
+            "checkpoint": f"{path.parent.name}/{path.name}", "epoch": state.get("epoch"), "device": state.get("device"),
+            "torch": state.get("torch"), "recipe": state.get("recipe"),
+        })  # fmt: skip
+    return chain
+
+
 @torch.no_grad()
 def torch_logits(model: QATViT, images_u8: np.ndarray, batch: int = 500) -> np.ndarray:
     from tinyvit158.train.trainer import normalize, to_input
@@ -97,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             "val_acc": log.get("val_acc"),
             "checkpoint": Path(args.checkpoint).name,
         }
+        if (state.get("recipe") or {}).get("init"):
+            source["fine_tuned_from"] = lineage(state)
         if "averaged" in state:
             source["averaged"] = state["averaged"]  # tinyvit158.train.average: the mean of these epochs
         if args.data:
