@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 
+from tinyvit158.config import ViTConfig
 from tinyvit158.errors import TinyViTError
 from tinyvit158.train.export import load_run
+from tinyvit158.train.model import QATViT
 from tinyvit158.train.trainer import atomic_torch_save, evaluate, split_holdout
 
 
-def average_runs(paths: list[str | Path]) -> dict:
-    """A checkpoint (like ``best.pt``) whose model is the mean of the given checkpoints' models."""
+def load_states(paths: list[str | Path]) -> list[dict]:
+    """The trainer checkpoints to average, checked to share one architecture."""
     if not paths:
         raise TinyViTError("no checkpoints to average")
     states = []
@@ -34,6 +36,11 @@ def average_runs(paths: list[str | Path]) -> dict:
         if states and state["config"] != states[0]["config"]:
             raise TinyViTError(f"{path}: another architecture than {paths[0]}")
         states.append(state)
+    return states
+
+
+def average_states(states: list[dict], names: list[str]) -> dict:
+    """A checkpoint (like ``best.pt``) whose model is the mean of the given checkpoints' models."""
     model = {
         k: torch.stack([s["model"][k].float() for s in states]).mean(0).to(v.dtype)
         for k, v in states[0]["model"].items()
@@ -41,7 +48,7 @@ def average_runs(paths: list[str | Path]) -> dict:
     last = max(states, key=lambda s: s["epoch"])
     out = {k: v for k, v in last.items() if k not in ("optimizer", "model")}
     out["model"] = model
-    out["averaged"] = [f"{Path(p).name} (epoch {s['epoch']})" for p, s in zip(paths, states, strict=True)]
+    out["averaged"] = [f"{Path(n).name} (epoch {s['epoch']})" for n, s in zip(names, states, strict=True)]
     out["log"] = {"quantized": True}
     return out
 
@@ -53,17 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="CIFAR-10 location: held-out accuracy of the inputs and the average")
     args = p.parse_args(argv)
     try:
-        state = average_runs(args.checkpoints)
+        states = load_states(args.checkpoints)
+        state = average_states(states, args.checkpoints)
         if args.data:
             from tinyvit158.data import load_cifar10
 
             data = load_cifar10(args.data, "train", progress=True)
             recipe = state["recipe"]
             _, val_idx = split_holdout(data.labels, recipe["holdout"], recipe["seed"])
-            for path in args.checkpoints:
-                model, _ = load_run(path)
+            model = QATViT(ViTConfig.from_dict(state["config"])).eval()  # one model, each input's weights in turn
+            for path, one in zip(args.checkpoints, states, strict=True):
+                model.load_state_dict(one["model"])
                 print(f"{path}: held-out accuracy {evaluate(model, data, val_idx, 'cpu')['acc']:.4f}")
-            model, _ = load_run(args.checkpoints[0])
             model.load_state_dict(state["model"])
             state["log"]["val_acc"] = evaluate(model, data, val_idx, "cpu")["acc"]
             print(f"average of {len(args.checkpoints)}: held-out accuracy {state['log']['val_acc']:.4f}")

@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             "val_acc": log.get("val_acc"),
             "checkpoint": Path(args.checkpoint).name,
         }
-        if (state.get("recipe") or {}).get("init"):
-            source["fine_tuned_from"] = lineage(state)
+        if parents := lineage(state):
+            source["fine_tuned_from"] = parents
         if "averaged" in state:
             source["averaged"] = state["averaged"]  # tinyvit158.train.average: the mean of these epochs
         if args.data:

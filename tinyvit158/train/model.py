@@ -66,9 +66,9 @@ class BitLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         x_q, s_x = quantize_activations(x)
         w_q, gamma = self.frozen if self.frozen is not None else ternarize_weight(self.weight, self.granularity)
-        if torch.is_grad_enabled() and self.matmul_dtype == torch.float32:
-            return F.linear(ste(x, x_q * s_x), ste(self.weight, w_q * gamma), self.bias)
         if torch.is_grad_enabled():
+            if self.matmul_dtype == torch.float32:
+                return F.linear(ste(x, x_q * s_x), ste(self.weight, w_q * gamma), self.bias)
             # The same function and gradients, with the product taken over the codes: they are
             # small integers, exact in bfloat16, so the product's inputs are exact and only its
             # output (and the backward pass) is rounded to bfloat16's 8 bits. AMX (CPU) and
@@ -217,17 +217,19 @@ class QATViT(nn.Module):
         model.load_state_dict(state)
         return model.eval()
 
-    def set_quantize(self, on: bool) -> None:
+    def _set(self, **attrs) -> None:
         for m in self.modules():
             if isinstance(m, BitLinear):
-                m.quantize = on
+                for name, value in attrs.items():
+                    setattr(m, name, value)
+
+    def set_quantize(self, on: bool) -> None:
+        self._set(quantize=on)
 
     def set_matmul_dtype(self, dtype: torch.dtype) -> None:
         """The dtype of the ternary layers' products in training (float32 or bfloat16);
         inference (no gradients) always computes the engine's exact sums in float32."""
-        for m in self.modules():
-            if isinstance(m, BitLinear):
-                m.matmul_dtype = dtype
+        self._set(matmul_dtype=dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
