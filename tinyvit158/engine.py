@@ -1,5 +1,6 @@
 """The fast engine: the oracle's function, computed from packed ternary weights with
-Numba int8 x ternary kernels (exact int32 accumulation) and float32 everywhere else.
+Numba int8 x ternary kernels (exact int32 accumulation); LayerNorm and attention in
+float64 rounded once to float32, GELU and the rest in float32 (``kernels/ops.py`` says why).
 
 Tokens of the whole batch are flattened to rows, ``T = B * (N + 1)``, for every linear
 layer; attention runs per image. Each quantizer is fused into the step that produces its

@@ -1,10 +1,17 @@
-"""The float32 steps between the ternary matmuls, each fused with the quantizer it feeds.
+"""The float steps between the ternary matmuls, each fused with the quantizer it feeds.
 
-Every function returns float32 (or int8 codes plus float32 scales). Row statistics
-(LayerNorm mean and variance) are accumulated in float64 and rounded once to float32: on
-2 cores this costs nothing measurable and halves the engine's distance to the float64
-oracle. GELU's erf is a float32 rational function (``_erf``, |error| <= 4.2e-7), 16 lanes
-at a time. The quantizer is bit-identical to ``quant.quantize_activations`` on
+Every function returns float32 (or int8 codes plus float32 scales). LayerNorm (statistics
+and output) and attention (scores, softmax, p x V) are computed in float64 and rounded
+once to float32: a float32 value then differs from the exact one by half an ulp at most,
+the same in any float64 implementation (a PyTorch model's inference path, the float64
+oracle), so the int8 codes and scales that the next layer takes agree with theirs except
+at float64-level ties. With float32 arithmetic in each, the two orders of summation gave
+last-bit differences that flipped codes and scales in most images (measured on the
+shipped 86% model: 26 of 10,000 test images changed class between engine and PyTorch;
+with float64 LayerNorm and attention and the shared GELU below: 0). GELU's erf is a
+float32 rational function (``_erf``, |error| <= 4.2e-7), 16 lanes at a time; the PyTorch
+model's inference path computes the same operations (``train/model.GELU``), so the two
+agree bit for bit. The quantizer is bit-identical to ``quant.quantize_activations`` on
 float32 input (same float32 operations in the same order, no fastmath), so
 ``layernorm_quantize(x) == quantize_activations(layernorm(x))`` exactly.
 """
@@ -18,24 +25,24 @@ import numpy as np
 
 from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels.simd import (
+    _dbcast,
+    _dbcast32,
+    _dfma,
+    _dload,
+    _dstore,
+    _dstore32_scaled,
+    _dzero,
     _fabs,
     _fadd,
-    _fbcast,
     _fdiv,
-    _fexp_nonpositive,
-    _ffma,
     _fhmax,
-    _fhsum,
     _fload,
-    _fmask_from,
     _fmax,
     _fmin,
     _fmul,
     _fquantize_store,
     _fsplat,
     _fstore,
-    _fsub,
-    _ftranspose16,
     _fzero,
 )
 from tinyvit158.kernels.ternary import check_out
@@ -135,48 +142,48 @@ def quantize_rows(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = Non
 
 
 @_jit
-def _sum16(row, shift):
-    """sum(row - shift): 16 float32 partial sums in a zmm register (each over n / 16 values),
-    added up in float64."""
-    if _PYTHON:
-        return np.sum(row.astype(np.float64) - shift)
+def _sum64(row, shift):
+    """sum(row - shift) accumulated in float64 (4 independent sums): within about 1e-16 of
+    the exact sum, so any float64 implementation of LayerNorm rounds to the same float32."""
     n = row.shape[0]
-    n16 = n - n % 16
-    sv = _fzero()
-    shift_v = _fsplat(np.float32(shift))
-    for k in range(0, n16, 16):
-        sv = _fadd(sv, _fsub(_fload(row, k), shift_v))
-    total = np.float64(_fhsum(sv))
-    for k in range(n16, n):
-        total += np.float64(row[k]) - shift
-    return total
+    n4 = n - n % 4
+    a0 = a1 = a2 = a3 = 0.0
+    for k in range(0, n4, 4):
+        a0 += np.float64(row[k]) - shift
+        a1 += np.float64(row[k + 1]) - shift
+        a2 += np.float64(row[k + 2]) - shift
+        a3 += np.float64(row[k + 3]) - shift
+    for k in range(n4, n):
+        a0 += np.float64(row[k]) - shift
+    return (a0 + a1) + (a2 + a3)
 
 
 @_jit
-def _sumsq16(row, mean):
-    """sum((row - mean)**2) with 16 float32 partial sums (mean is subtracted first, so the
-    squares carry no cancellation)."""
-    if _PYTHON:
-        return np.sum((row.astype(np.float64) - mean) ** 2)
+def _sumsq64(row, mean):
+    """sum((row - mean)**2) in float64 (mean subtracted first: no cancellation)."""
     n = row.shape[0]
-    n16 = n - n % 16
-    sv = _fzero()
-    mean_v = _fsplat(np.float32(mean))
-    for k in range(0, n16, 16):
-        d = _fsub(_fload(row, k), mean_v)
-        sv = _ffma(d, d, sv)
-    total = np.float64(_fhsum(sv))
-    for k in range(n16, n):
+    n4 = n - n % 4
+    a0 = a1 = a2 = a3 = 0.0
+    for k in range(0, n4, 4):
+        d0 = np.float64(row[k]) - mean
+        d1 = np.float64(row[k + 1]) - mean
+        d2 = np.float64(row[k + 2]) - mean
+        d3 = np.float64(row[k + 3]) - mean
+        a0 += d0 * d0
+        a1 += d1 * d1
+        a2 += d2 * d2
+        a3 += d3 * d3
+    for k in range(n4, n):
         d = np.float64(row[k]) - mean
-        total += d * d
-    return total
+        a0 += d * d
+    return (a0 + a1) + (a2 + a3)
 
 
 @_jit
 def _layernorm_row(row, gamma, beta, eps, out):
     n = row.shape[0]
-    mean = _sum16(row, 0.0) / n
-    rstd = 1.0 / math.sqrt(_sumsq16(row, mean) / n + eps)
+    mean = _sum64(row, 0.0) / n
+    rstd = 1.0 / math.sqrt(_sumsq64(row, mean) / n + eps)
     for k in range(n):
         out[k] = np.float32((row[k] - mean) * rstd * gamma[k] + beta[k])
 
@@ -352,205 +359,149 @@ def attention_ref(qkv: np.ndarray, heads: int) -> np.ndarray:
     return (probs @ v).transpose(0, 2, 1, 3).reshape(B, N, C3 // 3)  # (B, N, dim)
 
 
-_POW2_NEG = (2.0 ** -np.arange(128)).astype(np.float32)  # 2**-n for n = 0..127
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693145751953125)  # ln 2 split so that n * _LN2_HI is exact (Cody & Waite)
-_LN2_LO = np.float32(1.428606765330187e-06)
+_INV_LN2_64 = 1.4426950408889634
+_LN2_HI_64 = 6.93147180369123816490e-01  # ln 2 split so that n * _LN2_HI_64 is exact (fdlibm)
+_LN2_LO_64 = 1.90821492927058770002e-10
+_INV_FACT = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))  # 1/13!, ..., 1/1!, 1/0!
 
 
 @_jit
-def _exp_nonpositive(x):
-    """exp(x) for x <= 0 in float32 arithmetic LLVM can vectorize (libm's expf is a call).
-
-    x = n ln2 + r with |r| <= ln2 / 2; exp(r) by its Taylor polynomial to degree 7
-    (truncation < 3e-9), times 2**n from a table. Measured relative error <= 2.5e-7 (about
-    2 float32 ulps) against float64 exp; 3x faster than np.exp in a loop. Below -87 the
-    result is clamped to exp(-87) ~ 1.6e-38, negligible beside the row's largest term, 1.
-    """
-    v = max(x, np.float32(-87.0))
-    n = np.floor(v * _LOG2E + np.float32(0.5))
-    r = v - n * _LN2_HI - n * _LN2_LO
-    p = np.float32(1.0 / 5040)
-    p = p * r + np.float32(1.0 / 720)
-    p = p * r + np.float32(1.0 / 120)
-    p = p * r + np.float32(1.0 / 24)
-    p = p * r + np.float32(1.0 / 6)
-    p = p * r + np.float32(0.5)
-    p = p * r + np.float32(1.0)
-    p = p * r + np.float32(1.0)
-    return p * _POW2_NEG[int(-n)]
+def _exp64_inplace(x, bits, n):
+    """``x[:n] = exp(x[:n])`` for x <= 0, in float64, as loops LLVM vectorizes (libm's exp
+    is a call per value: 40% of the attention's time). x = k ln2 + r, |r| <= ln2 / 2;
+    exp(r) by its Taylor polynomial to degree 13 (truncation < 5e-18), times 2**k built
+    from its exponent bits in ``bits`` (int64 scratch, at least n long). Relative error
+    about 2e-16 (tests compare with np.exp); below -708 the result is clamped to about
+    3e-308, negligible beside the largest term of a softmax row, 1."""
+    for j in range(n):
+        v = max(x[j], -708.0)
+        k = np.floor(v * _INV_LN2_64 + 0.5)
+        r = v - k * _LN2_HI_64 - k * _LN2_LO_64
+        p = _INV_FACT[0]
+        for c in _INV_FACT[1:]:
+            p = p * r + c
+        x[j] = p
+        bits[j] = (np.int64(k) + 1023) << 52
+    pow2 = bits.view(np.float64)
+    for j in range(n):
+        x[j] *= pow2[j]
 
 
 @_jit
-def _store_rows(out, o, stride, rows, a0, a1, a2, a3):
-    """Store the first ``rows`` of four 16-lane results at ``o``, ``o + stride``, ..."""
-    _fstore(out, o, a0)
+def _store_scaled(ob, o, C, rows, a0, a1, a2, a3, inv):
+    """Rows 0..rows-1 of a unit's output, 8 channels from ``o``: ``a_r / total_r``."""
+    _dstore32_scaled(ob, o, a0, inv[0])
     if rows > 1:
-        _fstore(out, o + stride, a1)
+        _dstore32_scaled(ob, C + o, a1, inv[1])
     if rows > 2:
-        _fstore(out, o + 2 * stride, a2)
+        _dstore32_scaled(ob, 2 * C + o, a2, inv[2])
     if rows > 3:
-        _fstore(out, o + 3 * stride, a3)
-
-
-@_jit
-def _score(p, o, v, scale_v, N):
-    """Store scaled scores of keys ``o % Np ...`` + 15 at ``p[o]`` (keys past N: -inf, no
-    weight) and return them, for the running maximum."""
-    v = _fmul(v, scale_v)
-    Np = p.shape[0] // 4
-    valid = N - o % Np
-    if valid < 16:
-        v = _fmask_from(v, valid)
-    _fstore(p, o, v)
-    return v
-
-
-@_jit
-def _softmax4(p, Np, m0, m1, m2, m3, inv):
-    """exp(score - row max) in place for the 4 score rows of ``p`` (16 keys at a time, the
-    4 rows interleaved: each exponential is a chain of ~20 dependent operations, and 4
-    independent ones keep the core busy); ``inv[r]`` = 1 / the sum of row r's
-    exponentials, which the caller applies to the row's output instead of its
-    probabilities (one pass less)."""
-    n0, n1, n2, n3 = _fsplat(_fhmax(m0)), _fsplat(_fhmax(m1)), _fsplat(_fhmax(m2)), _fsplat(_fhmax(m3))
-    s0 = s1 = s2 = s3 = _fzero()
-    for jc in range(0, Np, 16):
-        e0 = _fexp_nonpositive(_fsub(_fload(p, jc), n0))
-        e1 = _fexp_nonpositive(_fsub(_fload(p, Np + jc), n1))
-        e2 = _fexp_nonpositive(_fsub(_fload(p, 2 * Np + jc), n2))
-        e3 = _fexp_nonpositive(_fsub(_fload(p, 3 * Np + jc), n3))
-        _fstore(p, jc, e0)
-        _fstore(p, Np + jc, e1)
-        _fstore(p, 2 * Np + jc, e2)
-        _fstore(p, 3 * Np + jc, e3)
-        s0, s1, s2, s3 = _fadd(s0, e0), _fadd(s1, e1), _fadd(s2, e2), _fadd(s3, e3)
-    inv[0] = np.float32(1.0) / _fhsum(s0)
-    inv[1] = np.float32(1.0) / _fhsum(s1)
-    inv[2] = np.float32(1.0) / _fhsum(s2)
-    inv[3] = np.float32(1.0) / _fhsum(s3)
+        _dstore32_scaled(ob, 3 * C + o, a3, inv[3])
 
 
 @_pjit
 def _attention(qkv, heads, out, P, quantize, q, s):
-    """Attention of 4 query rows at a time, in zmm registers (``kernels/simd.py``).
+    """Attention in float64, each output rounded once to float32.
 
-    Each thread takes an equal share of the (image, 4 query rows) units, and runs every
-    head of a unit. For each image it starts, it lays the keys out transposed, ``kt[c, j]``
-    with the key count padded to 16, so that scores for 4 rows x 32
-    keys accumulate in 8 registers over the head dimension (one broadcast of q per row and
-    d, two fused multiply-adds) and probabilities x V for 4 rows x 32 channels likewise over
-    the keys: no horizontal sums, and 8 independent sums in flight (4 would wait on the
-    FMA latency). Each row's 1 / sum of exponentials multiplies its output instead of its
-    probabilities (one pass less), and the row max and sum reduce as trees. Softmax runs
-    on the score rows in between. With ``quantize`` the output rows stay in a
-    4-row buffer and become int8 codes ``q`` and scales ``s`` (``quantize_rows``) as soon as
-    the unit's last head is done; else they go to ``out``. Needs a head dimension that is
-    a multiple of 16 (the wrappers check).
+    float32 scores, exponentials and sums carry a few ulps of error that depend on their
+    order, and the next layer's int8 codes and scale (the row's largest magnitude) follow
+    those last bits: an engine and a PyTorch model computing attention in float32 in
+    different orders diverge a little in most images (measured on the 86% model: 26 of
+    10,000 test images changed class). In float64 both are within ~1e-15 of the exact
+    value, so their float32 roundings agree except at a float64-level tie.
+
+    Each thread takes an equal share of the (image, 4 query rows) units and runs every head
+    of a unit. For each image it starts, it lays the keys out in float64 transposed,
+    ``kt[c, j]`` (key count padded to 16 with zeros), and the values in float64, so that
+    scores for 4 rows x 16 keys accumulate in 8 zmm registers (8 float64 lanes each) over
+    the head dimension, and probabilities x V for 4 rows x 16 channels likewise over the
+    keys. Softmax runs on the score rows in between (``_exp64_inplace``). With ``quantize``
+    the unit's rows become int8 codes ``q`` and scales ``s`` (``quantize_rows``) as soon as
+    its last head is done; else they go to ``out`` (flat, (B * N * dim,)). Needs a head
+    dimension that is a multiple of 16 (the wrappers check).
     """
     B, N, C3 = qkv.shape
     C = C3 // 3
     hd = C // heads
     Np = (N + 15) // 16 * 16
-    N16 = N - N % 16
-    scale = np.float32(hd**-0.5)
+    scale = 1.0 / math.sqrt(hd)
     flat = qkv.reshape(-1)
     quads = (N + 3) // 4
-    U = B * quads  # work units: 4 query rows of one image, every head
-    for part in numba.prange(P):  # equal numbers of units; consecutive ones share an image
-        kt = np.zeros(C * Np, dtype=np.float32)  # padded keys score 0, then -inf (``_score``)
-        p = np.empty(4 * Np, dtype=np.float32)
-        inv = np.empty(4, dtype=np.float32)  # 1 / sum of each row's exponentials
-        ob = np.empty(4 * C if quantize else 0, dtype=np.float32)  # the unit's output rows
-        scale_v = _fsplat(scale)
+    U = B * quads
+    for part in numba.prange(P):
+        kt = np.zeros(C * Np, dtype=np.float64)  # padded keys stay 0 (their scores are not used)
+        vv = np.empty(N * C, dtype=np.float64)
+        sc = np.empty(4 * Np, dtype=np.float64)
+        bits = np.empty(Np, dtype=np.int64)
+        inv = np.empty(4, dtype=np.float64)
+        ob = np.empty(4 * C, dtype=np.float32)
         b = -1
         for u in range(part * U // P, (part + 1) * U // P):
-            if u // quads != b:  # a new image: lay its keys out transposed, kt[c, j]
+            if u // quads != b:  # a new image: its keys (transposed) and values in float64
                 b = u // quads
-                for j0 in range(0, N16, 16):  # 16 x 16 blocks in registers
-                    for c0 in range(0, C, 16):
-                        _ftranspose16(flat, (b * N + j0) * C3 + C + c0, C3, kt, c0 * Np + j0, Np)
-                for j in range(N16, N):
-                    base = (b * N + j) * C3 + C
+                for j in range(N):
+                    base = (b * N + j) * C3
                     for c in range(C):
-                        kt[c * Np + j] = flat[base + c]
+                        kt[c * Np + j] = flat[base + C + c]
+                        vv[j * C + c] = flat[base + 2 * C + c]
             i0 = (u % quads) * 4
             rows = min(4, N - i0)
-            dst, obase = (ob, 0) if quantize else (out, (b * N + i0) * C)
             for h in range(heads):
-                q0 = (b * N + i0) * C3 + h * hd  # rows past the block repeat the last one
-                q1 = (b * N + i0 + min(1, rows - 1)) * C3 + h * hd
-                q2 = (b * N + i0 + min(2, rows - 1)) * C3 + h * hd
-                q3 = (b * N + i0 + min(3, rows - 1)) * C3 + h * hd
-                jc = 0
-                m0 = m1 = m2 = m3 = _fsplat(np.float32(-np.inf))  # running row maxima
-                while jc + 32 <= Np:  # 4 rows x 32 keys: 8 independent sums hide the FMA latency
-                    a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _fzero()
+                o = h * hd
+                q0 = (b * N + i0) * C3 + o  # rows past the unit repeat its last one
+                q1 = (b * N + i0 + min(1, rows - 1)) * C3 + o
+                q2 = (b * N + i0 + min(2, rows - 1)) * C3 + o
+                q3 = (b * N + i0 + min(3, rows - 1)) * C3 + o
+                for jc in range(0, Np, 16):  # scores: 4 rows x 16 keys in 8 registers
+                    a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _dzero()
                     for d in range(hd):
-                        kv = _fload(kt, (h * hd + d) * Np + jc)
-                        kw = _fload(kt, (h * hd + d) * Np + jc + 16)
-                        s0, s1, s2, s3 = (
-                            _fbcast(flat, q0 + d),
-                            _fbcast(flat, q1 + d),
-                            _fbcast(flat, q2 + d),
-                            _fbcast(flat, q3 + d),
-                        )
-                        a0, c0 = _ffma(s0, kv, a0), _ffma(s0, kw, c0)
-                        a1, c1 = _ffma(s1, kv, a1), _ffma(s1, kw, c1)
-                        a2, c2 = _ffma(s2, kv, a2), _ffma(s2, kw, c2)
-                        a3, c3 = _ffma(s3, kv, a3), _ffma(s3, kw, c3)
-                    m0 = _fmax(m0, _fmax(_score(p, jc, a0, scale_v, N), _score(p, jc + 16, c0, scale_v, N)))
-                    m1 = _fmax(m1, _fmax(_score(p, Np + jc, a1, scale_v, N), _score(p, Np + jc + 16, c1, scale_v, N)))
-                    m2 = _fmax(
-                        m2, _fmax(_score(p, 2 * Np + jc, a2, scale_v, N), _score(p, 2 * Np + jc + 16, c2, scale_v, N))
-                    )
-                    m3 = _fmax(
-                        m3, _fmax(_score(p, 3 * Np + jc, a3, scale_v, N), _score(p, 3 * Np + jc + 16, c3, scale_v, N))
-                    )
-                    jc += 32
-                if jc < Np:  # the last 16 keys
-                    a0 = a1 = a2 = a3 = _fzero()
-                    for d in range(hd):
-                        kv = _fload(kt, (h * hd + d) * Np + jc)
-                        a0 = _ffma(_fbcast(flat, q0 + d), kv, a0)
-                        a1 = _ffma(_fbcast(flat, q1 + d), kv, a1)
-                        a2 = _ffma(_fbcast(flat, q2 + d), kv, a2)
-                        a3 = _ffma(_fbcast(flat, q3 + d), kv, a3)
-                    m0 = _fmax(m0, _score(p, jc, a0, scale_v, N))
-                    m1 = _fmax(m1, _score(p, Np + jc, a1, scale_v, N))
-                    m2 = _fmax(m2, _score(p, 2 * Np + jc, a2, scale_v, N))
-                    m3 = _fmax(m3, _score(p, 3 * Np + jc, a3, scale_v, N))
-                _softmax4(p, Np, m0, m1, m2, m3, inv)  # exponentials in place, 1 / their sums
-                i0v, i1v, i2v, i3v = _fsplat(inv[0]), _fsplat(inv[1]), _fsplat(inv[2]), _fsplat(inv[3])
-                dc = 0
-                while dc + 32 <= hd:  # 4 rows x 32 channels: 8 independent sums
-                    a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _fzero()
+                        kv = _dload(kt, (o + d) * Np + jc)
+                        kw = _dload(kt, (o + d) * Np + jc + 8)
+                        s0, s1 = _dbcast32(flat, q0 + d), _dbcast32(flat, q1 + d)
+                        s2, s3 = _dbcast32(flat, q2 + d), _dbcast32(flat, q3 + d)
+                        a0, c0 = _dfma(s0, kv, a0), _dfma(s0, kw, c0)
+                        a1, c1 = _dfma(s1, kv, a1), _dfma(s1, kw, c1)
+                        a2, c2 = _dfma(s2, kv, a2), _dfma(s2, kw, c2)
+                        a3, c3 = _dfma(s3, kv, a3), _dfma(s3, kw, c3)
+                    _dstore(sc, jc, a0)
+                    _dstore(sc, jc + 8, c0)
+                    _dstore(sc, Np + jc, a1)
+                    _dstore(sc, Np + jc + 8, c1)
+                    _dstore(sc, 2 * Np + jc, a2)
+                    _dstore(sc, 2 * Np + jc + 8, c2)
+                    _dstore(sc, 3 * Np + jc, a3)
+                    _dstore(sc, 3 * Np + jc + 8, c3)
+                for r in range(4):  # softmax numerators in place; 1 / their sums
+                    row = sc[r * Np : r * Np + N]
+                    m = row[0]
+                    for j in range(1, N):
+                        m = max(m, row[j])
                     for j in range(N):
-                        vb = (b * N + j) * C3 + 2 * C + h * hd + dc
-                        vv, vw = _fload(flat, vb), _fload(flat, vb + 16)
-                        s0, s1 = _fbcast(p, j), _fbcast(p, Np + j)
-                        s2, s3 = _fbcast(p, 2 * Np + j), _fbcast(p, 3 * Np + j)
-                        a0, c0 = _ffma(s0, vv, a0), _ffma(s0, vw, c0)
-                        a1, c1 = _ffma(s1, vv, a1), _ffma(s1, vw, c1)
-                        a2, c2 = _ffma(s2, vv, a2), _ffma(s2, vw, c2)
-                        a3, c3 = _ffma(s3, vv, a3), _ffma(s3, vw, c3)
-                    o = obase + h * hd + dc
-                    _store_rows(dst, o, C, rows, _fmul(a0, i0v), _fmul(a1, i1v), _fmul(a2, i2v), _fmul(a3, i3v))
-                    _store_rows(dst, o + 16, C, rows, _fmul(c0, i0v), _fmul(c1, i1v), _fmul(c2, i2v), _fmul(c3, i3v))
-                    dc += 32
-                if dc < hd:  # the last 16 channels
-                    a0 = a1 = a2 = a3 = _fzero()
+                        row[j] = (row[j] - m) * scale
+                    _exp64_inplace(row, bits, N)
+                    total = 0.0
                     for j in range(N):
-                        vv = _fload(flat, (b * N + j) * C3 + 2 * C + h * hd + dc)
-                        a0 = _ffma(_fbcast(p, j), vv, a0)
-                        a1 = _ffma(_fbcast(p, Np + j), vv, a1)
-                        a2 = _ffma(_fbcast(p, 2 * Np + j), vv, a2)
-                        a3 = _ffma(_fbcast(p, 3 * Np + j), vv, a3)
-                    o = obase + h * hd + dc
-                    _store_rows(dst, o, C, rows, _fmul(a0, i0v), _fmul(a1, i1v), _fmul(a2, i2v), _fmul(a3, i3v))
-            if quantize:  # whole rows are done: their int8 codes, from cache
-                for r in range(rows):
-                    s[b * N + i0 + r] = _quantize_row(ob[r * C : (r + 1) * C], q[b * N + i0 + r])
+                        total += row[j]
+                    inv[r] = 1.0 / total
+                for dc in range(0, hd, 16):  # p x V: 4 rows x 16 channels in 8 registers
+                    a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _dzero()
+                    for j in range(N):
+                        vb = j * C + o + dc
+                        vv0, vv1 = _dload(vv, vb), _dload(vv, vb + 8)
+                        p0, p1 = _dbcast(sc, j), _dbcast(sc, Np + j)
+                        p2, p3 = _dbcast(sc, 2 * Np + j), _dbcast(sc, 3 * Np + j)
+                        a0, c0 = _dfma(p0, vv0, a0), _dfma(p0, vv1, c0)
+                        a1, c1 = _dfma(p1, vv0, a1), _dfma(p1, vv1, c1)
+                        a2, c2 = _dfma(p2, vv0, a2), _dfma(p2, vv1, c2)
+                        a3, c3 = _dfma(p3, vv0, a3), _dfma(p3, vv1, c3)
+                    _store_scaled(ob, o + dc, C, rows, a0, a1, a2, a3, inv)
+                    _store_scaled(ob, o + dc + 8, C, rows, c0, c1, c2, c3, inv)
+            for r in range(rows):
+                t = b * N + i0 + r
+                if quantize:  # whole rows are done: their int8 codes, from cache
+                    s[t] = _quantize_row(ob[r * C : (r + 1) * C], q[t])
+                else:
+                    out[t * C : (t + 1) * C] = ob[r * C : (r + 1) * C]
 
 
 def attention(qkv: np.ndarray, heads: int, out: np.ndarray | None = None) -> np.ndarray:

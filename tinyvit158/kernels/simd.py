@@ -247,7 +247,6 @@ def _binary(name: str):
 
 
 _fadd = _binary("fadd")
-_fsub = _binary("fsub")
 _fmul = _binary("fmul")
 
 
@@ -277,44 +276,6 @@ def _fhmax(typingctx, a):
 
 
 @intrinsic
-def _fhsum(typingctx, a):
-    """The sum of the 16 lanes, as a tree (halves added, 4 steps: a quarter of the in-order
-    chain's latency; the rounding differs from lane order within float32 error)."""
-
-    def codegen(context, builder, sig, args):
-        return _call(
-            builder, "llvm.vector.reduce.fadd.v16f32", _F32, [ir.Constant(_F32, 0.0), args[0]], fastmath=("reassoc",)
-        )
-
-    return types.float32(zmmf), codegen
-
-
-@intrinsic
-def _fexp_nonpositive(typingctx, a):
-    """exp(x) for x <= 0, lane by lane: ``ops._exp_nonpositive`` in vector form, with 2**n
-    built from its exponent bits instead of a table."""
-
-    def codegen(context, builder, sig, args):
-        def c(v):
-            return _splat(builder, ir.Constant(_F32, v), _V16F)
-
-        x = _call(builder, "llvm.maxnum.v16f32", _V16F, [args[0], c(-87.0)])
-        n = _call(builder, "llvm.floor.v16f32", _V16F, [builder.fadd(builder.fmul(x, c(1.4426950408889634)), c(0.5))])
-        r = builder.fsub(x, builder.fmul(n, c(0.693145751953125)))  # ln 2 in two parts (Cody & Waite)
-        r = builder.fsub(r, builder.fmul(n, c(1.428606765330187e-06)))
-        p = c(1.0 / 5040)
-        for coef in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
-            p = builder.fadd(builder.fmul(p, r), c(coef))
-        bits = builder.shl(
-            builder.add(builder.fptosi(n, _V16), _splat(builder, ir.Constant(_I32, 127), _V16)),
-            _splat(builder, ir.Constant(_I32, 23), _V16),
-        )
-        return builder.fmul(p, builder.bitcast(bits, _V16F))
-
-    return zmmf(zmmf), codegen
-
-
-@intrinsic
 def _fabs(typingctx, a):
     """Lane-wise absolute value."""
 
@@ -335,52 +296,6 @@ def _fmin(typingctx, a, b):
         return _call(builder, "llvm.minnum.v16f32", _V16F, args)
 
     return zmmf(zmmf, zmmf), codegen
-
-
-@intrinsic
-def _ftranspose16(typingctx, src, s_off, s_stride, dst, d_off, d_stride):
-    """``dst[d_off + c * d_stride + i] = src[s_off + i * s_stride + c]`` for a 16 x 16 block
-    of float32: 16 row loads, 4 rounds of 16 two-register shuffles (swap the off-diagonal
-    halves, then quarters, ...), 16 stores: a quarter of an instruction per element, where a
-    scalar transpose costs a load and a store each."""
-
-    def codegen(context, builder, sig, args):
-        src_a, s_o, s_s, dst_a, d_o, d_s = args
-        s_o, s_s = builder.sext(s_o, ir.IntType(64)), builder.sext(s_s, ir.IntType(64))
-        d_o, d_s = builder.sext(d_o, ir.IntType(64)), builder.sext(d_s, ir.IntType(64))
-
-        def ptr(arrty, arr, off, stride, i):
-            index = builder.add(off, builder.mul(stride, ir.Constant(ir.IntType(64), i)))
-            return builder.bitcast(_element_ptr(context, builder, arrty, arr, index), _V16F.as_pointer())
-
-        rows = [builder.load(ptr(sig.args[0], src_a, s_o, s_s, i), align=4) for i in range(16)]
-        for b in (8, 4, 2, 1):
-            new = list(rows)
-            for i in range(16):
-                if i & b:
-                    continue
-                lo = [lane if not lane & b else 16 + lane - b for lane in range(16)]
-                hi = [lane + b if not lane & b else 16 + lane for lane in range(16)]
-                for k, mask in ((i, lo), (i + b, hi)):
-                    new[k] = builder.shuffle_vector(rows[i], rows[i + b], ir.Constant(ir.VectorType(_I32, 16), mask))
-            rows = new
-        for c in range(16):
-            builder.store(rows[c], ptr(sig.args[3], dst_a, d_o, d_s, c), align=4)
-        return context.get_dummy_value()
-
-    return types.void(src, s_off, s_stride, dst, d_off, d_stride), codegen
-
-
-@intrinsic
-def _fmask_from(typingctx, a, k):
-    """``a`` with lanes ``k``, ``k + 1``, ... 15 set to -inf (all of them when k <= 0)."""
-
-    def codegen(context, builder, sig, args):
-        lanes = ir.Constant(_V16, list(range(16)))
-        keep = builder.icmp_signed("<", lanes, _splat(builder, builder.trunc(args[1], _I32), _V16))
-        return builder.select(keep, args[0], _splat(builder, ir.Constant(_F32, float("-inf")), _V16F))
-
-    return zmmf(zmmf, types.int64), codegen
 
 
 @intrinsic
@@ -436,3 +351,110 @@ def _fquantize_store(typingctx, q, index, v, s_v, qmax_v):
         return context.get_dummy_value()
 
     return types.void(q, index, zmmf, zmmf, zmmf), codegen
+
+
+# -- float64 vectors (attention: ``ops._attention``) ------------------------------------------
+
+_F64 = ir.DoubleType()
+_V8D = ir.VectorType(_F64, 8)
+_V8F = ir.VectorType(_F32, 8)
+
+
+class _Zmmd(types.Type):
+    """A 512-bit vector of 8 float64 lanes, held in a register. (LLVM's own vectorizer
+    stops at 256 bits on this CPU: 4 lanes, half the speed.)"""
+
+    def __init__(self):
+        super().__init__(name="zmm_f64x8")
+
+
+@register_model(_Zmmd)
+class _ZmmdModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _V8D)
+
+
+zmmd = _Zmmd()  # 8 float64 lanes
+
+
+def _splat8(builder, value):
+    vec = builder.insert_element(ir.Constant(_V8D, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(vec, ir.Constant(_V8D, None), ir.Constant(ir.VectorType(_I32, 8), None))
+
+
+@intrinsic
+def _dzero(typingctx):
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V8D, None)
+
+    return zmmd(), codegen
+
+
+@intrinsic
+def _dload(typingctx, arr, index):
+    """8 float64 of an array from element ``index``."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.load(builder.bitcast(ptr, _V8D.as_pointer()), align=8)
+
+    return zmmd(arr, index), codegen
+
+
+@intrinsic
+def _dbcast(typingctx, arr, index):
+    """``arr[index]`` (float64) copied to 8 lanes."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        return _splat8(builder, builder.load(ptr, align=8))
+
+    return zmmd(arr, index), codegen
+
+
+@intrinsic
+def _dbcast32(typingctx, arr, index):
+    """``arr[index]`` (float32, widened exactly to float64) copied to 8 lanes."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        return _splat8(builder, builder.fpext(builder.load(ptr, align=4), _F64))
+
+    return zmmd(arr, index), codegen
+
+
+@intrinsic
+def _dfma(typingctx, a, b, c):
+    """``a * b + c`` lane by lane in float64, one rounding."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8D, [_V8D] * 3), "llvm.fma.v8f64")
+        return builder.call(fn, args)
+
+    return zmmd(zmmd, zmmd, zmmd), codegen
+
+
+@intrinsic
+def _dstore(typingctx, arr, index, vec):
+    """Store 8 float64 lanes into a float64 array from element ``index``."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(ptr, _V8D.as_pointer()), align=8)
+        return context.get_dummy_value()
+
+    return types.void(arr, index, zmmd), codegen
+
+
+@intrinsic
+def _dstore32_scaled(typingctx, arr, index, vec, scale):
+    """Store ``vec * scale`` (float64 lanes times a float64 scalar), each rounded once to
+    float32, into a float32 array from element ``index``."""
+
+    def codegen(context, builder, sig, args):
+        v = builder.fmul(args[2], _splat8(builder, args[3]))
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store(builder.fptrunc(v, _V8F), builder.bitcast(ptr, _V8F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, index, zmmd, types.float64), codegen

@@ -12,11 +12,14 @@ exporter is a name-preserving ternarize-and-pack.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tinyvit158.config import ViTConfig
+from tinyvit158.kernels.ops import _ERF_P, _ERF_Q
 from tinyvit158.quant import ACT_EPS, ACT_QMAX, WEIGHT_EPS
 
 
@@ -50,7 +53,7 @@ class BitLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool, cfg: ViTConfig):
         super().__init__(in_features, out_features, bias=bias)
         self.granularity = cfg.scale_granularity
-        self.norm = nn.LayerNorm(in_features, eps=cfg.norm_eps) if cfg.bitlinear_norm else None
+        self.norm = LayerNorm(in_features, eps=cfg.norm_eps) if cfg.bitlinear_norm else None
         self.quantize = True
         self.matmul_dtype = torch.float32  # of the training forward's product; see forward
         self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes, gamma) from a weight file
@@ -86,6 +89,51 @@ class BitLinear(nn.Linear):
         return y + self.bias if self.bias is not None else y
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm``; at inference (no gradients) computed in float64 and rounded once to
+    float32, as the engine does (``kernels.ops._layernorm_row``): two float64 computations of
+    the same value round to the same float32 (except within ~1e-16 of a rounding tie), so
+    the int8 codes of the next layer match the engine's. Float32 statistics in both would
+    differ in the last bit and flip a code now and then (measured: a source of about a
+    quarter of the images whose codes differ anywhere)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        xd = x.double()
+        mean = xd.mean(-1, keepdim=True)
+        var = ((xd - mean) ** 2).mean(-1, keepdim=True)
+        rstd = 1.0 / torch.sqrt(var + self.eps)
+        return ((xd - mean) * rstd * self.weight.double() + self.bias.double()).float()
+
+
+class GELU(nn.GELU):
+    """``nn.GELU()`` (erf form) for training; at inference (no gradients) the engine's GELU
+    operation for operation (``kernels.ops._gelu16``: Eigen's rational float32 erf, |error|
+    <= 4.2e-7 against the exact erf), so both compute bit-identical float32 values. With
+    PyTorch's own erf the last bits differ and the next int8 code flips at rounding ties:
+    the largest single source of engine/PyTorch disagreements (measured 31 -> 19 of 10,000
+    test images on the 86% model)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dtype != torch.float32:
+            return super().forward(x)
+        f32 = torch.float32
+
+        def c(v: float) -> torch.Tensor:
+            return torch.tensor(v, dtype=f32, device=x.device)
+
+        z = torch.clamp(x * c(1.0 / math.sqrt(2.0)), -4.0, 4.0)
+        z2 = z * z
+        p = torch.full_like(z, _ERF_P[0])
+        for k in _ERF_P[1:]:
+            p = p * z2 + c(k)
+        q = torch.full_like(z, _ERF_Q[0])
+        for k in _ERF_Q[1:]:
+            q = q * z2 + c(k)
+        return c(0.5) * x * (c(1.0) + z * p / q)
+
+
 def make_linear(cfg: ViTConfig, layer: str, in_f: int, out_f: int, plain: bool = False) -> nn.Linear:
     if cfg.is_ternary(layer) and not plain:
         return BitLinear(in_f, out_f, cfg.has_bias(layer), cfg)
@@ -103,7 +151,10 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
-        o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v
+        if torch.is_grad_enabled():
+            o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v
+        else:  # inference: in float64, rounded once to float32, as the engine does (kernels.ops._attention64)
+            o = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
 
@@ -111,7 +162,7 @@ class Mlp(nn.Module):
     def __init__(self, cfg: ViTConfig, i: int, plain: bool = False):
         super().__init__()
         self.fc1 = make_linear(cfg, f"blocks.{i}.mlp.fc1", cfg.dim, cfg.hidden_dim, plain)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.fc2 = make_linear(cfg, f"blocks.{i}.mlp.fc2", cfg.hidden_dim, cfg.dim, plain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +172,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ViTConfig, i: int, drop_path: float = 0.0, plain: bool = False):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm1 = LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg, i, plain)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm2 = LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg, i, plain)
         self.drop_path = drop_path
 
@@ -169,7 +220,7 @@ class QATViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.dim) * 0.02)
         rates = [drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, i, rates[i], plain) for i in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = make_linear(cfg, "head", cfg.dim, cfg.num_classes, plain)
         self.apply(self._init)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
