@@ -24,13 +24,24 @@ from tinyvit158.quant import ACT_EPS, ACT_QMAX, WEIGHT_EPS
 
 
 def ternarize_weight(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absmean ternarization (quant.ternarize in torch): codes in {-1, 0, 1}, gamma (out, 1)."""
-    if granularity == "tensor":
-        gamma = w.abs().mean().expand(w.shape[0], 1)
-    else:
-        gamma = w.abs().mean(dim=1, keepdim=True)
-    codes = torch.clamp(torch.round(w / (gamma + WEIGHT_EPS)), -1, 1)
-    return codes, gamma
+    """Absmean ternarization, ``quant.ternarize`` in torch: codes in {-1, 0, 1} and gamma
+    (out, 1), both float32 and without gradients (the callers' estimators carry those).
+
+    Computed as ``quant.ternarize`` computes it, in float64 with gamma rounded once to
+    float32, so the exporter writes exactly the codes and gamma this forward pass uses: a
+    trained checkpoint and its weight file are then one function at inference. (A float32
+    mean differs from the float64 one in the last bit of gamma now and then; that moved
+    logits by ~1e-7 and flipped downstream int8 codes at rounding ties: a checkpoint and
+    its own weight file disagreed on about 20 of the 10,000 test images.)
+    """
+    with torch.no_grad():
+        wd = w.detach().double()
+        if granularity == "tensor":
+            gamma = wd.abs().mean().expand(w.shape[0], 1)
+        else:
+            gamma = wd.abs().mean(dim=1, keepdim=True)
+        codes = torch.clamp(torch.round(wd / (gamma + WEIGHT_EPS)), -1, 1)
+        return codes.to(w.dtype), gamma.to(w.dtype)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
