@@ -64,12 +64,13 @@ def test_engine_agrees_with_its_pytorch_twin_on_real_test_images(shipped):
     with torch.no_grad():
         ours = torch_logits(QATViT.from_checkpoint(shipped), images)
     engine = Engine(shipped)(np.stack([normalize(im, shipped.config) for im in images]))
-    same = engine.argmax(1) == ours.argmax(1)
-    # Measured on all 10,000: 99.93% agree and the accuracies are equal. Disagreements come
-    # from int8 rounding ties flipped by float32 differences in LayerNorm/GELU/softmax, so
-    # they happen only where the two best logits nearly tie.
-    assert same.mean() >= 0.985
-    margin = np.diff(np.sort(ours, axis=1)[:, -2:], axis=1)[:, 0]
-    assert np.all(margin[~same] < 0.2)
-    assert abs((engine.argmax(1) == labels).mean() - (ours.argmax(1) == labels).mean()) <= 0.015
+    # Measured on all 10,000: 100% agree and the accuracies are equal (86.37%). Both sides
+    # compute the same int8 codes: integer sums, LayerNorm and attention in float64 rounded
+    # once to float32, the same GELU operation for operation. What is left is float32
+    # rounding after the last quantizer (head, final LayerNorm): measured at most 2.9e-6
+    # on logits of size ~5 over 2,000 images (the bound below is ~1.7x that); a flipped
+    # int8 code carries a whole quantization step through the rest of the network (up to
+    # 0.21 on a logit, measured with the earlier float32 numerics).
+    assert np.array_equal(engine.argmax(1), ours.argmax(1))
+    assert np.abs(engine - ours).max() <= 1e-5 * np.abs(ours).max()
     assert (engine.argmax(1) == labels).mean() > 0.7  # a trained model, not chance
