@@ -471,7 +471,7 @@ def _attention(qkv, heads, out, P, quantize, q, s):
                     _dstore(sc, 2 * Np + jc + 8, c2)
                     _dstore(sc, 3 * Np + jc, a3)
                     _dstore(sc, 3 * Np + jc + 8, c3)
-                for r in range(4):  # softmax numerators in place; 1 / their sums
+                for r in range(rows):  # softmax numerators in place; 1 / their sums (only the stored rows)
                     row = sc[r * Np : r * Np + N]
                     m = row[0]
                     for j in range(1, N):

@@ -1,7 +1,7 @@
 """512-bit vectors for Numba: the few AVX-512 operations the fast kernels are built from.
 
-Numba has no vector types. ``zmm`` (16 x int32) and ``zmmf`` (16 x float32) are Numba
-types whose LLVM representation is a vector, so a jitted function can hold them in named
+Numba has no vector types. ``zmm`` (16 x int32), ``zmmf`` (16 x float32) and ``zmmd``
+(8 x float64) are Numba types whose LLVM representation is a vector, so a jitted function can hold them in named
 local variables that LLVM keeps in zmm registers. Each intrinsic below emits one or two
 LLVM instructions; they are the whole vocabulary of the micro-kernels in ``vnni.py`` and
 of ``ops.attention``. Loads and stores take an array and an element index and do no
@@ -28,13 +28,22 @@ class _Zmm(types.Type):
         super().__init__(name="zmm_i32x16")
 
 
-@register_model(_Zmm)
-class _ZmmModel(models.PrimitiveModel):
+_LLVM_TYPES: dict[type, ir.VectorType] = {}  # each vector type's LLVM representation
+
+
+class _VectorModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16)
+        super().__init__(dmm, fe_type, _LLVM_TYPES[type(fe_type)])
 
 
-zmm = _Zmm()  # 16 int32 lanes
+def _vector_type(cls, vecty):
+    """The instance of a vector type class, its data model registered as ``vecty``."""
+    _LLVM_TYPES[cls] = vecty
+    register_model(cls)(_VectorModel)
+    return cls()
+
+
+zmm = _vector_type(_Zmm, _V16)  # 16 int32 lanes
 
 
 def _element_ptr(context, builder, arrty, arr, index):
@@ -43,23 +52,70 @@ def _element_ptr(context, builder, arrty, arr, index):
     return builder.gep(data, [index])
 
 
-@intrinsic
-def _vzero(typingctx):
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_V16, None)
-
-    return zmm(), codegen
+# The operations every vector type has, made per type (``_vzero``, ``_fload``, ``_dfma``, ...).
 
 
-@intrinsic
-def _vload(typingctx, arr, index):
-    """64 bytes of a uint8 array from byte ``index`` (unaligned load)."""
+def _zero_of(vty):
+    @intrinsic
+    def zero(typingctx):
+        def codegen(context, builder, sig, args):
+            return ir.Constant(_LLVM_TYPES[type(vty)], None)
 
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(ptr, _V16.as_pointer()), align=1)
+        return vty(), codegen
 
-    return zmm(arr, index), codegen
+    return zero
+
+
+def _load_of(vty, align):
+    """Lanes of an array from element ``index`` (``align``: the element size, or 1)."""
+
+    @intrinsic
+    def load(typingctx, arr, index):
+        def codegen(context, builder, sig, args):
+            ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+            return builder.load(builder.bitcast(ptr, _LLVM_TYPES[type(vty)].as_pointer()), align=align)
+
+        return vty(arr, index), codegen
+
+    return load
+
+
+def _store_of(vty, align):
+    """Store the lanes into an array from element ``index``."""
+
+    @intrinsic
+    def store(typingctx, arr, index, vec):
+        def codegen(context, builder, sig, args):
+            ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+            builder.store(args[2], builder.bitcast(ptr, _LLVM_TYPES[type(vty)].as_pointer()), align=align)
+            return context.get_dummy_value()
+
+        return types.void(arr, index, vty), codegen
+
+    return store
+
+
+def _fma_of(vty, llvm_name):
+    """``a * b + c`` lane by lane, one rounding (``vfmadd``)."""
+
+    @intrinsic
+    def fma(typingctx, a, b, c):
+        def codegen(context, builder, sig, args):
+            return _call(builder, llvm_name, _LLVM_TYPES[type(vty)], args)
+
+        return vty(vty, vty, vty), codegen
+
+    return fma
+
+
+def _call(builder, name, ret, args, fastmath=()):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args, fastmath=fastmath)
+
+
+_vzero = _zero_of(zmm)
+_vload = _load_of(zmm, 1)  # 64 bytes of a uint8 array from byte ``index`` (unaligned)
+_vstore = _store_of(zmm, 4)  # 16 int32 lanes into an int32 array
 
 
 @intrinsic
@@ -116,25 +172,15 @@ def _vhsum(typingctx, a):
     return types.int32(zmm), codegen
 
 
-@intrinsic
-def _vstore(typingctx, arr, index, vec):
-    """Store 16 int32 lanes into an int32 array from element ``index``."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        builder.store(args[2], builder.bitcast(ptr, _V16.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(arr, index, vec), codegen
-
-
 _F32 = ir.FloatType()
 _V16F = ir.VectorType(_F32, 16)
 
 
 def _splat(builder, value, vecty):
+    """``value`` copied to every lane of ``vecty``."""
     vec = builder.insert_element(ir.Constant(vecty, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(vec, ir.Constant(vecty, None), ir.Constant(_V16, None))
+    mask = ir.Constant(ir.VectorType(_I32, vecty.count), None)  # all lanes take lane 0
+    return builder.shuffle_vector(vec, ir.Constant(vecty, None), mask)
 
 
 @intrinsic
@@ -172,32 +218,11 @@ class _Zmmf(types.Type):
         super().__init__(name="zmm_f32x16")
 
 
-@register_model(_Zmmf)
-class _ZmmfModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V16F)
-
-
-zmmf = _Zmmf()  # 16 float32 lanes
-
-
-@intrinsic
-def _fzero(typingctx):
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_V16F, None)
-
-    return zmmf(), codegen
-
-
-@intrinsic
-def _fload(typingctx, arr, index):
-    """16 float32 of an array from element ``index``."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(ptr, _V16F.as_pointer()), align=4)
-
-    return zmmf(arr, index), codegen
+zmmf = _vector_type(_Zmmf, _V16F)  # 16 float32 lanes
+_fzero = _zero_of(zmmf)
+_fload = _load_of(zmmf, 4)
+_fstore = _store_of(zmmf, 4)
+_ffma = _fma_of(zmmf, "llvm.fma.v16f32")
 
 
 @intrinsic
@@ -208,29 +233,6 @@ def _fsplat(typingctx, value):
         return _splat(builder, args[0], _V16F)
 
     return zmmf(types.float32), codegen
-
-
-@intrinsic
-def _ffma(typingctx, a, b, c):
-    """``a * b + c`` lane by lane, one rounding (``vfmadd``)."""
-
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
-        return builder.call(fn, args)
-
-    return zmmf(zmmf, zmmf, zmmf), codegen
-
-
-@intrinsic
-def _fstore(typingctx, arr, index, vec):
-    """Store 16 float32 lanes into a float32 array from element ``index``."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        builder.store(args[2], builder.bitcast(ptr, _V16F.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(arr, index, zmmf), codegen
 
 
 def _binary(name: str):
@@ -248,11 +250,6 @@ def _binary(name: str):
 
 _fadd = _binary("fadd")
 _fmul = _binary("fmul")
-
-
-def _call(builder, name, ret, args, fastmath=()):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
-    return builder.call(fn, args, fastmath=fastmath)
 
 
 @intrinsic
@@ -368,37 +365,11 @@ class _Zmmd(types.Type):
         super().__init__(name="zmm_f64x8")
 
 
-@register_model(_Zmmd)
-class _ZmmdModel(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V8D)
-
-
-zmmd = _Zmmd()  # 8 float64 lanes
-
-
-def _splat8(builder, value):
-    vec = builder.insert_element(ir.Constant(_V8D, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(vec, ir.Constant(_V8D, None), ir.Constant(ir.VectorType(_I32, 8), None))
-
-
-@intrinsic
-def _dzero(typingctx):
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_V8D, None)
-
-    return zmmd(), codegen
-
-
-@intrinsic
-def _dload(typingctx, arr, index):
-    """8 float64 of an array from element ``index``."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        return builder.load(builder.bitcast(ptr, _V8D.as_pointer()), align=8)
-
-    return zmmd(arr, index), codegen
+zmmd = _vector_type(_Zmmd, _V8D)  # 8 float64 lanes
+_dzero = _zero_of(zmmd)
+_dload = _load_of(zmmd, 8)
+_dstore = _store_of(zmmd, 8)
+_dfma = _fma_of(zmmd, "llvm.fma.v8f64")
 
 
 @intrinsic
@@ -407,7 +378,7 @@ def _dbcast(typingctx, arr, index):
 
     def codegen(context, builder, sig, args):
         ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        return _splat8(builder, builder.load(ptr, align=8))
+        return _splat(builder, builder.load(ptr, align=8), _V8D)
 
     return zmmd(arr, index), codegen
 
@@ -418,32 +389,9 @@ def _dbcast32(typingctx, arr, index):
 
     def codegen(context, builder, sig, args):
         ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        return _splat8(builder, builder.fpext(builder.load(ptr, align=4), _F64))
+        return _splat(builder, builder.fpext(builder.load(ptr, align=4), _F64), _V8D)
 
     return zmmd(arr, index), codegen
-
-
-@intrinsic
-def _dfma(typingctx, a, b, c):
-    """``a * b + c`` lane by lane in float64, one rounding."""
-
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8D, [_V8D] * 3), "llvm.fma.v8f64")
-        return builder.call(fn, args)
-
-    return zmmd(zmmd, zmmd, zmmd), codegen
-
-
-@intrinsic
-def _dstore(typingctx, arr, index, vec):
-    """Store 8 float64 lanes into a float64 array from element ``index``."""
-
-    def codegen(context, builder, sig, args):
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        builder.store(args[2], builder.bitcast(ptr, _V8D.as_pointer()), align=8)
-        return context.get_dummy_value()
-
-    return types.void(arr, index, zmmd), codegen
 
 
 @intrinsic
@@ -452,7 +400,7 @@ def _dstore32_scaled(typingctx, arr, index, vec, scale):
     float32, into a float32 array from element ``index``."""
 
     def codegen(context, builder, sig, args):
-        v = builder.fmul(args[2], _splat8(builder, args[3]))
+        v = builder.fmul(args[2], _splat(builder, args[3], _V8D))
         ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
         builder.store(builder.fptrunc(v, _V8F), builder.bitcast(ptr, _V8F.as_pointer()), align=4)
         return context.get_dummy_value()

@@ -35,7 +35,7 @@ def ternarize_weight(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, t
     its own weight file disagreed on about 20 of the 10,000 test images.)
     """
     with torch.no_grad():
-        wd = w.detach().double()
+        wd = w.double()
         if granularity == "tensor":
             gamma = wd.abs().mean().expand(w.shape[0], 1)
         else:
@@ -164,7 +164,7 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
         if torch.is_grad_enabled():
             o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v
-        else:  # inference: in float64, rounded once to float32, as the engine does (kernels.ops._attention64)
+        else:  # inference: in float64, rounded once to float32, as the engine does (kernels.ops._attention)
             o = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 
