@@ -4,7 +4,8 @@
     python notebooks/execute.py 03         # those whose name contains "03"
 
 Execution counts are renumbered from 1 and cell and notebook metadata are reduced to
-what a reader needs, so a re-run changes only what the code printed or drew. The tests
+what a reader needs, so a re-run changes only what the code printed or drew; the result
+must pass ``nbformat.validate`` (what Jupyter checks before it opens a file). The tests
 (tests/test_notebooks.py) execute the same way and fail on any error.
 """
 
@@ -18,6 +19,7 @@ from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 300  # per cell
+_WITH_METADATA = ("display_data", "execute_result")
 
 
 def execute(path: Path) -> nbformat.NotebookNode:
@@ -43,8 +45,11 @@ def tidy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
             for out in cell.get("outputs", []):
                 if "execution_count" in out:
                     out["execution_count"] = count
-                if not out.get("metadata"):
-                    out.pop("metadata", None)
+                if out.get("output_type") in _WITH_METADATA:
+                    out["metadata"] = out.get("metadata") or {}  # required there by the nbformat schema
+                else:
+                    out.pop("metadata", None)  # and not allowed on stream and error outputs
+    nbformat.validate(nb)  # Jupyter refuses to open a notebook that fails this
     return nb
 
 

@@ -9,12 +9,37 @@ pytest.importorskip("nbclient", reason="the notebooks extra is part of the test 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 sys.path.insert(0, str(NOTEBOOKS))
 
-from execute import execute  # noqa: E402
+import nbformat  # noqa: E402
+from execute import execute, tidy  # noqa: E402
+
+PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
 
 
-@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_committed_notebook_is_valid(path):
+    """What Jupyter checks before it opens a file (a display output without metadata fails)."""
+    nbformat.validate(nbformat.read(path, as_version=4))
+
+
+def test_tidy_keeps_notebooks_valid():
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("1")
+    cell.outputs = [
+        nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="}),
+        nbformat.v4.new_output("execute_result", data={"text/plain": "1"}, execution_count=7),
+        nbformat.v4.new_output("stream", name="stdout", text="hi\n"),
+    ]
+    for out in cell.outputs[:2]:
+        del out["metadata"]  # as some kernels' messages arrive
+    nb.cells = [cell]
+    tidy(nb)  # validates, raising on an invalid result
+    assert [o.get("metadata") for o in cell.outputs] == [{}, {}, None]
+    assert cell.outputs[1]["execution_count"] == 1
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_notebook_runs(path):
-    nb = execute(path)  # raises CellExecutionError, with the failing cell, on any error
+    nb = tidy(execute(path))  # raises CellExecutionError, with the failing cell, on any error; tidy validates
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})) >= 1
