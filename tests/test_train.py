@@ -9,7 +9,8 @@ from fake_cifar import make_images, write_tarball  # noqa: E402
 
 from tinyvit158.engine import Engine  # noqa: E402
 from tinyvit158.errors import TinyViTError  # noqa: E402
-from tinyvit158.train.export import load_run, to_checkpoint, torch_logits  # noqa: E402
+from tinyvit158.train.checkpoint import load_run  # noqa: E402
+from tinyvit158.train.export import to_checkpoint, torch_logits  # noqa: E402
 from tinyvit158.train.model import QATViT  # noqa: E402
 from tinyvit158.train.trainer import Recipe, train  # noqa: E402
 from tinyvit158.weights import load_weights, save_weights  # noqa: E402
@@ -38,11 +39,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tarball):
     whole = train(RECIPE, str(tarball), tmp_path / "whole", progress=False)
     # interrupted: the first call stops after one epoch (any positive limit is reached at once)
     train(RECIPE, str(tarball), tmp_path / "split", max_minutes=1e-9, progress=False)
-    assert torch.load(tmp_path / "split" / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 1
     resumed = train(RECIPE, str(tarball), tmp_path / "split", progress=False)
     assert resumed["epoch"] == whole["epoch"] == 3
-    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -53,8 +54,8 @@ def test_augmenting_in_worker_processes_changes_nothing(tmp_path, tarball):
     one = Recipe(**{**RECIPE.__dict__, "epochs": 1})
     train(one, str(tarball), tmp_path / "main", progress=False)
     train(one, str(tarball), tmp_path / "workers", progress=False, workers=2)
-    a = torch.load(tmp_path / "main" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "workers" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "main" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "workers" / "last.pt", weights_only=True)["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -114,8 +115,8 @@ def test_distilled_run_resumes_exactly(tmp_path, tarball):
     resumed = train(student, str(tarball), tmp_path / "split", progress=False)
     keys = ("epoch", "train_loss", "val_acc")
     assert [resumed[k] for k in keys] == [whole[k] for k in keys] and whole["epoch"] == 3
-    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     plain = train(RECIPE, str(tarball), tmp_path / "plain", progress=False)
     assert plain["train_loss"] != whole["train_loss"]
@@ -165,7 +166,7 @@ def test_bfloat16_run_and_fine_tuning_from_a_run(tmp_path, tarball):
     assert np.isfinite(first["train_loss"])
     model = QATViT(one.config())
     init_from(model, str(tmp_path / "a" / "last.pt"), "cpu")
-    saved = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    saved = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
     tuned = Recipe(**{**one.__dict__, "init": str(tmp_path / "a" / "last.pt")})
     assert train(tuned, str(tarball), tmp_path / "b", progress=False)["train_loss"] != first["train_loss"]
@@ -189,8 +190,8 @@ def test_snapshots_average_and_export(tmp_path, tarball, capsys):
     assert average.main([*snaps, "--out", str(tmp_path / "avg.pt"), "--data", str(tarball)]) == 0
     printed = capsys.readouterr().out
     assert "epoch-002.pt: held-out accuracy" in printed and "average of 2: held-out accuracy" in printed
-    avg = torch.load(tmp_path / "avg.pt", weights_only=False)
-    a, b = (torch.load(p, weights_only=False)["model"] for p in snaps)
+    avg = torch.load(tmp_path / "avg.pt", weights_only=True)
+    a, b = (torch.load(p, weights_only=True)["model"] for p in snaps)
     for k in a:
         assert torch.allclose(avg["model"][k], (a[k] + b[k]) / 2, rtol=1e-6, atol=1e-7), k
     assert avg["epoch"] == 3 and avg["averaged"] == ["epoch-002.pt (epoch 2)", "epoch-003.pt (epoch 3)"]

@@ -63,20 +63,19 @@ def run_engine(model, images: np.ndarray, cfg, batch: int, desc: str) -> tuple[n
     return np.concatenate(out).astype(np.float32), time.perf_counter() - t0
 
 
-def torch_twin_logits(checkpoint: str, images: np.ndarray) -> np.ndarray:
+def load_torch_twin(checkpoint: str):
+    """The PyTorch model of a weight file or trainer checkpoint (loaded safely: no file runs code)."""
     try:
         import torch  # noqa: F401
     except ImportError:
         raise TinyViTError("--compare-torch needs PyTorch: pip install -e '.[train]'") from None
-    from tinyvit158.train.export import load_run, torch_logits
+    from tinyvit158.train.checkpoint import load_run
     from tinyvit158.train.model import QATViT
     from tinyvit158.weights import load_weights
 
     if checkpoint.endswith(".safetensors"):
-        model = QATViT.from_checkpoint(load_weights(checkpoint))
-    else:
-        model, _ = load_run(checkpoint)
-    return torch_logits(model, images)
+        return QATViT.from_checkpoint(load_weights(checkpoint))
+    return load_run(checkpoint)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--data is required (or set TINYVIT158_DATA to the folder holding the CIFAR-10 zips)")
         ckpt, weights_name = load_model(args.weights)
         cfg = ckpt.config
+        twin = load_torch_twin(args.compare_torch) if args.compare_torch else None  # fails before the long run
         data = load_cifar10(data_path, args.split, limit=args.limit, progress=True)
         if cfg.image_size != 32 or cfg.num_classes != 10:
             raise TinyViTError(
@@ -109,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
             model = Oracle(ckpt)
         logits, seconds = run_engine(model, data.images, cfg, args.batch, f"{args.engine} engine")
-        torch_logits = torch_twin_logits(args.compare_torch, data.images) if args.compare_torch else None
+        torch_logits = None
+        if twin is not None:
+            from tinyvit158.train.export import torch_logits as twin_logits
+
+            torch_logits = twin_logits(twin, data.images)
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

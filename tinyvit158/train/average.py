@@ -21,9 +21,9 @@ import torch
 
 from tinyvit158.config import ViTConfig
 from tinyvit158.errors import TinyViTError
-from tinyvit158.train.export import load_run
+from tinyvit158.train.checkpoint import load_run, save_checkpoint
 from tinyvit158.train.model import QATViT
-from tinyvit158.train.trainer import atomic_torch_save, evaluate, split_holdout
+from tinyvit158.train.trainer import evaluate, split_holdout
 
 
 def load_states(paths: list[str | Path]) -> list[dict]:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             state["log"]["val_acc"] = evaluate(model, data, val_idx, "cpu")["acc"]
             print(f"average of {len(args.checkpoints)}: held-out accuracy {state['log']['val_acc']:.4f}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(state, args.out)
+        save_checkpoint(state, args.out)
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

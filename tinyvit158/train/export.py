@@ -20,26 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinyvit158.config import ViTConfig
 from tinyvit158.errors import TinyViTError
 from tinyvit158.packing import pack
 from tinyvit158.quant import ternarize
-from tinyvit158.train.model import QATViT, ternarize_weight
+from tinyvit158.train.checkpoint import load_checkpoint, load_run
+from tinyvit158.train.model import QATViT, normalize, ternarize_weight, to_input
 from tinyvit158.weights import Checkpoint, save_weights, tensor_spec
-
-
-def load_run(path: str | Path, device: str = "cpu") -> tuple[QATViT, dict]:
-    """The QAT model of a trainer checkpoint (eval mode, quantization on) and the raw state."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-        cfg = ViTConfig.from_dict(state["config"])
-    except (OSError, RuntimeError, KeyError, EOFError) as e:
-        raise TinyViTError(f"{path}: not a tinyvit158 training checkpoint ({e})") from None
-    model = QATViT(cfg).to(device)
-    model.load_state_dict(state["model"])
-    model.set_quantize(True)
-    model.eval()
-    return model, state
 
 
 def to_checkpoint(model: QATViT, source: dict) -> tuple[Checkpoint, int]:
@@ -73,11 +59,10 @@ def lineage(state: dict, limit: int = 20) -> list[dict]:
     chain = []
     while (state.get("recipe") or {}).get("init") and len(chain) < limit:
         path = Path(state["recipe"]["init"])
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError):
+        if not path.exists():
             chain.append({"checkpoint": str(path), "missing": True})
             break
+        state = load_checkpoint(path)
         chain.append({
             "checkpoint": f"{path.parent.name}/{path.name}", "epoch": state.get("epoch"), "device": state.get("device"),
             "torch": state.get("torch"), "recipe": state.get("recipe"),
@@ -87,8 +72,6 @@ def lineage(state: dict, limit: int = 20) -> list[dict]:
 
 @torch.no_grad()
 def torch_logits(model: QATViT, images_u8: np.ndarray, batch: int = 500) -> np.ndarray:
-    from tinyvit158.train.trainer import normalize, to_input
-
     out = []
     with torch.no_grad():  # inference: BitLinear then runs the engine's integer arithmetic
         for i in range(0, len(images_u8), batch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +22,18 @@ from torch import nn
 from tinyvit158.config import ViTConfig
 from tinyvit158.kernels.ops import _ERF_P, _ERF_Q
 from tinyvit158.quant import ACT_EPS, ACT_QMAX, WEIGHT_EPS
+
+
+def to_input(images_u8: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1] (the engine's /255)."""
+    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, cfg: ViTConfig) -> torch.Tensor:
+    """(x - mean) / std per channel, as ``image.normalize``."""
+    mean = torch.tensor(cfg.mean, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean) / std
 
 
 def ternarize_weight(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +45,8 @@ from tinyvit158.config import ViTConfig, get_preset
 from tinyvit158.data import Dataset, load_cifar10
 from tinyvit158.errors import TinyViTError
 from tinyvit158.train.augment import mixup_cutmix, random_crop_flip, random_erasing, trivial_augment
-from tinyvit158.train.model import QATViT
+from tinyvit158.train.checkpoint import load_checkpoint, load_run, save_checkpoint
+from tinyvit158.train.model import QATViT, normalize, to_input
 
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -86,17 +85,6 @@ class Recipe:
         return get_preset(self.preset).replace(**json.loads(self.config_overrides))
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def distill_loss(
     logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float, temp: float
 ) -> torch.Tensor:
@@ -118,8 +106,6 @@ def load_teacher(path: str, cfg: ViTConfig, device: str) -> QATViT:
     """A trained run's model (``last.pt`` or ``best.pt``) as a fixed teacher: eval mode, no
     gradients, ternary or float as its run ended (a float teacher: ``--float-epochs`` equal
     to ``--epochs``). Its architecture may differ from the student's; its inputs may not."""
-    from tinyvit158.train.export import load_run
-
     model, state = load_run(path, device)
     t = model.cfg
     if (t.image_size, t.in_chans, t.num_classes, t.mean, t.std) != (
@@ -133,8 +119,6 @@ def load_teacher(path: str, cfg: ViTConfig, device: str) -> QATViT:
 
 def init_from(model: QATViT, path: str, device: str) -> None:
     """Copy a trained run's model weights into ``model`` (same architecture) to fine-tune it."""
-    from tinyvit158.train.export import load_run
-
     source, _ = load_run(path, device)
     if source.cfg != model.cfg:
         raise TinyViTError(f"--init {path}: its model is {source.cfg.name} with other fields than this run's")
@@ -150,17 +134,6 @@ def split_holdout(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarr
     val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes])
     train = np.setdiff1d(np.arange(len(labels)), val)
     return train, np.sort(val)
-
-
-def to_input(images_u8: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def normalize(x: torch.Tensor, cfg: ViTConfig) -> torch.Tensor:
-    mean = torch.tensor(cfg.mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean) / std
 
 
 def lr_at(step: int, total: int, warmup: int, r: Recipe) -> float:
@@ -249,7 +222,7 @@ def train(
     start_epoch, best = 0, 0.0
     last = out / "last.pt"
     if last.exists():
-        state = torch.load(last, map_location=device, weights_only=False)
+        state = load_checkpoint(last, device)
         saved = {**asdict(Recipe()), **state["recipe"]}  # runs from before a field existed had its default
         if saved != asdict(recipe):
             changed = {k: (saved.get(k), v) for k, v in asdict(recipe).items() if saved.get(k) != v}
@@ -336,14 +309,14 @@ def train(
         state = {
             "recipe": asdict(recipe), "config": cfg.to_dict(), "model": model.state_dict(),
             "optimizer": opt.state_dict(), "epoch": epoch + 1, "best_val_acc": best, "log": record,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+            "torch": str(torch.__version__), "threads": torch.get_num_threads(), "device": device,
         }  # fmt: skip
-        atomic_torch_save(state, last)
+        save_checkpoint(state, last)
         weights_only = {k: v for k, v in state.items() if k != "optimizer"}
         if best_now and quantize:
-            atomic_torch_save(weights_only, out / "best.pt")
+            save_checkpoint(weights_only, out / "best.pt")
         if epoch + 1 > recipe.epochs - snapshots:
-            atomic_torch_save(weights_only, out / f"epoch-{epoch + 1:03d}.pt")
+            save_checkpoint(weights_only, out / f"epoch-{epoch + 1:03d}.pt")
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         print(

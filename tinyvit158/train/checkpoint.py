@@ -1,0 +1,146 @@
+"""Trainer checkpoints (``RUN/last.pt``, ``best.pt``, ``epoch-NNN.pt``): saved atomically,
+loaded so that no file can run code.
+
+A PyTorch checkpoint is a pickle, and unpickling can call any function the file names
+(``os.system`` included). Every checkpoint the project reads goes through
+:func:`load_checkpoint`, which uses ``torch.load(..., weights_only=True)``: PyTorch's
+restricted unpickler, which rebuilds tensors and plain containers (dict, list, tuple,
+str, int, float, bool, None) and refuses every other global before calling it. So a
+checkpoint holds only such values: the recipe and config as dicts, the torch version as
+a ``str`` (``torch.__version__`` is a ``str`` subclass the restricted unpickler refuses).
+
+A checkpoint written before this rule (or by other code) that needs the full unpickler
+is refused in one line saying why. If you trust the file, re-save it in the safe form:
+
+    python -m tinyvit158.train.checkpoint OLD.pt --resave-trusted NEW.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tinyvit158.config import ViTConfig
+from tinyvit158.errors import TinyViTError
+from tinyvit158.train.model import QATViT
+
+RESAVE_HINT = "python -m tinyvit158.train.checkpoint {path} --resave-trusted NEW.pt"
+
+
+def plain(obj):
+    """``obj`` with ``str`` subclasses (``torch.__version__``), tuples and paths made plain
+    ``str``/``list``: what ``weights_only=True`` loads back."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, dict):
+        return {plain(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, (str, os.PathLike)):
+        return str(obj)
+    if isinstance(obj, bool) or obj is None:
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    raise TinyViTError(f"cannot store a {type(obj).__name__} in a checkpoint: only tensors and plain values")
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write ``state`` (plain values and tensors only) to ``path`` atomically: a temporary
+    file in the same folder, then a rename, so a reader never sees half a file."""
+    path = Path(path)
+    state = plain(state)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
+    """The state dict of a checkpoint, loaded with ``weights_only=True`` (module docstring).
+
+    Raises TinyViTError in one line for a missing, truncated or unsafe file."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if not found:  # not a pickle the safe loader understands (e.g. junk read as the legacy format)
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            why = detail.group(1).strip() if detail else str(e).strip()[:80]
+            raise TinyViTError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
+        raise TinyViTError(
+            f"{path}: refused: loading it needs Python's full unpickler, which can run code from the file"
+            f" (it names {found.group(1)}); if you trust it, re-save it safely: "
+            + RESAVE_HINT.format(path=path)
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TinyViTError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
+    if not isinstance(state, dict):
+        raise TinyViTError(f"{path}: not a tinyvit158 training checkpoint (a {type(state).__name__}, not a dict)")
+    return state
+
+
+def load_run(path: str | Path, device: str = "cpu") -> tuple[QATViT, dict]:
+    """The QAT model of a trainer checkpoint (eval mode, quantization on) and the raw state."""
+    state = load_checkpoint(path, device)
+    try:
+        cfg = ViTConfig.from_dict(state["config"])
+        model = QATViT(cfg).to(device)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise TinyViTError(f"{path}: not a tinyvit158 training checkpoint ({str(e).splitlines()[0]})") from None
+    model.set_quantize(True)
+    model.eval()
+    return model, state
+
+
+def resave_trusted(src: str | Path, dst: str | Path) -> None:
+    """Load ``src`` with the full unpickler (only for a file you trust) and write it to
+    ``dst`` in the safe form."""
+    state = torch.load(src, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict):
+        raise TinyViTError(f"{src}: not a tinyvit158 training checkpoint (a {type(state).__name__})")
+    save_checkpoint(state, dst)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tinyvit158.train.checkpoint",
+        description="Check that a trainer checkpoint loads safely (weights_only), or re-save a trusted old one.",
+    )
+    p.add_argument("checkpoint", help="a trainer checkpoint (.pt)")
+    p.add_argument(
+        "--resave-trusted", metavar="NEW", type=Path,
+        help="load CHECKPOINT with the full unpickler (it can run code: only for a file you trust) and "
+        "write it to NEW in the safe form",
+    )  # fmt: skip
+    args = p.parse_args(argv)
+    try:
+        if args.resave_trusted:
+            resave_trusted(args.checkpoint, args.resave_trusted)
+            print(f"wrote {args.resave_trusted}")
+        else:
+            state = load_checkpoint(args.checkpoint)
+            print(f"{args.checkpoint}: loads safely; keys {sorted(state)}")
+    except TinyViTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
