@@ -20,7 +20,7 @@ from tinyvit158 import TinyViTError, get_preset
 from tinyvit158.engine import Engine
 from tinyvit158.kernels import cpu_has_vnni, matmul
 from tinyvit158.oracle import Oracle
-from tinyvit158.quant import quantize_activations
+from tinyvit158.quant import ACT_QMAX, quantize_activations, quantize_probabilities
 from tinyvit158.weights import load_weights, random_checkpoint
 
 # Where a code may differ: the oracle's unrounded value x / s_x lies within TIE_WINDOW of a
@@ -44,6 +44,10 @@ CONFIGS = {
     ),
     "cifar10-tiny-float-patch-no-qkv-bias": get_preset("cifar10-tiny").replace(
         depth=2, ternary_patch_embed=False, qkv_bias=False
+    ),
+    "cifar10-tiny-int8-attention": get_preset("cifar10-tiny").replace(depth=2, attention="int8"),
+    "deit-tiny-depth1-attn4-qk-norm-head-dim-40": get_preset("deit-tiny").replace(
+        depth=1, dim=120, attention="int8", attention_bits=4, attention_prob_bits=4, qk_norm=True
     ),
 }
 
@@ -86,25 +90,34 @@ def test_every_layer_accumulates_exactly(model):
 
 
 class TieReplay:
-    """An oracle quantizer that accepts the engine's codes where they differ only at ties."""
+    """An oracle quantizer that accepts the engine's codes where they differ only at ties
+    (activations of every linear layer; with int8 attention also its q, k, v and
+    probabilities: ``probs`` is the oracle's ``prob_quantizer``)."""
 
     def __init__(self, engine_codes):
         self.engine_codes = engine_codes
         self.differing = 0
         self.total = 0
 
-    def __call__(self, x, site):
-        x_q, s_x = quantize_activations(x)
+    def _replay(self, site, x_q, unrounded):
         theirs = self.engine_codes[site]
+        assert theirs.shape == x_q.shape, site
         diff = x_q != theirs
         self.total += diff.size
         if diff.any():
-            unrounded = x / s_x[:, None]
             to_tie = np.abs(np.abs(unrounded - np.floor(unrounded)) - 0.5)
             assert np.all(to_tie[diff] < TIE_WINDOW), f"{site}: codes differ away from a tie"
             assert np.all(np.abs(x_q[diff].astype(int) - theirs[diff]) == 1), f"{site}: codes differ by more than 1"
             self.differing += int(diff.sum())
-        return theirs, s_x
+        return theirs
+
+    def __call__(self, x, site, qmax=ACT_QMAX):
+        x_q, s_x = quantize_activations(x, qmax)
+        return self._replay(site, x_q, x / s_x[..., None]), s_x
+
+    def probs(self, p, site, bits):
+        p_q, levels = quantize_probabilities(p, bits)
+        return self._replay(site, p_q, p * levels), levels
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -117,7 +130,7 @@ def test_logits_match_the_oracle(model, seed):
         replay = TieReplay(engine.record)
     finally:
         engine.record = None
-    expected = Oracle(ckpt, quantizer=replay)(x)
+    expected = Oracle(ckpt, quantizer=replay, prob_quantizer=replay.probs)(x)
     assert replay.total > 0 and replay.differing <= MAX_TIE_FRACTION * replay.total
     assert got.dtype == np.float32 and got.shape == (3, ckpt.config.num_classes)
     scale = np.abs(expected).max()

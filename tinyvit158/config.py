@@ -17,7 +17,8 @@ from tinyvit158.errors import ConfigError
 
 PACKINGS = ("ternary2", "ternary3")
 GRANULARITIES = ("tensor", "channel")
-ATTENTION_MODES = ("float",)
+ATTENTION_MODES = ("float", "int8")
+ATTENTION_BITS = range(2, 9)  # code widths of q, k, v and of the probabilities
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -52,8 +53,17 @@ class ViTConfig:
     ternary_patch_embed, ternary_head : bool
         Whether the patch embedding / classifier head are ternary (else float32).
         The blocks' linears (qkv, proj, fc1, fc2) are always ternary.
-    attention : {"float"}
-        How Q K^T and softmax(.) V are computed; only float32 is implemented.
+    attention : {"float", "int8"}
+        How Q K^T and softmax(.) V are computed: in float (float64 in the engine, rounded
+        to float32), or fully quantized as in Q-ViT: q, k, v as ``attention_bits`` codes,
+        exact integer Q K^T and P V, probabilities as ``attention_prob_bits`` unsigned codes
+        (``kernels/qattn.py`` gives the exact rules).
+    attention_bits, attention_prob_bits : int
+        Code widths (2..8) of q, k, v and of the attention probabilities in ``"int8"`` mode.
+    qk_norm : bool
+        Q-ViT's information rectification: a learnable LayerNorm over head_dim on q and on
+        k (timm's ``attn.q_norm``/``attn.k_norm``, shared by the heads) before they are
+        quantized; ``"int8"`` attention only.
     bitlinear_norm : bool
         ViT-1.58b's BitLinear: an extra LayerNorm on the input of every ternary linear.
     qkv_bias : bool
@@ -78,6 +88,9 @@ class ViTConfig:
     ternary_patch_embed: bool = True
     ternary_head: bool = False
     attention: str = "float"
+    attention_bits: int = 8
+    attention_prob_bits: int = 8
+    qk_norm: bool = False
     bitlinear_norm: bool = False
     qkv_bias: bool = True
     mean: tuple[float, ...] = CIFAR10_MEAN
@@ -177,6 +190,12 @@ class ViTConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise bad(f"{name} is {getattr(self, name)!r}", f"use one of {', '.join(allowed)}")
+        for name in ("attention_bits", "attention_prob_bits"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value not in ATTENTION_BITS:
+                raise bad(f"{name} must be an integer from 2 to 8, found {value!r}", "use 8 or 4")
+        if self.qk_norm and self.attention != "int8":
+            raise bad("qk_norm needs attention='int8'", "set attention to 'int8' or qk_norm to false")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) != self.in_chans or not all(isinstance(v, (int, float)) for v in values):

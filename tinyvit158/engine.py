@@ -36,8 +36,7 @@ import numpy as np
 from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels import (
     PreparedTernary,
-    attention,
-    attention_quantize,
+    attention_op,
     float_linear,
     fused,
     gelu,
@@ -50,7 +49,6 @@ from tinyvit158.kernels import (
     linear_gelu_quantize,
     quantize_rows,
 )
-from tinyvit158.kernels.ops import bind_attention
 from tinyvit158.kernels.ternary import bind_linear, fits_vnni_tiles
 from tinyvit158.oracle import patchify
 from tinyvit158.weights import Checkpoint, load_weights
@@ -103,6 +101,8 @@ class Engine:
                 w = np.ascontiguousarray(ckpt.float_weight(layer).T)  # (in, out) for x @ w
                 self.float[layer] = (w, t[f"{layer}.bias"].astype(np.float32))
         self.cls_pos = self.p["pos_embed"][0, :1] + self.p["cls_token"][0]  # (1, D)
+        # each block's attention kernel (float or int8, as the config says), called alike
+        self.attn = [attention_op(cfg, self.p, i) for i in range(cfg.depth)]
         self.record: dict[str, np.ndarray] | None = None  # layer -> int8 input codes (tests)
         self.timings: dict[str, float] | None = None  # part -> seconds (bench --layers)
         self.trace: dict[str, np.ndarray] | None = None  # stage -> output, the oracle's stage names
@@ -211,10 +211,12 @@ class Engine:
         plan = self._plan(x, B)
         if plan is None:
             return self._blocks_stepwise(x, B, x_q, s_x)
-        for part, fn, args, inputs, block in plan:
+        for part, fn, args, inputs, block, outputs in plan:
             if record is not None and inputs is not None:
                 record[inputs[0]] = inputs[1].copy()
             fn(*args)
+            if record is not None:
+                record.update({site: codes.copy() for site, codes in outputs.items()})
             if timing:
                 t0 = self._toc(part, t0)
             if block is not None:
@@ -224,13 +226,15 @@ class Engine:
         """The blocks' kernel calls, bound once per batch size to this thread's buffers, so a
         forward runs them back to back: no checks, lookups or argument building between
         them (at batch 1 those took 0.3 of 1.6 ms). Each step: (part, kernel, args, the
-        layer and input codes it reads, for ``record``; the block it ends, for ``trace``).
+        layer and input codes it reads, for ``record``; the block it ends, for ``trace``; the
+        codes it makes besides, by site, for ``record``: the int8 attention's q, k, v, p).
         None off the VNNI path or for shapes off its tiles: then :meth:`_blocks_stepwise`."""
         if kernel_path() != "vnni" or numba.config.DISABLE_JIT:  # asked each call: the path may change
             return None
         bufs = self._workspace.__dict__["bufs"]
-        if "plan" in bufs:
-            return bufs["plan"]
+        key = "plan", self.record is not None  # recording binds arrays for the attention's codes
+        if key in bufs:
+            return bufs[key]
         cfg, p, tern = self.cfg, self.p, self.ternary
         T, D = x.shape
         codes = self._codes_buf(x)
@@ -242,25 +246,27 @@ class Engine:
         for i in range(cfg.depth):
             blk = f"blocks.{i}"
             w = {k: tern[f"{blk}.{k}"] for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
-            if (D // cfg.heads) % 16 or not all(map(fits_vnni_tiles, w.values())):
-                bufs["plan"] = None
+            if not self.attn[i].bindable(D // cfg.heads) or not all(map(fits_vnni_tiles, w.values())):
+                bufs[key] = None
                 return None
+            codes_made = {} if self.record is not None else None  # site suffix -> array the kernel fills
             norm2 = p[f"{blk}.norm2.weight"], p[f"{blk}.norm2.bias"], eps
             plan += [
-                ("qkv", *bind_linear(*codes, w["attn.qkv"], qkv, False), (f"{blk}.attn.qkv", codes[0]), None),
-                ("attention+quant", *bind_attention(qkv.reshape(B, -1, 3 * D), cfg.heads, codes=attn), None, None),
+                ("qkv", *bind_linear(*codes, w["attn.qkv"], qkv, False), (f"{blk}.attn.qkv", codes[0]), None, {}),
+                ("attention+quant", *self.attn[i].bind(qkv.reshape(B, -1, 3 * D), cfg.heads, codes=attn,
+                 record=codes_made), None, None, {f"{blk}.attn.{k}": v for k, v in (codes_made or {}).items()}),
                 ("proj+norm+quant", *fused.bind(*attn, w["attn.proj"], fused.ADD_NORM, flat, *norm2, *codes),
-                 (f"{blk}.attn.proj", attn[0]), None),
+                 (f"{blk}.attn.proj", attn[0]), None, {}),
                 ("fc1+gelu+quant", *fused.bind(*codes, w["mlp.fc1"], fused.GELU, _NONE, _NONE, _NONE, 0.0, *hidden),
-                 (f"{blk}.mlp.fc1", codes[0]), None),
+                 (f"{blk}.mlp.fc1", codes[0]), None, {}),
             ]  # fmt: skip
             if i + 1 < cfg.depth:
                 norm1 = p[f"blocks.{i + 1}.norm1.weight"], p[f"blocks.{i + 1}.norm1.bias"], eps
                 fc2 = ("fc2+norm+quant", *fused.bind(*hidden, w["mlp.fc2"], fused.ADD_NORM, flat, *norm1, *codes))
             else:
                 fc2 = ("fc2", *bind_linear(*hidden, w["mlp.fc2"], x, True))
-            plan.append((*fc2, (f"{blk}.mlp.fc2", hidden[0]), blk))
-        bufs["plan"] = plan
+            plan.append((*fc2, (f"{blk}.mlp.fc2", hidden[0]), blk, {}))
+        bufs[key] = plan
         return plan
 
     def _blocks_stepwise(self, x: np.ndarray, B: int, x_q: np.ndarray, s_x: np.ndarray) -> None:
@@ -280,8 +286,10 @@ class Engine:
             qkv = linear(x_q, s_x, tern[f"{blk}.attn.qkv"], out=self._buf("qkv", (T, 3 * D)))
             if timing:
                 t0 = self._toc("qkv", t0)
-            o_q, o_s = attention_quantize(qkv.reshape(B, T // B, 3 * D), cfg.heads, attn_codes)
+            made = {} if record is not None else None
+            o_q, o_s = self.attn[i].quantize(qkv.reshape(B, T // B, 3 * D), cfg.heads, attn_codes, record=made)
             if record is not None:
+                record.update({f"{blk}.attn.{k}": v for k, v in made.items()})
                 record[f"{blk}.attn.proj"] = o_q.copy()
             if timing:
                 t0 = self._toc("attention+quant", t0)
@@ -346,7 +354,11 @@ class Engine:
             blk = f"blocks.{i}"
             qkv = self.linear(x, f"{blk}.attn.qkv", norm=f"{blk}.norm1", out="qkv")  # (T, 3D)
             t0 = time.perf_counter() if self.timings is not None else 0.0
-            o = attention(qkv.reshape(B, N1, 3 * D), cfg.heads, self._buf("attn", (B, N1, D))).reshape(B * N1, D)
+            made = {} if self.record is not None else None
+            o = self.attn[i](qkv.reshape(B, N1, 3 * D), cfg.heads, self._buf("attn", (B, N1, D)), record=made)
+            o = o.reshape(B * N1, D)
+            if made:
+                self.record.update({f"{blk}.attn.{k}": v for k, v in made.items()})
             if self.timings is not None:
                 self._toc("attention", t0)
             self.linear(o, f"{blk}.attn.proj", residual=x)  # x += proj(o), in place

@@ -13,6 +13,10 @@ A ternary linear (qkv, proj, fc1, fc2; patch embedding and head as the config sa
     x_q, s_x = quantize_activations(x)      # int8 codes, one scale per token
     acc = x_q @ W_q.T                       # exact integers (float64 holds them exactly)
     y = acc * s_x * gamma + bias
+
+Attention is float (softmax(q k^T / sqrt(hd)) v) or, with ``attention="int8"``, fully
+quantized (Q-ViT): q and k as codes per token and head, v per head and channel, exact
+integer q k^T and P v, the probabilities as unsigned codes (:meth:`Oracle.int8_attention`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tinyvit158.quant import quantize_activations
+from tinyvit158.quant import ACT_QMAX, code_max, quantize_activations, quantize_probabilities
 from tinyvit158.weights import Checkpoint
 
 F64 = np.float64
@@ -54,12 +58,18 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-Quantizer = Callable[[np.ndarray, str], tuple[np.ndarray, np.ndarray]]
+Quantizer = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
-def default_quantizer(x: np.ndarray, site: str):
-    """The activation quantizer of DESIGN.md; ``site`` names the layer it feeds (unused here)."""
-    return quantize_activations(x)
+def default_quantizer(x: np.ndarray, site: str, qmax: int = ACT_QMAX):
+    """The absmax quantizer of DESIGN.md over the last axis; ``site`` names the layer (or the
+    attention's q, k, v) it feeds (unused here)."""
+    return quantize_activations(x, qmax)
+
+
+def default_prob_quantizer(p: np.ndarray, site: str, bits: int):
+    """Attention probabilities to unsigned codes (``quant.quantize_probabilities``)."""
+    return quantize_probabilities(p, bits)
 
 
 class Oracle:
@@ -68,14 +78,19 @@ class Oracle:
     Parameters
     ----------
     ckpt : Checkpoint
-    quantizer : callable (x, site) -> (x_q, s_x), optional
+    quantizer : callable (x, site, qmax) -> (x_q, s_x), optional
         Replaces the activation quantizer at every site; tests use it to replay the
         engine's int8 codes where the two legitimately round a tie differently.
+    prob_quantizer : callable (p, site, bits) -> (p_q, levels), optional
+        Likewise for the probabilities of int8 attention.
     """
 
-    def __init__(self, ckpt: Checkpoint, quantizer: Quantizer = default_quantizer):
+    def __init__(
+        self, ckpt: Checkpoint, quantizer: Quantizer = default_quantizer, prob_quantizer=default_prob_quantizer
+    ):
         self.cfg = ckpt.config
         self.quantizer = quantizer
+        self.prob_quantizer = prob_quantizer
         self.trace: dict[str, np.ndarray] | None = None  # stage -> output, when a dict (notebooks)
         self.p = {k: v.astype(F64) for k, v in ckpt.tensors.items() if not k.endswith("_packed")}
         self.ternary = {}  # layer -> (codes as float64, gamma, bias)
@@ -122,10 +137,35 @@ class Oracle:
         H, hd = self.cfg.heads, self.cfg.head_dim
         qkv = self.linear(x, f"blocks.{i}.attn.qkv")  # (B, N, 3D)
         q, k, v = qkv.reshape(B, N, 3, H, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
-        attn = softmax(q @ k.transpose(0, 1, 3, 2) * hd**-0.5)  # (B, H, N, N)
-        self._keep(f"blocks.{i}.attn", attn)
-        o = (attn @ v).transpose(0, 2, 1, 3).reshape(B, N, D)  # (B, N, D), heads concatenated
+        if self.cfg.attention == "int8":
+            o = self.int8_attention(q, k, v, i)
+        else:
+            attn = softmax(q @ k.transpose(0, 1, 3, 2) * hd**-0.5)  # (B, H, N, N)
+            self._keep(f"blocks.{i}.attn", attn)
+            o = attn @ v  # (B, H, N, hd)
+        o = o.transpose(0, 2, 1, 3).reshape(B, N, D)  # (B, N, D), heads concatenated
         return self.linear(o, f"blocks.{i}.attn.proj")
+
+    def int8_attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, i: int) -> np.ndarray:
+        """Fully quantized attention (Q-ViT) of q, k, v (B, H, N, hd) -> (B, H, N, hd).
+
+        q, k: absmax codes per token and head (Q K^T sums over hd, so a token's scale
+        factors out); v: per head and channel over the image's tokens (P V sums over tokens,
+        so v's scale must not vary by token); probabilities: rint(p * L), L = 2**bits - 1.
+        """
+        cfg, site = self.cfg, f"blocks.{i}.attn"
+        if cfg.qk_norm:  # Q-ViT's information rectification: LayerNorm over hd, shared by the heads
+            q, k = self.norm(q, f"{site}.q_norm"), self.norm(k, f"{site}.k_norm")
+        qmax = code_max(cfg.attention_bits)
+        q_q, s_q = self.quantizer(q, f"{site}.q", qmax)  # int8 (B, H, N, hd), scales (B, H, N)
+        k_q, s_k = self.quantizer(k, f"{site}.k", qmax)
+        v_q, s_v = self.quantizer(v.transpose(0, 1, 3, 2), f"{site}.v", qmax)  # (B, H, hd, N), scales (B, H, hd)
+        acc = q_q.astype(F64) @ k_q.astype(F64).transpose(0, 1, 3, 2)  # (B, H, N, N), exact integers
+        attn = softmax(acc * s_q[..., :, None] * s_k[..., None, :] * cfg.head_dim**-0.5)
+        self._keep(site, attn)
+        p_q, levels = self.prob_quantizer(attn, f"{site}.p", cfg.attention_prob_bits)  # uint8 (B, H, N, N)
+        acc = p_q.astype(F64) @ v_q.astype(F64).transpose(0, 1, 3, 2)  # (B, H, N, hd), exact integers
+        return acc * s_v[..., None, :] / levels
 
     def mlp(self, x: np.ndarray, i: int) -> np.ndarray:
         h = self.linear(x, f"blocks.{i}.mlp.fc1")  # (B, N, hidden)

@@ -59,12 +59,15 @@ def ternarize(w: np.ndarray, granularity: str = "tensor", eps: float = WEIGHT_EP
     return codes, gamma[:, 0].astype(np.float32)
 
 
-def quantize_activations(x: np.ndarray):
+def quantize_activations(x: np.ndarray, qmax: int = ACT_QMAX):
     """Per-token absmax int8 quantization of the last axis.
 
     Parameters
     ----------
     x : ndarray of float32 or float64, shape (..., K)
+    qmax : int
+        The largest code: 127 for int8; ``2**(bits - 1) - 1`` for narrower codes (the
+        quantized attention's q, k, v), which still live in int8.
 
     Returns
     -------
@@ -76,9 +79,21 @@ def quantize_activations(x: np.ndarray):
     if x.dtype not in (np.float32, np.float64):
         raise TinyViTError(f"quantize_activations expects float32 or float64, found {x.dtype}")
     absmax = np.max(np.abs(x), axis=-1)
-    s_x = np.maximum(absmax, x.dtype.type(ACT_EPS)) / x.dtype.type(ACT_QMAX)
-    x_q = np.clip(np.rint(x / s_x[..., None]), -ACT_QMAX, ACT_QMAX).astype(np.int8)
+    s_x = np.maximum(absmax, x.dtype.type(ACT_EPS)) / x.dtype.type(qmax)
+    x_q = np.clip(np.rint(x / s_x[..., None]), -qmax, qmax).astype(np.int8)
     return x_q, s_x
+
+
+def code_max(bits: int) -> int:
+    """The largest symmetric signed code of ``bits`` bits: 127 for 8, 7 for 4."""
+    return 2 ** (bits - 1) - 1
+
+
+def quantize_probabilities(p: np.ndarray, bits: int):
+    """Attention probabilities in [0, 1] to unsigned codes: ``rint(p * L)``, L = 2**bits - 1,
+    scale 1 / L (Q-ViT's uniform quantizer on the attention map). Returns (uint8 codes, L)."""
+    levels = 2**bits - 1
+    return np.clip(np.rint(p * levels), 0, levels).astype(np.uint8), levels
 
 
 def dequantize(acc: np.ndarray, s_x: np.ndarray, w_scale: np.ndarray, bias: np.ndarray | None):

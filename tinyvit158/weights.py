@@ -13,6 +13,7 @@ tensors (timm ViT names):
     <layer>.weight         float32                           float layers (timm shapes)
     <layer>.bias           float32 (out,)
     <layer>.norm.weight/.bias                                 only with bitlinear_norm
+    blocks.{i}.attn.q_norm/k_norm.weight/.bias (head_dim,)    only with qk_norm
     cls_token (1, 1, dim), pos_embed (1, tokens, dim), blocks.{i}.norm1/norm2, norm, head
 
 Files are parsed by the ``safetensors`` package (bounded header, checked offsets, no code
@@ -66,6 +67,10 @@ def tensor_spec(cfg: ViTConfig) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     for name in [f"blocks.{i}.norm{j}" for i in range(cfg.depth) for j in (1, 2)] + ["norm"]:
         spec[f"{name}.weight"] = (f32, (cfg.dim,))
         spec[f"{name}.bias"] = (f32, (cfg.dim,))
+    if cfg.qk_norm:
+        for name in [f"blocks.{i}.attn.{qk}_norm" for i in range(cfg.depth) for qk in "qk"]:
+            spec[f"{name}.weight"] = (f32, (cfg.head_dim,))
+            spec[f"{name}.bias"] = (f32, (cfg.head_dim,))
     return spec
 
 

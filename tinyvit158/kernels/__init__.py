@@ -11,10 +11,12 @@ The jitted functions are private (``_name``) and run as plain Python under
 """
 
 from tinyvit158.kernels.fused import linear_add_norm_quantize, linear_gelu_quantize
+from tinyvit158.kernels.qattn import Int8Attention
 from tinyvit158.kernels.ops import (
     attention,
     attention_quantize,
     attention_ref,
+    FloatAttention,
     float_linear,
     gelu,
     gelu_quantize,
@@ -33,7 +35,22 @@ from tinyvit158.kernels.ternary import (
     matmul_ref,
 )
 
+def attention_op(cfg, params: dict, i: int):
+    """Block ``i``'s attention kernel object, as the config says (``FloatAttention`` or
+    ``Int8Attention``); ``params``: the float tensors by name (the qk norms)."""
+    if cfg.attention == "float":
+        return FloatAttention()
+    norms = [None, None]
+    if cfg.qk_norm:
+        norms = [(params[f"blocks.{i}.attn.{n}_norm.weight"], params[f"blocks.{i}.attn.{n}_norm.bias"], cfg.norm_eps)
+                 for n in "qk"]  # fmt: skip
+    return Int8Attention(cfg.heads, cfg.attention_bits, cfg.attention_prob_bits, *norms)
+
+
 __all__ = [
+    "attention_op",
+    "FloatAttention",
+    "Int8Attention",
     "PATHS",
     "PreparedTernary",
     "cpu_has_vnni",

@@ -551,6 +551,24 @@ _NO_CODES = np.empty((0, 0), dtype=np.int8)
 _NO_SCALES = np.empty(0, dtype=np.float32)
 
 
+class FloatAttention:
+    """The float attention above as an object with ``qattn.Int8Attention``'s interface, so
+    the engine calls either kind the same way (the config picks one per block)."""
+
+    def __call__(self, qkv, heads, out=None, record=None):
+        return attention(qkv, heads, out)
+
+    def quantize(self, qkv, heads, out=None, record=None):
+        return attention_quantize(qkv, heads, out)
+
+    def bind(self, qkv, heads, out=None, codes=None, record=None):
+        return bind_attention(qkv, heads, out, codes)
+
+    def bindable(self, head_dim: int) -> bool:
+        """The register kernel needs a head dimension that is a multiple of 16."""
+        return head_dim % 16 == 0 and not _PYTHON
+
+
 @_pjit
 def _float_linear(x, w_t, b):
     T, K = x.shape

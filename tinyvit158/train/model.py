@@ -21,7 +21,7 @@ from torch import nn
 
 from tinyvit158.config import ViTConfig
 from tinyvit158.kernels.ops import _ERF_P, _ERF_Q
-from tinyvit158.quant import ACT_EPS, ACT_QMAX, WEIGHT_EPS
+from tinyvit158.quant import ACT_EPS, ACT_QMAX, WEIGHT_EPS, code_max
 
 
 def to_input(images_u8: np.ndarray) -> torch.Tensor:
@@ -57,10 +57,35 @@ def ternarize_weight(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, t
         return codes.to(w.dtype), gamma.to(w.dtype)
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, qmax: int = ACT_QMAX) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8 (quant.quantize_activations in torch): codes (as float) and scales."""
-    s = x.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_EPS) / ACT_QMAX
-    return torch.clamp(torch.round(x / s), -ACT_QMAX, ACT_QMAX), s
+    s = x.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_EPS) / qmax
+    return torch.clamp(torch.round(x / s), -qmax, qmax), s
+
+
+def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qmax: int, levels: int) -> torch.Tensor:
+    """Fully quantized attention (``kernels/qattn.py``'s rules) of q, k, v (B, H, N, hd).
+
+    Training: fake quantization with straight-through estimators (q, k, v and the
+    probabilities forward their quantized values, gradients pass as the identity).
+    Inference: the engine's arithmetic in its order: exact integer sums, the softmax in
+    float64 (scores ``acc * s_k``, less their row max, times ``s_q / sqrt(hd)``), the
+    probability codes, the exact P V sums times ``s_v / L``, rounded once to float32.
+    """
+    q_c, s_q = quantize_activations(q, qmax)  # (B, H, N, hd), scales (B, H, N, 1)
+    k_c, s_k = quantize_activations(k, qmax)
+    v_c, s_v = quantize_activations(v.transpose(-1, -2), qmax)  # per channel over tokens: (B, H, hd, N), (B, H, hd, 1)
+    scale = q.shape[-1] ** -0.5
+    if torch.is_grad_enabled():
+        attn = torch.softmax(ste(q, q_c * s_q) @ ste(k, k_c * s_k).transpose(-1, -2) * scale, dim=-1)
+        p = ste(attn, torch.round(attn * levels) / levels)
+        return p @ ste(v, (v_c * s_v).transpose(-1, -2))
+    acc = q_c.double() @ k_c.double().transpose(-1, -2)  # (B, H, N, N), exact
+    z = acc * s_k.double().transpose(-1, -2)
+    e = torch.exp((z - z.amax(-1, keepdim=True)) * (s_q.double() * scale))
+    p_c = torch.clamp(torch.round(e * (1.0 / e.sum(-1, keepdim=True)) * levels), 0, levels)
+    acc = p_c @ v_c.double().transpose(-1, -2)  # (B, H, N, hd), exact
+    return (acc * s_v.double().transpose(-1, -2) / levels).float()
 
 
 def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -165,17 +190,29 @@ def make_linear(cfg: ViTConfig, layer: str, in_f: int, out_f: int, plain: bool =
 
 
 class Attention(nn.Module):
+    """timm's Attention; ``attention="int8"`` quantizes it (:func:`int8_attention`) while
+    ``quantize`` is on, and ``qk_norm`` adds ``q_norm``/``k_norm`` (LayerNorm over hd)."""
+
     def __init__(self, cfg: ViTConfig, i: int, plain: bool = False):
         super().__init__()
         self.heads = cfg.heads
         self.qkv = make_linear(cfg, f"blocks.{i}.attn.qkv", cfg.dim, 3 * cfg.dim, plain)
+        self.q_norm = LayerNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = LayerNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.proj = make_linear(cfg, f"blocks.{i}.attn.proj", cfg.dim, cfg.dim, plain)
+        self.int8 = cfg.attention == "int8" and not plain
+        self.qmax, self.levels = code_max(cfg.attention_bits), 2**cfg.attention_prob_bits - 1
+        self.quantize = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
-        if torch.is_grad_enabled():
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.int8 and self.quantize:
+            o = int8_attention(q, k, v, self.qmax, self.levels)
+        elif torch.is_grad_enabled():
             o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v
         else:  # inference: in float64, rounded once to float32, as the engine does (kernels.ops._attention)
             o = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
@@ -299,7 +336,11 @@ class QATViT(nn.Module):
                     setattr(m, name, value)
 
     def set_quantize(self, on: bool) -> None:
+        """Ternary layers and int8 attention on, or everything float (warm-up)."""
         self._set(quantize=on)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.quantize = on
 
     def set_matmul_dtype(self, dtype: torch.dtype) -> None:
         """The dtype of the ternary layers' products in training (float32 or bfloat16);

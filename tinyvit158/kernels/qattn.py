@@ -1,0 +1,472 @@
+"""Fully quantized attention (Q-ViT): integer Q K^T and P V, softmax in float64.
+
+The rules (the oracle's :meth:`~tinyvit158.oracle.Oracle.int8_attention`, the PyTorch
+twin's ``train/model.Attention`` and ``docs/FORMAT.md`` state the same), for one image
+and head, with ``qmax = 2**(attention_bits - 1) - 1`` and ``L = 2**attention_prob_bits - 1``:
+
+    (qk_norm: q, k = LayerNorm_hd(q), LayerNorm_hd(k), as every LayerNorm: float64, rounded to float32)
+    s_q[i] = max(max_d |q[i, d]|, 1e-5) / qmax        q_c = clip(rint(q / s_q), -qmax, qmax)
+    s_k[j] likewise per key token                      k_c likewise
+    s_v[d] = max(max_j |v[j, d]|, 1e-5) / qmax        v_c = clip(rint(v / s_v), -qmax, qmax)
+      (float32 arithmetic, round half to even: ``quant.quantize_activations`` with qmax;
+       v's scale is per channel over the image's tokens, since P V sums over tokens)
+    acc[i, j] = sum_d q_c[i, d] k_c[j, d]              exact integers
+    p[i, :]   = softmax_j(acc[i, j] * s_q[i] * s_k[j] / sqrt(hd))          in float64
+    p_c[i, j] = rint(p[i, j] * L)                      unsigned, 0..L (round half to even)
+    out[i, d] = float32(sum_j p_c[i, j] v_c[j, d] * s_v[d] / L)            exact sum, float64 product
+
+The float64 softmax differs between implementations (order of sums, exp) by ~1e-16
+relative, so ``p_c`` can differ only where ``p * L`` lies that close to a half: as with
+the float attention, engine, oracle and twin agree except at float64-level ties.
+
+Kernels. ``vpdpbusd`` multiplies unsigned by signed bytes: P V is a direct fit (p_c >= 0);
+for Q K^T the q codes are stored as ``q_c + 128`` (unsigned) and the key's row sum
+corrects it: ``sum_d (q_c + 128) k_c = acc + 128 sum_d k_c`` (DESIGN.md section 3's
+identity with the roles of the operands swapped). Keys are laid out as the linear
+layers' weights are (16 keys x 4 dims in 64 bytes), values likewise (16 channels x 4
+tokens), so a tile is 4 query rows x 16 keys (or channels) in 4 zmm accumulators. The
+generic path runs the same kernel with scalar integer loops instead of the tiles (the
+``tiles`` argument: ``None`` prunes the VNNI branch at compile time); every other
+operation is shared, so the two paths agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from tinyvit158.errors import TinyViTError
+from tinyvit158.kernels.ops import _check_qkv, _codes_out, _exp64_inplace, _layernorm_row, _parts, _quantize_row
+from tinyvit158.kernels.simd import _dpbusd, _vbroadcast4, _vload, _vstore, _vzero
+from tinyvit158.quant import ACT_EPS, code_max, quantize_activations, quantize_probabilities
+
+_jit = numba.njit(cache=True, error_model="numpy")
+_pjit = numba.njit(cache=True, error_model="numpy", parallel=True)
+_PYTHON = bool(numba.config.DISABLE_JIT)
+_EPS32 = np.float32(ACT_EPS)
+
+
+# -- references ------------------------------------------------------------------------------
+def qk_accumulate_ref(q_codes: np.ndarray, k_codes: np.ndarray) -> np.ndarray:
+    """``q_codes @ k_codes.T`` in int64: (Nq, hd) x (Nk, hd) -> (Nq, Nk)."""
+    return q_codes.astype(np.int64) @ k_codes.astype(np.int64).T
+
+
+def pv_accumulate_ref(p_codes: np.ndarray, v_codes: np.ndarray) -> np.ndarray:
+    """``p_codes @ v_codes`` in int64: (Nq, Nk) unsigned x (Nk, hd) -> (Nq, hd)."""
+    return p_codes.astype(np.int64) @ v_codes.astype(np.int64)
+
+
+def _layernorm_ref(x: np.ndarray, norm) -> np.ndarray:
+    w, b, eps = norm
+    xd = x.astype(np.float64)
+    mean = xd.mean(-1, keepdims=True)
+    var = ((xd - mean) ** 2).mean(-1, keepdims=True)
+    return ((xd - mean) / np.sqrt(var + eps) * w + b).astype(np.float32)
+
+
+def attention_int8_ref(
+    qkv: np.ndarray, heads: int, bits: int = 8, prob_bits: int = 8, q_norm=None, k_norm=None, record=None
+) -> np.ndarray:
+    """The module docstring's rules in NumPy, from float32 qkv (B, N, 3 dim) -> float32
+    (B, N, dim). ``q_norm``/``k_norm``: (weight, bias, eps) of the qk LayerNorms.
+    ``record``, a dict, receives the codes (q, k: (B, H, N, hd); v: (B, H, hd, N); p)."""
+    qkv = _check_qkv(qkv, heads)
+    B, N, C3 = qkv.shape
+    hd = C3 // 3 // heads
+    q, k, v = qkv.reshape(B, N, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
+    if q_norm is not None:
+        q, k = _layernorm_ref(q, q_norm), _layernorm_ref(k, k_norm)
+    qmax = code_max(bits)
+    q_c, s_q = quantize_activations(np.ascontiguousarray(q), qmax)
+    k_c, s_k = quantize_activations(np.ascontiguousarray(k), qmax)
+    v_c, s_v = quantize_activations(np.ascontiguousarray(v.transpose(0, 1, 3, 2)), qmax)  # (B, H, hd, N)
+    acc = q_c.astype(np.int64) @ k_c.astype(np.int64).transpose(0, 1, 3, 2)  # (B, H, N, N)
+    z = acc * s_q.astype(np.float64)[..., None] * s_k.astype(np.float64)[..., None, :] * hd**-0.5
+    e = np.exp(z - z.max(-1, keepdims=True))
+    p_c, levels = quantize_probabilities(e * (1.0 / e.sum(-1, keepdims=True)), prob_bits)
+    out = (p_c.astype(np.int64) @ v_c.astype(np.int64).transpose(0, 1, 3, 2)) * s_v.astype(np.float64)[..., None, :]
+    if record is not None:
+        record.update(q=q_c, k=k_c, v=v_c, p=p_c)
+    return (out / levels).astype(np.float32).transpose(0, 2, 1, 3).reshape(B, N, C3 // 3)
+
+
+# -- layouts and tiles ---------------------------------------------------------------------------
+@_jit
+def _quantize_slice(x, q, qmax):
+    """Absmax codes of a short float32 vector into ``q`` (``quant.quantize_activations`` with
+    ``qmax``, the same float32 operations); returns the scale."""
+    m = np.float32(0.0)
+    for d in range(x.shape[0]):
+        a = abs(x[d])
+        m = a if a > m else m
+    s = max(m, _EPS32) / np.float32(qmax)
+    for d in range(x.shape[0]):
+        r = np.rint(x[d] / s)
+        q[d] = np.int8(min(max(r, -np.float32(qmax)), np.float32(qmax)))
+    return s
+
+
+@_jit
+def _key_at(h, j, d, NB, G):
+    """Byte of key j, dimension d (head h) in the key layout: per block of 16 keys, per
+    group of 4 dimensions, 16 x 4 bytes (key-major), as the linear layers' weights."""
+    return ((h * NB + j // 16) * G + d // 4) * 64 + (j % 16) * 4 + d % 4
+
+
+@_jit
+def _value_at(h, j, d, CB, J4):
+    """Byte of value token j, channel d (head h): per block of 16 channels, per group of 4
+    tokens, 16 x 4 bytes (channel-major)."""
+    return ((h * CB + d // 16) * J4 + j // 4) * 64 + (d % 16) * 4 + j % 4
+
+
+@_jit
+def _scores(qu, hdp4, kl, h, NB, G, si, Np16, tiles):
+    """``si[r, j] = sum_d qu[r, d] * k_c[j, d]`` for 4 rows of unsigned (offset) q codes and
+    every key: a 4 x 16 register tile per key block (``tiles`` not None), or scalar loops."""
+    if tiles is None:
+        for r in range(4):
+            for j in range(Np16):
+                acc = np.int32(0)
+                for d in range(hdp4):
+                    acc += np.int32(qu[r * hdp4 + d]) * np.int32(kl[_key_at(h, j, d, NB, G)])
+                si[r * Np16 + j] = acc
+    else:
+        for jb in range(NB):
+            a0 = a1 = a2 = a3 = _vzero()
+            for g in range(G):
+                kv = _vload(kl, ((h * NB + jb) * G + g) * 64)
+                a0 = _dpbusd(a0, _vbroadcast4(qu, 4 * g), kv)
+                a1 = _dpbusd(a1, _vbroadcast4(qu, hdp4 + 4 * g), kv)
+                a2 = _dpbusd(a2, _vbroadcast4(qu, 2 * hdp4 + 4 * g), kv)
+                a3 = _dpbusd(a3, _vbroadcast4(qu, 3 * hdp4 + 4 * g), kv)
+            _vstore(si, jb * 16, a0)
+            _vstore(si, Np16 + jb * 16, a1)
+            _vstore(si, 2 * Np16 + jb * 16, a2)
+            _vstore(si, 3 * Np16 + jb * 16, a3)
+
+
+@_jit
+def _pv(pc, Np4, vl, h, CB, J4, so, hdp16, tiles):
+    """``so[r, d] = sum_j pc[r, j] * v_c[j, d]`` for 4 rows of probability codes and every
+    channel: a 4 x 16 register tile per channel block, or scalar loops."""
+    if tiles is None:
+        for r in range(4):
+            for d in range(hdp16):
+                acc = np.int32(0)
+                for j in range(Np4):
+                    acc += np.int32(pc[r * Np4 + j]) * np.int32(vl[_value_at(h, j, d, CB, J4)])
+                so[r * hdp16 + d] = acc
+    else:
+        for cb in range(CB):
+            a0 = a1 = a2 = a3 = _vzero()
+            for g in range(J4):
+                vv = _vload(vl, ((h * CB + cb) * J4 + g) * 64)
+                a0 = _dpbusd(a0, _vbroadcast4(pc, 4 * g), vv)
+                a1 = _dpbusd(a1, _vbroadcast4(pc, Np4 + 4 * g), vv)
+                a2 = _dpbusd(a2, _vbroadcast4(pc, 2 * Np4 + 4 * g), vv)
+                a3 = _dpbusd(a3, _vbroadcast4(pc, 3 * Np4 + 4 * g), vv)
+            _vstore(so, cb * 16, a0)
+            _vstore(so, hdp16 + cb * 16, a1)
+            _vstore(so, 2 * hdp16 + cb * 16, a2)
+            _vstore(so, 3 * hdp16 + cb * 16, a3)
+
+
+def _dims(N: int, hd: int) -> tuple[int, int, int, int]:
+    """Padded sizes: head dim to 4 (a dpbusd group) and 16 (a tile), tokens to 4 and 16."""
+    return -(-hd // 4) * 4, -(-hd // 16) * 16, -(-N // 4) * 4, -(-N // 16) * 16
+
+
+# -- accumulators alone (tests: the tiles against the references, any shape) ------------------
+@_jit
+def _qk_all(q_codes, k_codes, hdp4, Np16, tiles):
+    Nq, hd = q_codes.shape
+    Nk = k_codes.shape[0]
+    NB, G = Np16 // 16, hdp4 // 4
+    kl = np.zeros(NB * G * 64, dtype=np.int8)
+    ksum = np.zeros(Np16, dtype=np.int32)
+    for j in range(Nk):
+        for d in range(hd):
+            kl[_key_at(0, j, d, NB, G)] = k_codes[j, d]
+            ksum[j] += 128 * np.int32(k_codes[j, d])
+    out = np.empty((Nq, Nk), dtype=np.int32)
+    qu = np.full(4 * hdp4, 128, dtype=np.uint8)
+    si = np.empty(4 * Np16, dtype=np.int32)
+    for i0 in range(0, Nq, 4):
+        for r in range(min(4, Nq - i0)):
+            for d in range(hd):
+                qu[r * hdp4 + d] = np.uint8(np.int32(q_codes[i0 + r, d]) + 128)
+        _scores(qu, hdp4, kl, 0, NB, G, si, Np16, tiles)
+        for r in range(min(4, Nq - i0)):
+            for j in range(Nk):
+                out[i0 + r, j] = si[r * Np16 + j] - ksum[j]
+    return out
+
+
+@_jit
+def _pv_all(p_codes, v_codes, hdp16, Np4, tiles):
+    Nq, Nk = p_codes.shape
+    hd = v_codes.shape[1]
+    CB, J4 = hdp16 // 16, Np4 // 4
+    vl = np.zeros(CB * J4 * 64, dtype=np.int8)
+    for j in range(Nk):
+        for d in range(hd):
+            vl[_value_at(0, j, d, CB, J4)] = v_codes[j, d]
+    out = np.empty((Nq, hd), dtype=np.int32)
+    pc = np.zeros(4 * Np4, dtype=np.uint8)
+    so = np.empty(4 * hdp16, dtype=np.int32)
+    for i0 in range(0, Nq, 4):
+        for r in range(min(4, Nq - i0)):
+            for j in range(Nk):
+                pc[r * Np4 + j] = p_codes[i0 + r, j]
+        _pv(pc, Np4, vl, 0, CB, J4, so, hdp16, tiles)
+        for r in range(min(4, Nq - i0)):
+            for d in range(hd):
+                out[i0 + r, d] = so[r * hdp16 + d]
+    return out
+
+
+def _tiles(path: str | None):
+    """The ``tiles`` argument of a path: 0 (VNNI register tiles) or None (scalar loops)."""
+    from tinyvit158.kernels.ternary import kernel_path
+
+    return 0 if (path or kernel_path()) == "vnni" and not _PYTHON else None
+
+
+def qk_accumulate(q_codes: np.ndarray, k_codes: np.ndarray, path: str | None = None) -> np.ndarray:
+    """Exact int32 ``q_codes @ k_codes.T`` through the attention's tiles (int8 (Nq, hd) and
+    (Nk, hd), codes in [-127, 127]) on the kernel path (default: the current one)."""
+    if q_codes.dtype != np.int8 or k_codes.dtype != np.int8 or q_codes.shape[1:] != k_codes.shape[1:]:
+        raise TinyViTError(f"qk_accumulate expects int8 (Nq, hd) and (Nk, hd), found {q_codes.shape}, {k_codes.shape}")
+    hdp4, _, _, Np16 = _dims(k_codes.shape[0], q_codes.shape[1])
+    return _qk_all(np.ascontiguousarray(q_codes), np.ascontiguousarray(k_codes), hdp4, Np16, _tiles(path))
+
+
+def pv_accumulate(p_codes: np.ndarray, v_codes: np.ndarray, path: str | None = None) -> np.ndarray:
+    """Exact int32 ``p_codes @ v_codes`` through the attention's tiles (uint8 (Nq, Nk),
+    int8 (Nk, hd)) on the kernel path (default: the current one)."""
+    if p_codes.dtype != np.uint8 or v_codes.dtype != np.int8 or p_codes.shape[1] != v_codes.shape[0]:
+        raise TinyViTError(f"pv_accumulate expects uint8 (Nq, Nk) and int8 (Nk, hd), found {p_codes.shape}, "
+                           f"{v_codes.shape}")  # fmt: skip
+    _, hdp16, Np4, _ = _dims(v_codes.shape[0], v_codes.shape[1])
+    return _pv_all(np.ascontiguousarray(p_codes), np.ascontiguousarray(v_codes), hdp16, Np4, _tiles(path))
+
+
+# -- the fused kernel ---------------------------------------------------------------------------
+@_jit
+def _norm_quantize(src, norm_w, norm_b, eps, has_norm, tmp, codes, qmax):
+    """Codes of one token's q or k slice (after the qk LayerNorm when ``has_norm``); its scale."""
+    if has_norm:
+        _layernorm_row(src, norm_w, norm_b, eps, tmp)
+        return _quantize_slice(tmp, codes, qmax)
+    return _quantize_slice(src, codes, qmax)
+
+
+@_jit
+def _prepare_image(flat, b, N, C, heads, qmax, kn_w, kn_b, eps, has_norm, kl, ksum, sk, vl, sv, tmp, codes,
+                   rec_k, rec_v, recording):  # fmt: skip
+    """Keys and values of image ``b``, every head: codes in the tile layouts, 128 x each
+    key's code sum (the offset's correction), and the scales (float64)."""
+    C3, hd = 3 * C, C // heads
+    hdp4, hdp16, Np4, Np16 = -(-hd // 4) * 4, -(-hd // 16) * 16, -(-N // 4) * 4, -(-N // 16) * 16
+    NB, G, CB, J4 = Np16 // 16, hdp4 // 4, hdp16 // 16, Np4 // 4
+    kl[:] = 0  # padding keys, dimensions and tokens hold code 0
+    vl[:] = 0
+    for h in range(heads):
+        for j in range(N):
+            base = (b * N + j) * C3 + C + h * hd
+            s = _norm_quantize(flat[base : base + hd], kn_w, kn_b, eps, has_norm, tmp, codes, qmax)
+            sk[h * Np16 + j] = np.float64(s)
+            total = np.int32(0)
+            for d in range(hd):
+                kl[_key_at(h, j, d, NB, G)] = codes[d]
+                total += np.int32(codes[d])
+                if recording:
+                    rec_k[b, h, j, d] = codes[d]
+            ksum[h * Np16 + j] = 128 * total
+        for d in range(hd):  # v: one scale per channel over the image's tokens
+            col = 2 * C + h * hd + d
+            m = np.float32(0.0)
+            for j in range(N):
+                a = abs(flat[(b * N + j) * C3 + col])
+                m = a if a > m else m
+            s = max(m, _EPS32) / np.float32(qmax)
+            sv[h * hdp16 + d] = np.float64(s)
+            for j in range(N):
+                r = np.rint(flat[(b * N + j) * C3 + col] / s)
+                c = np.int8(min(max(r, -np.float32(qmax)), np.float32(qmax)))
+                vl[_value_at(h, j, d, CB, J4)] = c
+                if recording:
+                    rec_v[b, h, d, j] = c
+
+
+@_jit
+def _probability_codes(si, r, Np16, ksum, sk, hoff, N, c, z, bits, pc, Np4, levels):
+    """Row r: scores from the offset sums, float64 softmax, then ``rint(p * L)`` codes."""
+    base = r * Np16
+    for j in range(N):
+        z[j] = np.float64(si[base + j] - ksum[hoff + j]) * sk[hoff + j]
+    m = z[0]
+    for j in range(1, N):
+        m = max(m, z[j])
+    for j in range(N):
+        z[j] = (z[j] - m) * c
+    _exp64_inplace(z, bits, N)
+    total = 0.0
+    for j in range(N):
+        total += z[j]
+    inv = 1.0 / total
+    for j in range(N):
+        pc[r * Np4 + j] = np.uint8(min(np.rint(z[j] * inv * levels), levels))
+    for j in range(N, Np4):
+        pc[r * Np4 + j] = 0
+
+
+@_pjit
+def _attention_int8(qkv, heads, qmax, levels, qn_w, qn_b, kn_w, kn_b, eps, has_norm, out, P, quantize, q, s,
+                    rec_q, rec_k, rec_v, rec_p, recording, tiles):  # fmt: skip
+    """The module docstring's attention for every image and head; each thread takes an equal
+    share of the (image, 4 query rows) units, preparing an image's keys and values when it
+    starts one. With ``quantize`` the finished rows become the proj layer's int8 codes ``q``
+    and scales ``s`` (``quantize_rows``); else they go to ``out`` (flat (B * N * dim,))."""
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    hd = C // heads
+    hdp4, hdp16, Np4, Np16 = -(-hd // 4) * 4, -(-hd // 16) * 16, -(-N // 4) * 4, -(-N // 16) * 16
+    NB, G, CB, J4 = Np16 // 16, hdp4 // 4, hdp16 // 16, Np4 // 4
+    scale = 1.0 / math.sqrt(hd)
+    flat = qkv.reshape(-1)
+    quads = (N + 3) // 4
+    U = B * quads
+    for part in numba.prange(P):
+        kl = np.empty(heads * NB * G * 64, dtype=np.int8)
+        vl = np.empty(heads * CB * J4 * 64, dtype=np.int8)
+        ksum = np.empty(heads * Np16, dtype=np.int32)
+        sk = np.empty(heads * Np16, dtype=np.float64)
+        sv = np.empty(heads * hdp16, dtype=np.float64)
+        qu = np.empty(4 * hdp4, dtype=np.uint8)
+        pc = np.empty(4 * Np4, dtype=np.uint8)
+        si = np.empty(4 * Np16, dtype=np.int32)
+        so = np.empty(4 * hdp16, dtype=np.int32)
+        z = np.empty(Np16, dtype=np.float64)
+        bits = np.empty(Np16, dtype=np.int64)
+        tmp = np.empty(hd, dtype=np.float32)
+        codes = np.empty(hd, dtype=np.int8)
+        sq = np.empty(4, dtype=np.float64)
+        ob = np.empty(4 * C, dtype=np.float32)
+        b = -1
+        for u in range(part * U // P, (part + 1) * U // P):
+            if u // quads != b:
+                b = u // quads
+                _prepare_image(flat, b, N, C, heads, qmax, kn_w, kn_b, eps, has_norm, kl, ksum, sk, vl, sv, tmp,
+                               codes, rec_k, rec_v, recording)  # fmt: skip
+            i0 = (u % quads) * 4
+            rows = min(4, N - i0)
+            for h in range(heads):
+                qu[:] = 128  # code 0 in the padding and in rows past the unit
+                for r in range(rows):
+                    base = (b * N + i0 + r) * C3 + h * hd
+                    sq[r] = _norm_quantize(flat[base : base + hd], qn_w, qn_b, eps, has_norm, tmp, codes, qmax)
+                    for d in range(hd):
+                        qu[r * hdp4 + d] = np.uint8(np.int32(codes[d]) + 128)
+                        if recording:
+                            rec_q[b, h, i0 + r, d] = codes[d]
+                _scores(qu, hdp4, kl, h, NB, G, si, Np16, tiles)
+                for r in range(rows):
+                    _probability_codes(si, r, Np16, ksum, sk, h * Np16, N, sq[r] * scale, z, bits, pc, Np4, levels)
+                    if recording:
+                        for j in range(N):
+                            rec_p[b, h, i0 + r, j] = pc[r * Np4 + j]
+                _pv(pc, Np4, vl, h, CB, J4, so, hdp16, tiles)
+                for r in range(rows):
+                    for d in range(hd):
+                        ob[r * C + h * hd + d] = np.float32(np.float64(so[r * hdp16 + d]) * sv[h * hdp16 + d] / levels)
+            for r in range(rows):
+                t = b * N + i0 + r
+                if quantize:
+                    s[t] = _quantize_row(ob[r * C : (r + 1) * C], q[t])
+                else:
+                    out[t * C : (t + 1) * C] = ob[r * C : (r + 1) * C]
+
+
+_NO_F32 = np.empty(0, dtype=np.float32)
+_NO_CODES = np.empty((0, 0), dtype=np.int8)
+_NO_REC = np.empty((0, 0, 0, 0), dtype=np.int8)
+_NO_REC_P = np.empty((0, 0, 0, 0), dtype=np.uint8)
+
+
+class Int8Attention:
+    """The quantized attention of one block, bound to its config and qk norms: the engine
+    calls it as it calls the float attention (``ops.attention*``).
+
+    Parameters
+    ----------
+    heads, bits, prob_bits : int
+        Heads, code widths of q/k/v and of the probabilities.
+    q_norm, k_norm : (weight, bias, eps) or None
+        The qk LayerNorms (``qk_norm``), float32 (head_dim,) each.
+    """
+
+    def __init__(self, heads: int, bits: int, prob_bits: int, q_norm=None, k_norm=None):
+        self.heads, self.bits, self.prob_bits = heads, bits, prob_bits
+        self.q_norm, self.k_norm = q_norm, k_norm
+
+    def _args(self, qkv, out, codes, path, record):
+        B, N, C3 = qkv.shape
+        C = C3 // 3
+        if self.q_norm is not None:
+            (qw, qb, eps), (kw, kb, _) = self.q_norm, self.k_norm
+            norms = (qw, qb, kw, kb, float(eps), True)
+        else:
+            norms = (_NO_F32, _NO_F32, _NO_F32, _NO_F32, 1e-6, False)
+        if record is not None:
+            H, hd = self.heads, C // self.heads
+            rec = (np.zeros((B, H, N, hd), np.int8), np.zeros((B, H, N, hd), np.int8),
+                   np.zeros((B, H, hd, N), np.int8), np.zeros((B, H, N, N), np.uint8), True)  # fmt: skip
+            record.update(q=rec[0], k=rec[1], v=rec[2], p=rec[3])
+        else:
+            rec = (_NO_REC, _NO_REC, _NO_REC, _NO_REC_P, False)
+        P = _parts(B * ((N + 3) // 4))
+        if codes is None:
+            dest = (out.reshape(-1), P, False, _NO_CODES, _NO_F32)
+        else:
+            dest = (_NO_F32, P, True, *codes)
+        args = (qkv, int(self.heads), code_max(self.bits), float(2**self.prob_bits - 1), *norms, *dest, *rec)
+        return args + (_tiles(path),)
+
+    def bind(self, qkv: np.ndarray, heads: int, out: np.ndarray | None = None, codes=None, record=None):
+        """``(kernel, args)`` as ``ops.bind_attention``: into ``out`` or to int8 ``codes``.
+        ``record``, a dict, gets arrays that each call fills with its codes: q, k (B, H,
+        N, hd), v (B, H, hd, N) (the oracle's layouts) and p (B, H, N, N)."""
+        return _attention_int8, self._args(qkv, out, codes, None, record)
+
+    def bindable(self, head_dim: int) -> bool:
+        """Whether :meth:`bind` serves this head dimension (any: the kernel pads it)."""
+        return True
+
+    def __call__(self, qkv: np.ndarray, heads: int, out: np.ndarray | None = None, record=None) -> np.ndarray:
+        """float32 (B, N, dim) attention output, into ``out`` when given."""
+        from tinyvit158.kernels.ternary import check_out
+
+        qkv = _check_qkv(qkv, heads)
+        B, N, C3 = qkv.shape
+        out = check_out(out, (B, N, C3 // 3), np.float32, "out")
+        fn, args = self.bind(qkv, heads, out=out, record=record)
+        fn(*args)
+        return out
+
+    def quantize(self, qkv: np.ndarray, heads: int, out=None, record=None):
+        """``quantize_rows(self(qkv))`` in one kernel: the proj layer's int8 codes and scales."""
+        qkv = _check_qkv(qkv, heads)
+        B, N, C3 = qkv.shape
+        q, s = _codes_out((B * N, C3 // 3), out)
+        fn, args = self.bind(qkv, heads, codes=(q, s), record=record)
+        fn(*args)
+        return q, s
+
+    def reference(self, qkv: np.ndarray, record=None) -> np.ndarray:
+        """:func:`attention_int8_ref` with this block's settings."""
+        return attention_int8_ref(qkv, self.heads, self.bits, self.prob_bits, self.q_norm, self.k_norm, record)
