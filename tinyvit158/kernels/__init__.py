@@ -11,12 +11,11 @@ The jitted functions are private (``_name``) and run as plain Python under
 """
 
 from tinyvit158.kernels.fused import linear_add_norm_quantize, linear_gelu_quantize
-from tinyvit158.kernels.qattn import Int8Attention
 from tinyvit158.kernels.ops import (
+    FloatAttention,
     attention,
     attention_quantize,
     attention_ref,
-    FloatAttention,
     float_linear,
     gelu,
     gelu_quantize,
@@ -24,6 +23,7 @@ from tinyvit158.kernels.ops import (
     layernorm_quantize,
     quantize_rows,
 )
+from tinyvit158.kernels.qattn import Int8Attention
 from tinyvit158.kernels.ternary import (
     PATHS,
     PreparedTernary,
@@ -34,6 +34,7 @@ from tinyvit158.kernels.ternary import (
     matmul,
     matmul_ref,
 )
+
 
 def attention_op(cfg, params: dict, i: int):
     """Block ``i``'s attention kernel object, as the config says (``FloatAttention`` or
