@@ -5,7 +5,9 @@ inputs:
 
 - ``engine``: tinyvit158 (ternary weights, Numba int8 x ternary kernels), on the kernel
   path this CPU selects, weights kept 2 bits each; ``engine-bytes``: the same with one byte
-  per weight; ``engine-generic``: the portable kernel, for comparison;
+  per weight; ``engine-generic``: the portable kernel, for comparison; ``engine-int8attn``:
+  the same weights with fully quantized attention (``attention="int8"``, 8-bit q, k, v and
+  probabilities: ``kernels/qattn.py``) in place of the float64 one;
 - ``numpy-fp32``: the same model in NumPy float32: weights dequantized (codes x gamma),
   BLAS matmuls, no activation quantization, every op vectorized over the batch;
 - ``torch-fp32``: the same in PyTorch float32 on the CPU (when torch is installed);
@@ -35,7 +37,7 @@ from tinyvit158.config import get_preset
 from tinyvit158.errors import TinyViTError
 from tinyvit158.weights import Checkpoint, random_checkpoint
 
-VARIANTS = ("engine", "engine-bytes", "engine-generic", "numpy-fp32", "torch-fp32", "torch-int8")
+VARIANTS = ("engine", "engine-int8attn", "engine-bytes", "engine-generic", "numpy-fp32", "torch-fp32", "torch-int8")
 
 
 # -- the NumPy float32 baseline -----------------------------------------------------------
@@ -104,10 +106,13 @@ def build(variant: str, ckpt: Checkpoint):
         from tinyvit158.engine import Engine
         from tinyvit158.kernels import kernel_path
 
+        if variant == "engine-int8attn":
+            ckpt = Checkpoint(ckpt.config.replace(attention="int8"), ckpt.tensors, ckpt.source)
         engine = Engine(ckpt, packed=variant != "engine-bytes")
         path = kernel_path()
         layout = ", 2-bit weights" if path == "vnni" and engine.packed else ", 1-byte weights" if path == "vnni" else ""
-        return engine, engine.weight_bytes, f"{path} kernels{layout}"
+        attn = ", int8 attention" if ckpt.config.attention == "int8" else ""
+        return engine, engine.weight_bytes, f"{path} kernels{layout}{attn}"
     if variant == "numpy-fp32":
         model = NumpyFloatViT(ckpt)
         nbytes = sum(w.nbytes for w, _ in model.w.values()) + sum(a.nbytes for a in model.p.values())

@@ -24,7 +24,11 @@ import numba
 import numpy as np
 
 from tinyvit158.errors import TinyViTError
-from tinyvit158.kernels.simd import (
+from tinyvit158.kernels.simd import (  # noqa: I001
+    _INV_FACT,
+    _INV_LN2_64,
+    _LN2_HI_64,
+    _LN2_LO_64,
     _dbcast,
     _dbcast32,
     _dfma,
@@ -105,16 +109,22 @@ def _quantize_row(row, q):
 @_jit
 def _quantize_with(row, q, absmax):
     """:func:`_quantize_row` given the row's largest magnitude (from the pass that wrote it)."""
-    s = max(absmax, _EPS32) / _QMAX32
+    return _quantize_to(row, q, absmax, _QMAX32)
+
+
+@_jit
+def _quantize_to(row, q, absmax, qmax):
+    """Codes in [-qmax, qmax] (float32 ``qmax``: 127 for int8, fewer for narrower codes)."""
+    s = max(absmax, _EPS32) / qmax
     n = row.shape[0]
     n16 = 0 if _PYTHON else n - n % 16
     if n16:
-        s_v, qmax_v = _fsplat(s), _fsplat(_QMAX32)
+        s_v, qmax_v = _fsplat(s), _fsplat(qmax)
         for k in range(0, n16, 16):
             _fquantize_store(q, k, _fload(row, k), s_v, qmax_v)
     for k in range(n16, n):
         r = np.rint(row[k] / s)
-        q[k] = np.int8(min(max(r, -_QMAX32), _QMAX32))
+        q[k] = np.int8(min(max(r, -qmax), qmax))
     return s
 
 
@@ -359,10 +369,6 @@ def attention_ref(qkv: np.ndarray, heads: int) -> np.ndarray:
     return (probs @ v).transpose(0, 2, 1, 3).reshape(B, N, C3 // 3)  # (B, N, dim)
 
 
-_INV_LN2_64 = 1.4426950408889634
-_LN2_HI_64 = 6.93147180369123816490e-01  # ln 2 split so that n * _LN2_HI_64 is exact (fdlibm)
-_LN2_LO_64 = 1.90821492927058770002e-10
-_INV_FACT = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))  # 1/13!, ..., 1/1!, 1/0!
 
 
 @_jit

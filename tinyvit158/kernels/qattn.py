@@ -38,12 +38,33 @@ import numba
 import numpy as np
 
 from tinyvit158.errors import TinyViTError
-from tinyvit158.kernels.ops import _check_qkv, _codes_out, _exp64_inplace, _layernorm_row, _parts, _quantize_row
-from tinyvit158.kernels.simd import _dpbusd, _vbroadcast4, _vload, _vstore, _vzero
+from tinyvit158.kernels.ops import (
+    _absmax,
+    _check_qkv,
+    _codes_out,
+    _exp64_inplace,
+    _layernorm_row,
+    _parts,
+    _quantize_row,
+    _quantize_to,
+)
+from tinyvit158.kernels.simd import (
+    _dexp_inplace,
+    _dhmax,
+    _dload,
+    _dmax,
+    _dpbusd,
+    _dshift_scale,
+    _vbroadcast4,
+    _vload,
+    _vstore,
+    _vzero,
+)
 from tinyvit158.quant import ACT_EPS, code_max, quantize_activations, quantize_probabilities
 
 _jit = numba.njit(cache=True, error_model="numpy")
 _pjit = numba.njit(cache=True, error_model="numpy", parallel=True)
+_ijit = numba.njit(cache=True, error_model="numpy", inline="always")  # small helpers called per token
 _PYTHON = bool(numba.config.DISABLE_JIT)
 _EPS32 = np.float32(ACT_EPS)
 
@@ -94,29 +115,21 @@ def attention_int8_ref(
 
 
 # -- layouts and tiles ---------------------------------------------------------------------------
-@_jit
+@_ijit
 def _quantize_slice(x, q, qmax):
     """Absmax codes of a short float32 vector into ``q`` (``quant.quantize_activations`` with
     ``qmax``, the same float32 operations); returns the scale."""
-    m = np.float32(0.0)
-    for d in range(x.shape[0]):
-        a = abs(x[d])
-        m = a if a > m else m
-    s = max(m, _EPS32) / np.float32(qmax)
-    for d in range(x.shape[0]):
-        r = np.rint(x[d] / s)
-        q[d] = np.int8(min(max(r, -np.float32(qmax)), np.float32(qmax)))
-    return s
+    return _quantize_to(x, q, _absmax(x), np.float32(qmax))  # 16 lanes a step
 
 
-@_jit
+@_ijit
 def _key_at(h, j, d, NB, G):
     """Byte of key j, dimension d (head h) in the key layout: per block of 16 keys, per
     group of 4 dimensions, 16 x 4 bytes (key-major), as the linear layers' weights."""
     return ((h * NB + j // 16) * G + d // 4) * 64 + (j % 16) * 4 + d % 4
 
 
-@_jit
+@_ijit
 def _value_at(h, j, d, CB, J4):
     """Byte of value token j, channel d (head h): per block of 16 channels, per group of 4
     tokens, 16 x 4 bytes (channel-major)."""
@@ -256,7 +269,7 @@ def pv_accumulate(p_codes: np.ndarray, v_codes: np.ndarray, path: str | None = N
 
 
 # -- the fused kernel ---------------------------------------------------------------------------
-@_jit
+@_ijit
 def _norm_quantize(src, norm_w, norm_b, eps, has_norm, tmp, codes, qmax):
     """Codes of one token's q or k slice (after the qk LayerNorm when ``has_norm``); its scale."""
     if has_norm:
@@ -275,6 +288,8 @@ def _prepare_image(flat, b, N, C, heads, qmax, kn_w, kn_b, eps, has_norm, kl, ks
     NB, G, CB, J4 = Np16 // 16, hdp4 // 4, hdp16 // 16, Np4 // 4
     kl[:] = 0  # padding keys, dimensions and tokens hold code 0
     vl[:] = 0
+    kl32, codes32 = kl.view(np.int32), codes.view(np.int32)  # codes: at least hd rounded up to 4 bytes
+    fq = np.float32(qmax)
     for h in range(heads):
         for j in range(N):
             base = (b * N + j) * C3 + C + h * hd
@@ -282,47 +297,97 @@ def _prepare_image(flat, b, N, C, heads, qmax, kn_w, kn_b, eps, has_norm, kl, ks
             sk[h * Np16 + j] = np.float64(s)
             total = np.int32(0)
             for d in range(hd):
-                kl[_key_at(h, j, d, NB, G)] = codes[d]
                 total += np.int32(codes[d])
-                if recording:
-                    rec_k[b, h, j, d] = codes[d]
             ksum[h * Np16 + j] = 128 * total
-        for d in range(hd):  # v: one scale per channel over the image's tokens
-            col = 2 * C + h * hd + d
-            m = np.float32(0.0)
-            for j in range(N):
-                a = abs(flat[(b * N + j) * C3 + col])
-                m = a if a > m else m
-            s = max(m, _EPS32) / np.float32(qmax)
-            sv[h * hdp16 + d] = np.float64(s)
-            for j in range(N):
-                r = np.rint(flat[(b * N + j) * C3 + col] / s)
-                c = np.int8(min(max(r, -np.float32(qmax)), np.float32(qmax)))
-                vl[_value_at(h, j, d, CB, J4)] = c
-                if recording:
-                    rec_v[b, h, d, j] = c
+            at = _key_at(h, j, 0, NB, G) // 4  # each group of 4 dimensions: one 32-bit word of the layout
+            for g in range(hd // 4):
+                kl32[at + g * 16] = codes32[g]
+            for d in range(hd // 4 * 4, hd):
+                kl[_key_at(h, j, d, NB, G)] = codes[d]
+            if recording:
+                rec_k[b, h, j, :] = codes[:hd]
+        # v: one scale per channel over the image's tokens (passes along the rows: contiguous)
+        vmax = tmp  # (hd,) float32 scratch
+        vmax[:] = 0.0
+        for j in range(N):
+            row = flat[(b * N + j) * C3 + 2 * C + h * hd : (b * N + j) * C3 + 2 * C + (h + 1) * hd]
+            for d in range(hd):
+                a = abs(row[d])
+                vmax[d] = a if a > vmax[d] else vmax[d]
+        for d in range(hd):
+            vmax[d] = max(vmax[d], _EPS32) / fq
+            sv[h * hdp16 + d] = np.float64(vmax[d])
+        for j in range(N):
+            row = flat[(b * N + j) * C3 + 2 * C + h * hd : (b * N + j) * C3 + 2 * C + (h + 1) * hd]
+            for d in range(hd):
+                r = np.rint(row[d] / vmax[d])
+                r = r if r > -fq else -fq  # selects, not min/max: the loop vectorizes
+                codes[d] = np.int8(r if r < fq else fq)
+            at = _value_at(h, j, 0, CB, J4)
+            for d in range(hd):
+                vl[at + (d // 16) * J4 * 64 + (d % 16) * 4] = codes[d]
+            if recording:
+                rec_v[b, h, :, j] = codes[:hd]
 
 
-@_jit
+@_ijit
+def _max8(z, n):
+    """max(z[:n]) with 8 independent maxima (a chain of dependent ones waits ~4 cycles a
+    value: as long as the softmax's arithmetic itself); exact in any order."""
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = z[0]
+    n8 = n - n % 8
+    for j in range(0, n8, 8):
+        m0, m1, m2, m3 = max(m0, z[j]), max(m1, z[j + 1]), max(m2, z[j + 2]), max(m3, z[j + 3])
+        m4, m5, m6, m7 = max(m4, z[j + 4]), max(m5, z[j + 5]), max(m6, z[j + 6]), max(m7, z[j + 7])
+    for j in range(n8, n):
+        m0 = max(m0, z[j])
+    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+
+
+@_ijit
+def _sum8(z, n):
+    """sum(z[:n]) in float64 with 8 independent partial sums, added as a tree (any float64
+    order is within ~1e-16 of the exact sum; the twins sum in their own)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    n8 = n - n % 8
+    for j in range(0, n8, 8):
+        a0, a1, a2, a3 = a0 + z[j], a1 + z[j + 1], a2 + z[j + 2], a3 + z[j + 3]
+        a4, a5, a6, a7 = a4 + z[j + 4], a5 + z[j + 5], a6 + z[j + 6], a7 + z[j + 7]
+    for j in range(n8, n):
+        a0 += z[j]
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+@_ijit
 def _probability_codes(si, r, Np16, ksum, sk, hoff, N, c, z, bits, pc, Np4, levels):
-    """Row r: scores from the offset sums, float64 softmax, then ``rint(p * L)`` codes."""
-    base = r * Np16
+    """Row r: scores from the offset sums, float64 softmax, then ``rint(p * L)`` codes.
+    (Slices first: indices counting from 0 let LLVM drop Numba's negative-index test and
+    vectorize the loops.)"""
+    acc, kcorr, kscale = si[r * Np16 : r * Np16 + N], ksum[hoff : hoff + N], sk[hoff : hoff + N]
+    zr, codes = z[:N], pc[r * Np4 : (r + 1) * Np4]
     for j in range(N):
-        z[j] = np.float64(si[base + j] - ksum[hoff + j]) * sk[hoff + j]
-    m = z[0]
-    for j in range(1, N):
-        m = max(m, z[j])
+        zr[j] = np.float64(acc[j] - kcorr[j]) * kscale[j]
+    if _PYTHON:
+        m = _max8(zr, N)
+        for j in range(N):
+            zr[j] = (zr[j] - m) * c
+        _exp64_inplace(zr, bits, N)
+    else:  # 8 lanes a step (exp bit-identical to the scalar form); lanes past N (z holds Np16) unused
+        n8 = -(-N // 8) * 8
+        for j in range(N, n8):
+            z[j] = -np.inf
+        mv = _dload(z, 0)
+        for j in range(8, n8, 8):
+            mv = _dmax(mv, _dload(z, j))
+        m = _dhmax(mv)
+        for j in range(0, n8, 8):
+            _dshift_scale(z, j, m, c)  # padding lanes: -inf, then exp(max(-inf, -708)): finite, unused
+            _dexp_inplace(z, j)
+    inv = 1.0 / _sum8(zr, N)
     for j in range(N):
-        z[j] = (z[j] - m) * c
-    _exp64_inplace(z, bits, N)
-    total = 0.0
-    for j in range(N):
-        total += z[j]
-    inv = 1.0 / total
-    for j in range(N):
-        pc[r * Np4 + j] = np.uint8(min(np.rint(z[j] * inv * levels), levels))
+        codes[j] = np.uint8(min(np.rint(zr[j] * inv * levels), levels))
     for j in range(N, Np4):
-        pc[r * Np4 + j] = 0
+        codes[j] = 0
 
 
 @_pjit
@@ -354,7 +419,7 @@ def _attention_int8(qkv, heads, qmax, levels, qn_w, qn_b, kn_w, kn_b, eps, has_n
         z = np.empty(Np16, dtype=np.float64)
         bits = np.empty(Np16, dtype=np.int64)
         tmp = np.empty(hd, dtype=np.float32)
-        codes = np.empty(hd, dtype=np.int8)
+        codes = np.zeros(hdp4, dtype=np.int8)
         sq = np.empty(4, dtype=np.float64)
         ob = np.empty(4 * C, dtype=np.float32)
         b = -1
