@@ -81,3 +81,21 @@ def test_recorded_run_skips_zero_activations(model):
     rows = {r.layer: r for r in count(model, engine.record)}
     assert rows["patch_embed.proj"].tern_addsub_nonzero_x == 0
     assert rows["blocks.0.attn.qkv"].tern_addsub_nonzero_x <= rows["blocks.0.attn.qkv"].tern_addsub
+
+
+def test_int8_attention_counts_its_integer_products(model):
+    """With attention="int8" (T = 5, hd 4, D 4, 1 head): q k^T and P v become 100 int8 x
+    int8 and 100 unsigned x int8 MACs; left in float: the q, k, v divisions (3 T D), 4 per
+    score (two scales, the normalization and * L) and 2 per output (s_v, / L)."""
+    from tinyvit158.ledger import PJ_I8_MAC
+    from tinyvit158.weights import Checkpoint
+
+    q = Checkpoint(CFG.replace(attention="int8"), model.tensors)
+    att = {r.layer: r for r in count(q)}["blocks.0.attn"]
+    assert (att.int8_macs, att.u8_macs, att.f32_macs) == (5 * 5 * 4, 5 * 5 * 4, 2 * 5 * 5 * 4)
+    assert att.tern_mults == 3 * 5 * 4 + 4 * 25 + 2 * 5 * 4 and att.tern_float_adds == 25
+    assert att.energy_ternary_pj == pytest.approx(200 * PJ_I8_MAC + att.tern_mults * PJ_F32_MULT + 25 * PJ_F32_ADD)
+    t = totals(count(q))
+    assert (t["int8_macs"], t["u8_macs"]) == (100, 100)
+    assert "int8 attention: 100 int8 x int8 (q k^T) and 100 unsigned x int8 (P v)" in format_ledger(count(q))
+    assert totals(count(model))["int8_macs"] == 0

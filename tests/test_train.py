@@ -202,3 +202,37 @@ def test_snapshots_average_and_export(tmp_path, tarball, capsys):
     train(other, str(tarball), tmp_path / "other", progress=False)
     assert average.main([snaps[0], str(tmp_path / "other" / "last.pt"), "--out", str(tmp_path / "x.pt")]) == 1
     assert "another architecture" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def test_fine_tuning_from_a_weight_file_into_int8_attention(tmp_path, tarball):
+    """``--init FILE.safetensors``: the latent weights ternarize back to the file's codes and
+    scales, so the run starts from the file's function; the run may switch the attention to
+    int8 with qk norms (new tensors) and learn them, and a weight file can teach."""
+    from tinyvit158.train.trainer import init_from
+
+    train(RECIPE, str(tarball), tmp_path / "run", progress=False)
+    model, _ = load_run(tmp_path / "run" / "last.pt")
+    ckpt, _ = to_checkpoint(model, {})
+    save_weights(tmp_path / "w.safetensors", ckpt)
+    fresh = QATViT(RECIPE.config())
+    init_from(fresh, str(tmp_path / "w.safetensors"), "cpu")
+    again, differing = to_checkpoint(fresh.eval(), {})
+    for layer in ckpt.config.linear_shapes():
+        if ckpt.config.is_ternary(layer):
+            assert np.array_equal(again.ternary(layer)[0], ckpt.ternary(layer)[0]), layer
+            np.testing.assert_allclose(again.ternary(layer)[1], ckpt.ternary(layer)[1], rtol=1e-6)
+    overrides = '{"attention": "int8", "attention_bits": 4, "attention_prob_bits": 4, "depth": 1, "dim": 32, ' \
+        '"heads": 2, "qk_norm": true}'  # fmt: skip
+    tuned = Recipe(**{**RECIPE.__dict__, "epochs": 1, "config_overrides": overrides,
+                      "init": str(tmp_path / "w.safetensors"), "teacher": str(tmp_path / "w.safetensors"),
+                      "distill": 0.5})  # fmt: skip
+    assert np.isfinite(train(tuned, str(tarball), tmp_path / "int8", progress=False)["train_loss"])
+    int8_model, state = load_run(tmp_path / "int8" / "last.pt")
+    assert int8_model.cfg.attention == "int8" and int8_model.cfg.qk_norm
+    assert not torch.equal(state["model"]["blocks.0.attn.q_norm.weight"], torch.ones(16))  # learned
+    exported, _ = to_checkpoint(int8_model, {})
+    images, _ = make_images(2, 5)
+    twin = torch_logits(QATViT.from_checkpoint(exported), images)
+    np.testing.assert_array_equal(twin, torch_logits(int8_model, images))  # checkpoint and file: one function
+    with pytest.raises(TinyViTError, match="other fields"):
+        init_from(QATViT(RECIPE.config().replace(dim=48)), str(tmp_path / "w.safetensors"), "cpu")

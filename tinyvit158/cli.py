@@ -8,6 +8,7 @@ COMMANDS = {
     "predict": "classify images",
     "evaluate": "accuracy on CIFAR-10",
     "bench": "speed and memory against NumPy and PyTorch",
+    "convert": "a weight file with other numerics (e.g. int8 attention)",
 }
 
 

@@ -262,6 +262,22 @@ PRESETS: dict[str, ViTConfig] = {
 }
 
 
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as config changes: VALUE is JSON (``depth=2``,
+    ``qk_norm=true``, ``attention='"int8"'``) or, when it is not JSON, a plain string
+    (``attention=int8``)."""
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set attention=int8")
+        try:
+            changes[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key.strip()] = value
+    return changes
+
+
 def get_preset(name: str) -> ViTConfig:
     """The named preset; raises ConfigError listing the known names."""
     try:
@@ -270,4 +286,4 @@ def get_preset(name: str) -> ViTConfig:
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
 
 
-__all__ = ["PRESETS", "ViTConfig", "get_preset"]
+__all__ = ["PRESETS", "ViTConfig", "get_preset", "parse_set"]

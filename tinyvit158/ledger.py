@@ -10,10 +10,14 @@ For one image through a ternary ViT, and for the float32 ViT it replaces, it cou
 - ``tern_mults``: the multiplications that remain: quantizers (x / s, one per input),
   dequantization (acc * s_x * gamma: two per output), attention, norms, GELU, softmax, and
   any float layers (the head);
+- ``int8_macs``, ``u8_macs``: with ``attention="int8"`` the attention's products are
+  integer: q k^T as int8 x int8 and P v as unsigned x int8 multiply-accumulates into int32
+  (what was float there is left: the softmax, the quantizers' divisions, the scales);
 - weight bytes read: float32, ``ternary2`` (2 bits/weight) and ``ternary3`` (1.6 bits);
 - energy of the arithmetic at 45 nm, from Horowitz, "Computing's energy problem (and what
   we can do about it)", ISSCC 2014, Figure 1.1.9, the figures BitNet b1.58 also cites:
-  32-bit float add 0.9 pJ, multiply 3.7 pJ; 32-bit integer add 0.1 pJ.
+  32-bit float add 0.9 pJ, multiply 3.7 pJ; 32-bit integer add 0.1 pJ; 8-bit integer
+  multiply 0.2 pJ (an int8 multiply-accumulate into int32: 0.3 pJ).
   An int8 value added into an int32 accumulator is charged as a 32-bit integer add. Memory
   traffic is reported in bytes, not priced: its energy depends on where the weights live
   (Horowitz: 10 pJ per 64-bit read from an 8 KB SRAM, 1.3-2.6 nJ from DRAM).
@@ -34,6 +38,8 @@ from tinyvit158.weights import Checkpoint
 PJ_F32_ADD = 0.9
 PJ_F32_MULT = 3.7
 PJ_I32_ADD = 0.1
+PJ_I8_MULT = 0.2
+PJ_I8_MAC = PJ_I8_MULT + PJ_I32_ADD  # an 8-bit product added into an int32 accumulator
 PJ_F32_MAC = PJ_F32_ADD + PJ_F32_MULT
 
 # float multiplications charged per element for the elementwise steps (see count())
@@ -55,6 +61,8 @@ class Row:
     tern_mults: int = 0
     tern_float_adds: int = 0  # float additions left in the ternary model (attention, float layers)
     transcendentals: int = 0  # exp and erf evaluations, same in both models
+    int8_macs: int = 0  # int8 x int8 multiply-accumulates (int8 attention: q k^T)
+    u8_macs: int = 0  # unsigned x int8 multiply-accumulates (int8 attention: P v)
     bytes_f32: int = 0
     bytes_ternary2: int = 0
     bytes_ternary3: int = 0
@@ -66,7 +74,8 @@ class Row:
 
     @property
     def energy_ternary_pj(self) -> float:
-        return self.tern_addsub * PJ_I32_ADD + self.tern_mults * PJ_F32_MULT + self.tern_float_adds * PJ_F32_ADD
+        ints = self.tern_addsub * PJ_I32_ADD + (self.int8_macs + self.u8_macs) * PJ_I8_MAC
+        return ints + self.tern_mults * PJ_F32_MULT + self.tern_float_adds * PJ_F32_ADD
 
 
 def count(ckpt: Checkpoint, record: dict[str, np.ndarray] | None = None) -> list[Row]:
@@ -107,8 +116,16 @@ def count(ckpt: Checkpoint, record: dict[str, np.ndarray] | None = None) -> list
         macs = 2 * H * T * T * hd  # q k^T and probabilities x v, float32 in both models
         soft = H * T * T
         att = Row(f"{b}.attn", "attention", f32_macs=macs, f32_other_mults=soft * SOFTMAX_MULTS, transcendentals=soft)
-        att.tern_mults = macs + soft * SOFTMAX_MULTS
-        att.tern_float_adds = macs
+        if cfg.attention == "int8":  # integer products; left in float: quantizers, scales, softmax
+            att.kind = "int8 attention"
+            att.int8_macs = att.u8_macs = macs // 2
+            # q, k, v: x / s; scores: acc * s_k, * s_q / sqrt(hd); probabilities: * 1 / sum, * L;
+            # outputs: acc * s_v, / L
+            att.tern_mults = 3 * T * D + 4 * soft + 2 * T * D
+            att.tern_float_adds = soft  # the row sums (the max is a comparison)
+        else:
+            att.tern_mults = macs + soft * SOFTMAX_MULTS
+            att.tern_float_adds = macs
         rows.append(att)
         rows.append(linear(f"{b}.attn.proj", T))
         rows.append(elementwise(f"{b}.norm2", "layernorm", T * D, LAYERNORM_MULTS))
@@ -129,6 +146,8 @@ def totals(rows: list[Row]) -> dict[str, float]:
         "tern_float_adds": sum(r.tern_float_adds for r in rows),
         "tern_mults": sum(r.tern_mults for r in rows),
         "transcendentals": sum(r.transcendentals for r in rows),
+        "int8_macs": sum(r.int8_macs for r in rows),
+        "u8_macs": sum(r.u8_macs for r in rows),
         "bytes_f32": sum(r.bytes_f32 for r in rows),
         "bytes_ternary2": sum(r.bytes_ternary2 for r in rows),
         "bytes_ternary3": sum(r.bytes_ternary3 for r in rows),
@@ -155,12 +174,13 @@ def format_ledger(rows: list[Row], per_block: bool = True) -> str:
         parts = r.layer.split(".")
         key = r.layer if not per_block or parts[0] != "blocks" else "blocks.*." + ".".join(parts[2:])
         groups.setdefault(key, []).append(r)
-    head = f"{'layer':<22} {'f32 MACs':>9} {'ternary +/-':>11} {'tern. mults':>11} {'zeros':>6} {'f32 bytes':>10} {'t2 bytes':>9} {'t3 bytes':>9} {'f32 uJ':>7} {'tern uJ':>7}"  # noqa: E501
+    head = f"{'layer':<22} {'f32 MACs':>9} {'ternary +/-':>11} {'int8 MACs':>9} {'tern. mults':>11} {'zeros':>6} {'f32 bytes':>10} {'t2 bytes':>9} {'t3 bytes':>9} {'f32 uJ':>7} {'tern uJ':>7}"  # noqa: E501
     lines = [head]
     for key, rs in groups.items():
         z = [r.zero_fraction for r in rs if r.zero_fraction is not None]
         lines.append(
             f"{key:<22} {_n(sum(r.f32_macs for r in rs)):>9} {_n(sum(r.tern_addsub for r in rs)):>11} "
+            f"{_n(sum(r.int8_macs + r.u8_macs for r in rs)):>9} "
             f"{_n(sum(r.tern_mults for r in rs)):>11} {(f'{np.mean(z):.0%}' if z else '-'):>6} "
             f"{_n(sum(r.bytes_f32 for r in rs)):>10} {_n(sum(r.bytes_ternary2 for r in rs)):>9} "
             f"{_n(sum(r.bytes_ternary3 for r in rs)):>9} {sum(r.energy_f32_pj for r in rs) / 1e6:7.2f} "
@@ -168,7 +188,8 @@ def format_ledger(rows: list[Row], per_block: bool = True) -> str:
         )
     t = totals(rows)
     lines.append(
-        f"{'total':<22} {_n(t['f32_macs']):>9} {_n(t['tern_addsub_int']):>11} {_n(t['tern_mults']):>11} {'':>6} "
+        f"{'total':<22} {_n(t['f32_macs']):>9} {_n(t['tern_addsub_int']):>11} "
+        f"{_n(t['int8_macs'] + t['u8_macs']):>9} {_n(t['tern_mults']):>11} {'':>6} "
         f"{_n(t['bytes_f32']):>10} {_n(t['bytes_ternary2']):>9} {_n(t['bytes_ternary3']):>9} "
         f"{t['energy_f32_uj']:7.2f} {t['energy_ternary_uj']:7.2f}"
     )
@@ -178,6 +199,11 @@ def format_ledger(rows: list[Row], per_block: bool = True) -> str:
         f"additions/subtractions; arithmetic energy {t['energy_f32_uj']:.2f} uJ -> {t['energy_ternary_uj']:.2f} uJ "
         f"({t['energy_f32_uj'] / t['energy_ternary_uj']:.1f}x less; Horowitz 2014, 45 nm)"
     )
+    if t["int8_macs"] or t["u8_macs"]:
+        lines.append(
+            f"int8 attention: {_n(t['int8_macs'])} int8 x int8 (q k^T) and {_n(t['u8_macs'])} unsigned x int8 (P v) "
+            f"multiply-accumulates into int32 replace float ones ({PJ_I8_MAC:.1f} pJ each vs {PJ_F32_MAC:.1f})"
+        )
     if "tern_addsub_nonzero_x" in t:
         lines.append(f"skipping zero activation codes too: {_n(t['tern_addsub_nonzero_x'])} additions/subtractions")
     return "\n".join(lines)

@@ -57,6 +57,31 @@ def ternarize_weight(w: torch.Tensor, granularity: str) -> tuple[torch.Tensor, t
         return codes.to(w.dtype), gamma.to(w.dtype)
 
 
+def latent_weights(codes: torch.Tensor, gamma: torch.Tensor, granularity: str) -> torch.Tensor:
+    """Float weights whose absmean ternarization is ``codes`` and ``gamma`` (out,): codes x
+    gamma / f, f the group's fraction of non-zero codes. Then mean |W| = gamma, and W / gamma
+    is 0 or +-1/f with f <= 1, which rounds and clips back to the codes."""
+    c = codes.double()
+    nonzero = c.abs().mean(dim=1, keepdim=True) if granularity == "channel" else c.abs().mean().expand(len(c), 1)
+    return (c * gamma.double().reshape(-1, 1) / nonzero.clamp_min(1e-12)).float()
+
+
+def latent_state(ckpt) -> dict[str, torch.Tensor]:
+    """A ``QATViT`` state dict from a weight file (``weights.Checkpoint``): ternary layers as
+    :func:`latent_weights`, every other tensor as stored (for fine-tuning from a file)."""
+    state = {}
+    for name, t in ckpt.tensors.items():
+        if name.endswith(".weight_packed"):
+            layer = name[: -len(".weight_packed")]
+            codes, gamma, _ = ckpt.ternary(layer)
+            w = latent_weights(torch.from_numpy(codes), torch.from_numpy(gamma), ckpt.config.scale_granularity)
+            state[f"{layer}.weight"] = w
+        elif not name.endswith(".weight_scale"):
+            state[name] = torch.from_numpy(t.copy())
+    state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].reshape(ckpt.config.dim, -1)
+    return state
+
+
 def quantize_activations(x: torch.Tensor, qmax: int = ACT_QMAX) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8 (quant.quantize_activations in torch): codes (as float) and scales."""
     s = x.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_EPS) / qmax

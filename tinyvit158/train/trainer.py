@@ -41,12 +41,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tinyvit158.config import ViTConfig, get_preset
+from tinyvit158.config import ViTConfig, get_preset, parse_set
 from tinyvit158.data import Dataset, load_cifar10
 from tinyvit158.errors import TinyViTError
 from tinyvit158.train.augment import mixup_cutmix, random_crop_flip, random_erasing, trivial_augment
 from tinyvit158.train.checkpoint import load_checkpoint, load_run, save_checkpoint
-from tinyvit158.train.model import QATViT, normalize, to_input
+from tinyvit158.train.model import QATViT, latent_state, normalize, to_input
+from tinyvit158.weights import load_weights
 
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -103,10 +104,14 @@ def distill_loss(
 
 
 def load_teacher(path: str, cfg: ViTConfig, device: str) -> QATViT:
-    """A trained run's model (``last.pt`` or ``best.pt``) as a fixed teacher: eval mode, no
-    gradients, ternary or float as its run ended (a float teacher: ``--float-epochs`` equal
-    to ``--epochs``). Its architecture may differ from the student's; its inputs may not."""
-    model, state = load_run(path, device)
+    """A trained run's model (``last.pt`` or ``best.pt``) or a weight file's (its exact
+    codes, ``QATViT.from_checkpoint``) as a fixed teacher: eval mode, no gradients, ternary
+    or float as its run ended (a float teacher: ``--float-epochs`` equal to ``--epochs``).
+    Its architecture may differ from the student's; its inputs may not."""
+    if str(path).endswith(".safetensors"):
+        model, state = QATViT.from_checkpoint(load_weights(path)).to(device), {}
+    else:
+        model, state = load_run(path, device)
     t = model.cfg
     if (t.image_size, t.in_chans, t.num_classes, t.mean, t.std) != (
         cfg.image_size, cfg.in_chans, cfg.num_classes, cfg.mean, cfg.std,
@@ -117,8 +122,30 @@ def load_teacher(path: str, cfg: ViTConfig, device: str) -> QATViT:
     return model
 
 
+# config fields a fine-tuning run may change from its --init weight file (new numerics to learn)
+RETRAINABLE = ("attention", "attention_bits", "attention_prob_bits", "qk_norm")
+
+
 def init_from(model: QATViT, path: str, device: str) -> None:
-    """Copy a trained run's model weights into ``model`` (same architecture) to fine-tune it."""
+    """Copy a trained run's model weights into ``model`` (same architecture) to fine-tune it.
+
+    ``path`` may also be a weight file: its latent weights are then the codes times gamma
+    over the group's fraction of non-zero codes (``model.latent_weights``), whose absmean
+    ternarization gives back exactly the file's codes and (to float rounding) its gamma,
+    so fine-tuning starts from the file's function. The run may change the attention's
+    numerics (:data:`RETRAINABLE`); new tensors (the qk norms) keep their initialization.
+    """
+    if str(path).endswith(".safetensors"):
+        ckpt = load_weights(path)
+        other = {k: v for k, v in ckpt.config.to_dict().items() if k not in RETRAINABLE}
+        if other != {k: v for k, v in model.cfg.to_dict().items() if k not in RETRAINABLE}:
+            raise TinyViTError(f"--init {path}: its model has other fields than this run's (beyond {RETRAINABLE})")
+        state = latent_state(ckpt)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.split(".")[-2].endswith(("q_norm", "k_norm")) for k in missing):
+            raise TinyViTError(f"--init {path}: tensors do not fit: missing {missing}, unexpected {unexpected}")
+        print(f"starting from the weights of {path}", file=sys.stderr)
+        return
     source, _ = load_run(path, device)
     if source.cfg != model.cfg:
         raise TinyViTError(f"--init {path}: its model is {source.cfg.name} with other fields than this run's")
@@ -369,13 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {}
-    for kv in args.set:
-        key, _, value = kv.partition("=")
-        overrides[key] = json.loads(value)
     fields = {k: getattr(args, k) for k in asdict(Recipe()) if k != "config_overrides"}
-    recipe = Recipe(**fields, config_overrides=json.dumps(overrides, sort_keys=True))
     try:
+        overrides = parse_set(args.set)
+        recipe = Recipe(**fields, config_overrides=json.dumps(overrides, sort_keys=True))
         recipe.config()
         train(
             recipe, args.data, args.out, args.device, args.max_minutes,
