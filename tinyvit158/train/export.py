@@ -25,7 +25,7 @@ from tinyvit158.packing import pack
 from tinyvit158.quant import ternarize
 from tinyvit158.train.checkpoint import load_checkpoint, load_run
 from tinyvit158.train.model import QATViT, normalize, ternarize_weight, to_input
-from tinyvit158.weights import Checkpoint, save_weights, tensor_spec
+from tinyvit158.weights import Checkpoint, load_weights, save_weights, tensor_spec
 
 
 def to_checkpoint(model: QATViT, source: dict) -> tuple[Checkpoint, int]:
@@ -55,12 +55,16 @@ def to_checkpoint(model: QATViT, source: dict) -> tuple[Checkpoint, int]:
 
 def lineage(state: dict, limit: int = 20) -> list[dict]:
     """The runs a fine-tuned checkpoint grew from (its recipe's ``init``, that run's ``init``,
-    ...), nearest first: each one's checkpoint file name, epoch, device, torch and recipe."""
+    ...), nearest first: each one's checkpoint file name, epoch, device, torch and recipe; a
+    weight file ends the chain with its name and its own ``source`` metadata."""
     chain = []
     while (state.get("recipe") or {}).get("init") and len(chain) < limit:
         path = Path(state["recipe"]["init"])
         if not path.exists():
             chain.append({"checkpoint": str(path), "missing": True})
+            break
+        if path.suffix == ".safetensors":
+            chain.append({"weight_file": path.name, "source": load_weights(path).source})
             break
         state = load_checkpoint(path)
         chain.append({
