@@ -242,25 +242,27 @@ def test_vectorizable_float64_exp():
     assert np.array_equal(y[:10], got[:10]) and np.array_equal(y[10:], x[10:])
 
 
-def test_vector_float64_exp():
-    """The 8-lane exp of the int8 attention's softmax (fused multiply-adds): as accurate as
-    the scalar form, and -inf (padding lanes) gives a finite value."""
+def test_float32_exp_of_the_int8_attention():
+    """The int8 attention's float32 exp (16 lanes, ``simd._fexp_inplace``) equals its NumPy
+    twin bit for bit and is within 2 float32 ulps of exp; below -87 it stays finite."""
     import numba
 
-    from tinyvit158.kernels.simd import _dexp_inplace
+    from tinyvit158.kernels.qattn import exp32
+    from tinyvit158.kernels.simd import _fexp_inplace
 
     @numba.njit
     def run(x):
-        for j in range(0, len(x), 8):
-            _dexp_inplace(x, j)
+        for j in range(0, len(x), 16):
+            _fexp_inplace(x, j)
 
-    x = np.concatenate([-np.geomspace(1e-12, 700, 5000), [0.0, -0.5 * np.log(2), -708.0, -709.0, -1e4, -np.inf]])
-    x = np.concatenate([x, np.zeros(-len(x) % 8)])
+    x = np.concatenate([-np.geomspace(1e-7, 87, 4000), [0.0, -0.5 * np.log(2), -87.0, -88.0, -1e4, -np.inf]])
+    x = np.concatenate([x, np.zeros(-len(x) % 16)]).astype(np.float32)
     got = x.copy()
     run(got)
-    exact = np.exp(np.maximum(x, -708.0))
-    assert np.max(np.abs(got - exact) / exact) < 5e-16
-    assert np.all(got[x < -708] < 1e-307) and np.all(np.isfinite(got))
+    np.testing.assert_array_equal(got, exp32(x))
+    exact = np.exp(np.maximum(x.astype(np.float64), -87.0))
+    assert np.max(np.abs(got - exact) / exact) < 2 * 2.0**-23
+    assert np.all(np.isfinite(got)) and np.all(got > 0)
 
 
 def test_out_arguments_are_used_and_checked():

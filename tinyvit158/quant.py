@@ -84,6 +84,19 @@ def quantize_activations(x: np.ndarray, qmax: int = ACT_QMAX):
     return x_q, s_x
 
 
+def quantize_attention(x: np.ndarray, qmax: int):
+    """The int8 attention's absmax quantizer of q, k, v (per row of the last axis): the scale
+    ``s = max(max|x|, 1e-5) / qmax`` as in :func:`quantize_activations`, the codes
+    ``clip(rint(x * (qmax / max(max|x|, 1e-5))), -qmax, qmax)``: one division per row and a
+    product per element instead of a division per element (the same function in exact
+    arithmetic; in float32 a product can land on the other side of a tie)."""
+    x = np.asarray(x)
+    t = x.dtype.type
+    m = np.maximum(np.max(np.abs(x), axis=-1), t(ACT_EPS))
+    s, inv = m / t(qmax), t(qmax) / m
+    return np.clip(np.rint(x * inv[..., None]), -qmax, qmax).astype(np.int8), s
+
+
 def code_max(bits: int) -> int:
     """The largest symmetric signed code of ``bits`` bits: 127 for 8, 7 for 4."""
     return 2 ** (bits - 1) - 1

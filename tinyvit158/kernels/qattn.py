@@ -1,23 +1,32 @@
-"""Fully quantized attention (Q-ViT): integer Q K^T and P V, softmax in float64.
+"""Fully quantized attention (Q-ViT): integer Q K^T and P V, a float32 softmax whose every
+operation is specified, so that any implementation of it computes the same bits.
 
-The rules (the oracle's :meth:`~tinyvit158.oracle.Oracle.int8_attention`, the PyTorch
-twin's ``train/model.Attention`` and ``docs/FORMAT.md`` state the same), for one image
-and head, with ``qmax = 2**(attention_bits - 1) - 1`` and ``L = 2**attention_prob_bits - 1``:
+The rules (the oracle's :meth:`~tinyvit158.oracle.Oracle.int8_attention` states them in
+float64, the PyTorch twin's ``train/model.int8_attention`` and :func:`attention_int8_ref`
+compute them exactly), for one image and head, ``qmax = 2**(attention_bits - 1) - 1``,
+``L = 2**attention_prob_bits - 1``:
 
     (qk_norm: q, k = LayerNorm_hd(q), LayerNorm_hd(k), as every LayerNorm: float64, rounded to float32)
-    s_q[i] = max(max_d |q[i, d]|, 1e-5) / qmax        q_c = clip(rint(q / s_q), -qmax, qmax)
-    s_k[j] likewise per key token                      k_c likewise
-    s_v[d] = max(max_j |v[j, d]|, 1e-5) / qmax        v_c = clip(rint(v / s_v), -qmax, qmax)
-      (float32 arithmetic, round half to even: ``quant.quantize_activations`` with qmax;
-       v's scale is per channel over the image's tokens, since P V sums over tokens)
-    acc[i, j] = sum_d q_c[i, d] k_c[j, d]              exact integers
-    p[i, :]   = softmax_j(acc[i, j] * s_q[i] * s_k[j] / sqrt(hd))          in float64
-    p_c[i, j] = rint(p[i, j] * L)                      unsigned, 0..L (round half to even)
-    out[i, d] = float32(sum_j p_c[i, j] v_c[j, d] * s_v[d] / L)            exact sum, float64 product
+    m_q[i] = max(max_d |q[i, d]|, 1e-5);  s_q = m_q / qmax;  q_c = clip(rint(q * (qmax / m_q)), -qmax, qmax)
+    s_k[j], k_c likewise per key token
+    m_v[d] = max(max_j |v[j, d]|, 1e-5);  s_v = m_v / qmax;  v_c = clip(rint(v * (qmax / m_v)), -qmax, qmax)
+      (float32 arithmetic, round half to even: ``quant.quantize_attention``: one division a
+       row, then products; v's scale is per channel over the image's tokens, since P V
+       sums over tokens)
+    acc[i, j] = sum_d q_c[i, d] k_c[j, d]              exact integers (|acc| < 2**24)
+    softmax in float32, each operation rounded as written, in this order:
+      z[j] = float32(acc[i, j]) * s_k[j];  m = max_j z[j];  c = s_q[i] * float32(1 / sqrt(hd))
+      e[j] = exp32((z[j] - m) * c)          (:func:`exp32`: a fixed float32 polynomial)
+      S = lane_sum(e)                       (16 lanes: lane l adds e[l], e[l + 16], ... in
+                                             turn, then lanes are added as a fixed tree)
+      p_c[i, j] = rint(e[j] * (1 / S) * L)  unsigned, 0..L (round half to even)
+    out[i, d] = float32(sum_j p_c[i, j] v_c[j, d] * (s_v[d] / L))       exact sum, float64 product
 
-The float64 softmax differs between implementations (order of sums, exp) by ~1e-16
-relative, so ``p_c`` can differ only where ``p * L`` lies that close to a half: as with
-the float attention, engine, oracle and twin agree except at float64-level ties.
+Why float32 in a fixed order and not float64: float64 makes implementations agree except
+at ~1e-16 ties, but costs twice the lanes and a longer exp; a fixed sequence of float32
+operations is one function, so the engine, its twins and the reference agree bit for bit
+(as the GELU does), at half the cost. The float64 oracle differs from it only where
+``p * L`` lies within float32 error of a rounding tie (tests replay those codes).
 
 Kernels. ``vpdpbusd`` multiplies unsigned by signed bytes: P V is a direct fit (p_c >= 0);
 for Q K^T the q codes are stored as ``q_c + 128`` (unsigned) and the key's row sum
@@ -32,8 +41,6 @@ operation is shared, so the two paths agree bit for bit.
 
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 
@@ -42,25 +49,36 @@ from tinyvit158.kernels.ops import (
     _absmax,
     _check_qkv,
     _codes_out,
-    _exp64_inplace,
     _layernorm_row,
     _parts,
     _quantize_row,
-    _quantize_to,
 )
 from tinyvit158.kernels.simd import (
-    _dexp_inplace,
-    _dhmax,
-    _dload,
-    _dmax,
+    _INV_LN2_32,
+    _LN2_HI_32,
+    _LN2_LO_32,
+    EXP32_MIN,
+    EXP32_P,
     _dpbusd,
-    _dshift_scale,
+    _fadd,
+    _fexp_inplace,
+    _fhmax,
+    _fhsum_tree,
+    _fload,
+    _fmax,
+    _fmul,
+    _fprob_store,
+    _fquantize_mul_store,
+    _fscores_store,
+    _fsplat,
+    _fstore,
+    _fsub,
     _vbroadcast4,
     _vload,
     _vstore,
     _vzero,
 )
-from tinyvit158.quant import ACT_EPS, code_max, quantize_activations, quantize_probabilities
+from tinyvit158.quant import ACT_EPS, code_max, quantize_attention
 
 _jit = numba.njit(cache=True, error_model="numpy")
 _pjit = numba.njit(cache=True, error_model="numpy", parallel=True)
@@ -78,6 +96,46 @@ def qk_accumulate_ref(q_codes: np.ndarray, k_codes: np.ndarray) -> np.ndarray:
 def pv_accumulate_ref(p_codes: np.ndarray, v_codes: np.ndarray) -> np.ndarray:
     """``p_codes @ v_codes`` in int64: (Nq, Nk) unsigned x (Nk, hd) -> (Nq, hd)."""
     return p_codes.astype(np.int64) @ v_codes.astype(np.int64)
+
+
+F32 = np.float32
+
+
+def exp32(x: np.ndarray) -> np.ndarray:
+    """exp of float32 x <= 0 as the kernels compute it (``simd._fexp_inplace``), in NumPy
+    float32, operation for operation."""
+    x = np.maximum(x.astype(F32), F32(EXP32_MIN))
+    k = np.floor(x * F32(_INV_LN2_32) + F32(0.5))
+    r = (x - k * F32(_LN2_HI_32)) - k * F32(_LN2_LO_32)
+    p = np.full_like(r, F32(EXP32_P[0]))
+    for c in EXP32_P[1:]:
+        p = p * r + F32(c)
+    y = (p * (r * r) + r) + F32(1.0)
+    return y * ((k.astype(np.int32) + 127) << 23).view(F32)
+
+
+def lane_sum(e: np.ndarray) -> np.ndarray:
+    """Sums over the last axis in the kernels' order: 16 lanes, lane l adding e[l], e[l + 16],
+    ... in turn (zeros past the end), then the lanes as a tree (8, 4, 2, 1 apart)."""
+    n = e.shape[-1]
+    e = np.concatenate([e, np.zeros((*e.shape[:-1], -n % 16), e.dtype)], axis=-1)
+    blocks = e.reshape(*e.shape[:-1], -1, 16)
+    acc = blocks[..., 0, :]
+    for i in range(1, blocks.shape[-2]):
+        acc = acc + blocks[..., i, :]
+    for half in (8, 4, 2, 1):
+        acc = acc[..., :half] + acc[..., half : 2 * half]
+    return acc[..., 0]
+
+
+def probability_codes(acc: np.ndarray, s_q: np.ndarray, s_k: np.ndarray, hd: int, levels: int) -> np.ndarray:
+    """The probability codes of integer scores ``acc`` (..., Nq, Nk), float32 scales s_q
+    (..., Nq) and s_k (..., Nk): the module docstring's float32 softmax, in NumPy."""
+    z = acc.astype(F32) * s_k[..., None, :]
+    c = s_q * F32(hd**-0.5)
+    e = exp32((z - z.max(-1, keepdims=True)) * c[..., None])
+    inv = F32(1.0) / lane_sum(e)
+    return np.minimum(np.rint(e * inv[..., None] * F32(levels)), F32(levels)).astype(np.uint8)
 
 
 def _layernorm_ref(x: np.ndarray, norm) -> np.ndarray:
@@ -101,25 +159,37 @@ def attention_int8_ref(
     if q_norm is not None:
         q, k = _layernorm_ref(q, q_norm), _layernorm_ref(k, k_norm)
     qmax = code_max(bits)
-    q_c, s_q = quantize_activations(np.ascontiguousarray(q), qmax)
-    k_c, s_k = quantize_activations(np.ascontiguousarray(k), qmax)
-    v_c, s_v = quantize_activations(np.ascontiguousarray(v.transpose(0, 1, 3, 2)), qmax)  # (B, H, hd, N)
+    q_c, s_q = quantize_attention(q, qmax)
+    k_c, s_k = quantize_attention(k, qmax)
+    v_c, s_v = quantize_attention(v.transpose(0, 1, 3, 2), qmax)  # (B, H, hd, N)
     acc = q_c.astype(np.int64) @ k_c.astype(np.int64).transpose(0, 1, 3, 2)  # (B, H, N, N)
-    z = acc * s_q.astype(np.float64)[..., None] * s_k.astype(np.float64)[..., None, :] * hd**-0.5
-    e = np.exp(z - z.max(-1, keepdims=True))
-    p_c, levels = quantize_probabilities(e * (1.0 / e.sum(-1, keepdims=True)), prob_bits)
-    out = (p_c.astype(np.int64) @ v_c.astype(np.int64).transpose(0, 1, 3, 2)) * s_v.astype(np.float64)[..., None, :]
+    levels = 2**prob_bits - 1
+    p_c = probability_codes(acc, s_q, s_k, hd, levels)
+    acc = p_c.astype(np.int64) @ v_c.astype(np.int64).transpose(0, 1, 3, 2)  # (B, H, N, hd)
+    out = acc * (s_v.astype(np.float64) / levels)[..., None, :]
     if record is not None:
         record.update(q=q_c, k=k_c, v=v_c, p=p_c)
-    return (out / levels).astype(np.float32).transpose(0, 2, 1, 3).reshape(B, N, C3 // 3)
+    return out.astype(np.float32).transpose(0, 2, 1, 3).reshape(B, N, C3 // 3)
 
 
 # -- layouts and tiles ---------------------------------------------------------------------------
 @_ijit
 def _quantize_slice(x, q, qmax):
-    """Absmax codes of a short float32 vector into ``q`` (``quant.quantize_activations`` with
-    ``qmax``, the same float32 operations); returns the scale."""
-    return _quantize_to(x, q, _absmax(x), np.float32(qmax))  # 16 lanes a step
+    """Codes of a short float32 vector into ``q`` (``quant.quantize_attention``, the same
+    float32 operations, 16 lanes a step); returns the scale."""
+    fq = np.float32(qmax)
+    m = max(_absmax(x), _EPS32)
+    inv = fq / m
+    n = x.shape[0]
+    n16 = 0 if _PYTHON else n - n % 16
+    if n16:
+        inv_v, qmax_v = _fsplat(inv), _fsplat(fq)
+        for k in range(0, n16, 16):
+            _fquantize_mul_store(q, k, _fload(x, k), inv_v, qmax_v)
+    for k in range(n16, n):
+        r = np.rint(x[k] * inv)
+        q[k] = np.int8(min(max(r, -fq), fq))
+    return m / fq
 
 
 @_ijit
@@ -279,22 +349,22 @@ def _norm_quantize(src, norm_w, norm_b, eps, has_norm, tmp, codes, qmax):
 
 
 @_jit
-def _prepare_image(flat, b, N, C, heads, qmax, kn_w, kn_b, eps, has_norm, kl, ksum, sk, vl, sv, tmp, codes,
+def _prepare_image(flat, b, N, C, heads, qmax, levels, kn_w, kn_b, eps, has_norm, kl, ksum, sk, vl, sv, tmp, codes,
                    rec_k, rec_v, recording):  # fmt: skip
     """Keys and values of image ``b``, every head: codes in the tile layouts, 128 x each
     key's code sum (the offset's correction), and the scales (float64)."""
     C3, hd = 3 * C, C // heads
     hdp4, hdp16, Np4, Np16 = -(-hd // 4) * 4, -(-hd // 16) * 16, -(-N // 4) * 4, -(-N // 16) * 16
     NB, G, CB, J4 = Np16 // 16, hdp4 // 4, hdp16 // 16, Np4 // 4
-    kl[:] = 0  # padding keys, dimensions and tokens hold code 0
-    vl[:] = 0
-    kl32, codes32 = kl.view(np.int32), codes.view(np.int32)  # codes: at least hd rounded up to 4 bytes
+    # kl and vl come zeroed, and every image writes the same places: padding keys,
+    # dimensions and tokens keep code 0
+    kl32, codes32 = kl.view(np.int32), codes.view(np.int32)
     fq = np.float32(qmax)
     for h in range(heads):
         for j in range(N):
             base = (b * N + j) * C3 + C + h * hd
             s = _norm_quantize(flat[base : base + hd], kn_w, kn_b, eps, has_norm, tmp, codes, qmax)
-            sk[h * Np16 + j] = np.float64(s)
+            sk[h * Np16 + j] = s
             total = np.int32(0)
             for d in range(hd):
                 total += np.int32(codes[d])
@@ -315,12 +385,13 @@ def _prepare_image(flat, b, N, C, heads, qmax, kn_w, kn_b, eps, has_norm, kl, ks
                 a = abs(row[d])
                 vmax[d] = a if a > vmax[d] else vmax[d]
         for d in range(hd):
-            vmax[d] = max(vmax[d], _EPS32) / fq
-            sv[h * hdp16 + d] = np.float64(vmax[d])
+            m = max(vmax[d], _EPS32)
+            sv[h * hdp16 + d] = np.float64(m / fq) / levels  # s_v / L: dequantizes P v in one product
+            vmax[d] = fq / m  # now the reciprocal that makes codes
         for j in range(N):
             row = flat[(b * N + j) * C3 + 2 * C + h * hd : (b * N + j) * C3 + 2 * C + (h + 1) * hd]
             for d in range(hd):
-                r = np.rint(row[d] / vmax[d])
+                r = np.rint(row[d] * vmax[d])
                 r = r if r > -fq else -fq  # selects, not min/max: the loop vectorizes
                 codes[d] = np.int8(r if r < fq else fq)
             at = _value_at(h, j, 0, CB, J4)
@@ -331,67 +402,47 @@ def _prepare_image(flat, b, N, C, heads, qmax, kn_w, kn_b, eps, has_norm, kl, ks
 
 
 @_ijit
-def _max8(z, n):
-    """max(z[:n]) with 8 independent maxima (a chain of dependent ones waits ~4 cycles a
-    value: as long as the softmax's arithmetic itself); exact in any order."""
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = z[0]
-    n8 = n - n % 8
-    for j in range(0, n8, 8):
-        m0, m1, m2, m3 = max(m0, z[j]), max(m1, z[j + 1]), max(m2, z[j + 2]), max(m3, z[j + 3])
-        m4, m5, m6, m7 = max(m4, z[j + 4]), max(m5, z[j + 5]), max(m6, z[j + 6]), max(m7, z[j + 7])
-    for j in range(n8, n):
-        m0 = max(m0, z[j])
-    return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+def _probability_codes(si, r, Np16, ksum, sk, hoff, N, c, z, pc, Np4, levels):
+    """Row r: scores from the offset sums, the float32 softmax (module docstring; 16 lanes a
+    step, lanes past N: -inf for the max, 0 for the sum), then the ``rint(p * L)`` codes."""
+    if _PYTHON:  # the intrinsics are compiled-only: the NumPy twin of the same operations
+        acc = si[r * Np16 : r * Np16 + N] - ksum[hoff : hoff + N]
+        pc[r * Np4 : r * Np4 + N] = _codes_np(acc, sk[hoff : hoff + N], c, levels)
+        pc[r * Np4 + N : (r + 1) * Np4] = 0
+        return
+    for jb in range(0, Np16, 16):
+        _fscores_store(z, jb, _vload(si, r * Np16 + jb), ksum, sk, hoff + jb)
+    for j in range(N, Np16):
+        z[j] = -np.inf
+    mv = _fload(z, 0)
+    for jb in range(16, Np16, 16):
+        mv = _fmax(mv, _fload(z, jb))
+    m_v, c_v = _fsplat(_fhmax(mv)), _fsplat(c)
+    for jb in range(0, Np16, 16):
+        _fstore(z, jb, _fmul(_fsub(_fload(z, jb), m_v), c_v))
+        _fexp_inplace(z, jb)
+    for j in range(N, Np16):
+        z[j] = 0.0
+    sv = _fload(z, 0)
+    for jb in range(16, Np16, 16):
+        sv = _fadd(sv, _fload(z, jb))
+    inv = np.float32(1.0) / _fhsum_tree(sv)
+    # 16 codes a store: lanes past N hold e = 0, code 0, as P V needs up to Np4; the last
+    # store runs up to 12 bytes into the next row (written after this one) or the slack
+    for jb in range(0, Np16, 16):
+        _fprob_store(pc, r * Np4 + jb, _fload(z, jb), inv, levels)
 
 
-@_ijit
-def _sum8(z, n):
-    """sum(z[:n]) in float64 with 8 independent partial sums, added as a tree (any float64
-    order is within ~1e-16 of the exact sum; the twins sum in their own)."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    n8 = n - n % 8
-    for j in range(0, n8, 8):
-        a0, a1, a2, a3 = a0 + z[j], a1 + z[j + 1], a2 + z[j + 2], a3 + z[j + 3]
-        a4, a5, a6, a7 = a4 + z[j + 4], a5 + z[j + 5], a6 + z[j + 6], a7 + z[j + 7]
-    for j in range(n8, n):
-        a0 += z[j]
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-
-
-@_ijit
-def _probability_codes(si, r, Np16, ksum, sk, hoff, N, c, z, bits, pc, Np4, levels):
-    """Row r: scores from the offset sums, float64 softmax, then ``rint(p * L)`` codes.
-    (Slices first: indices counting from 0 let LLVM drop Numba's negative-index test and
-    vectorize the loops.)"""
-    acc, kcorr, kscale = si[r * Np16 : r * Np16 + N], ksum[hoff : hoff + N], sk[hoff : hoff + N]
-    zr, codes = z[:N], pc[r * Np4 : (r + 1) * Np4]
-    for j in range(N):
-        zr[j] = np.float64(acc[j] - kcorr[j]) * kscale[j]
-    if _PYTHON:
-        m = _max8(zr, N)
-        for j in range(N):
-            zr[j] = (zr[j] - m) * c
-        _exp64_inplace(zr, bits, N)
-    else:  # 8 lanes a step (exp bit-identical to the scalar form); lanes past N (z holds Np16) unused
-        n8 = -(-N // 8) * 8
-        for j in range(N, n8):
-            z[j] = -np.inf
-        mv = _dload(z, 0)
-        for j in range(8, n8, 8):
-            mv = _dmax(mv, _dload(z, j))
-        m = _dhmax(mv)
-        for j in range(0, n8, 8):
-            _dshift_scale(z, j, m, c)  # padding lanes: -inf, then exp(max(-inf, -708)): finite, unused
-            _dexp_inplace(z, j)
-    inv = 1.0 / _sum8(zr, N)
-    for j in range(N):
-        codes[j] = np.uint8(min(np.rint(zr[j] * inv * levels), levels))
-    for j in range(N, Np4):
-        codes[j] = 0
+def _codes_np(acc, sk, c, levels):
+    """:func:`_probability_codes` under NUMBA_DISABLE_JIT: :func:`probability_codes` for one row."""
+    z = acc.astype(F32) * sk
+    e = exp32((z - z.max()) * F32(c))
+    inv = F32(1.0) / lane_sum(e)
+    return np.minimum(np.rint(e * inv * F32(levels)), F32(levels)).astype(np.uint8)
 
 
 @_pjit
-def _attention_int8(qkv, heads, qmax, levels, qn_w, qn_b, kn_w, kn_b, eps, has_norm, out, P, quantize, q, s,
+def _attention_int8(qkv, heads, qmax, levels, scale, qn_w, qn_b, kn_w, kn_b, eps, has_norm, out, P, quantize, q, s,
                     rec_q, rec_k, rec_v, rec_p, recording, tiles):  # fmt: skip
     """The module docstring's attention for every image and head; each thread takes an equal
     share of the (image, 4 query rows) units, preparing an image's keys and values when it
@@ -402,31 +453,30 @@ def _attention_int8(qkv, heads, qmax, levels, qn_w, qn_b, kn_w, kn_b, eps, has_n
     hd = C // heads
     hdp4, hdp16, Np4, Np16 = -(-hd // 4) * 4, -(-hd // 16) * 16, -(-N // 4) * 4, -(-N // 16) * 16
     NB, G, CB, J4 = Np16 // 16, hdp4 // 4, hdp16 // 16, Np4 // 4
-    scale = 1.0 / math.sqrt(hd)
     flat = qkv.reshape(-1)
     quads = (N + 3) // 4
     U = B * quads
     for part in numba.prange(P):
-        kl = np.empty(heads * NB * G * 64, dtype=np.int8)
-        vl = np.empty(heads * CB * J4 * 64, dtype=np.int8)
-        ksum = np.empty(heads * Np16, dtype=np.int32)
-        sk = np.empty(heads * Np16, dtype=np.float64)
+        kl = np.zeros(heads * NB * G * 64, dtype=np.int8)  # zeros stay in the padding (_prepare_image)
+        vl = np.zeros(heads * CB * J4 * 64, dtype=np.int8)
+        ksum = np.zeros(heads * Np16, dtype=np.int32)
+        sk = np.zeros(heads * Np16, dtype=np.float32)  # padding keys: scale 0
         sv = np.empty(heads * hdp16, dtype=np.float64)
         qu = np.empty(4 * hdp4, dtype=np.uint8)
-        pc = np.empty(4 * Np4, dtype=np.uint8)
+        pc = np.empty(4 * Np4 + 16, dtype=np.uint8)  # + the last row's overrun (_probability_codes)
         si = np.empty(4 * Np16, dtype=np.int32)
         so = np.empty(4 * hdp16, dtype=np.int32)
-        z = np.empty(Np16, dtype=np.float64)
-        bits = np.empty(Np16, dtype=np.int64)
+        z = np.empty(Np16, dtype=np.float32)
         tmp = np.empty(hd, dtype=np.float32)
         codes = np.zeros(hdp4, dtype=np.int8)
-        sq = np.empty(4, dtype=np.float64)
+        codes_u8 = codes.view(np.uint8)
+        sq = np.empty(4, dtype=np.float32)
         ob = np.empty(4 * C, dtype=np.float32)
         b = -1
         for u in range(part * U // P, (part + 1) * U // P):
             if u // quads != b:
                 b = u // quads
-                _prepare_image(flat, b, N, C, heads, qmax, kn_w, kn_b, eps, has_norm, kl, ksum, sk, vl, sv, tmp,
+                _prepare_image(flat, b, N, C, heads, qmax, levels, kn_w, kn_b, eps, has_norm, kl, ksum, sk, vl, sv, tmp,
                                codes, rec_k, rec_v, recording)  # fmt: skip
             i0 = (u % quads) * 4
             rows = min(4, N - i0)
@@ -435,20 +485,21 @@ def _attention_int8(qkv, heads, qmax, levels, qn_w, qn_b, kn_w, kn_b, eps, has_n
                 for r in range(rows):
                     base = (b * N + i0 + r) * C3 + h * hd
                     sq[r] = _norm_quantize(flat[base : base + hd], qn_w, qn_b, eps, has_norm, tmp, codes, qmax)
+                    qrow = qu[r * hdp4 : r * hdp4 + hd]
                     for d in range(hd):
-                        qu[r * hdp4 + d] = np.uint8(np.int32(codes[d]) + 128)
-                        if recording:
-                            rec_q[b, h, i0 + r, d] = codes[d]
+                        qrow[d] = codes_u8[d] ^ 128  # int8 c as unsigned c + 128: its sign bit flipped
+                    if recording:
+                        rec_q[b, h, i0 + r, :] = codes[:hd]
                 _scores(qu, hdp4, kl, h, NB, G, si, Np16, tiles)
                 for r in range(rows):
-                    _probability_codes(si, r, Np16, ksum, sk, h * Np16, N, sq[r] * scale, z, bits, pc, Np4, levels)
+                    _probability_codes(si, r, Np16, ksum, sk, h * Np16, N, sq[r] * scale, z, pc, Np4, levels)
                     if recording:
                         for j in range(N):
                             rec_p[b, h, i0 + r, j] = pc[r * Np4 + j]
                 _pv(pc, Np4, vl, h, CB, J4, so, hdp16, tiles)
                 for r in range(rows):
                     for d in range(hd):
-                        ob[r * C + h * hd + d] = np.float32(np.float64(so[r * hdp16 + d]) * sv[h * hdp16 + d] / levels)
+                        ob[r * C + h * hd + d] = np.float32(np.float64(so[r * hdp16 + d]) * sv[h * hdp16 + d])
             for r in range(rows):
                 t = b * N + i0 + r
                 if quantize:
@@ -499,7 +550,9 @@ class Int8Attention:
             dest = (out.reshape(-1), P, False, _NO_CODES, _NO_F32)
         else:
             dest = (_NO_F32, P, True, *codes)
-        args = (qkv, int(self.heads), code_max(self.bits), float(2**self.prob_bits - 1), *norms, *dest, *rec)
+        scale = np.float32((C // self.heads) ** -0.5)  # in Python: the twins round the same float64 value
+        levels = np.float32(2**self.prob_bits - 1)
+        args = (qkv, int(self.heads), code_max(self.bits), levels, scale, *norms, *dest, *rec)
         return args + (_tiles(path),)
 
     def bind(self, qkv: np.ndarray, heads: int, out: np.ndarray | None = None, codes=None, record=None):

@@ -251,6 +251,7 @@ def _binary(name: str):
 
 
 _fadd = _binary("fadd")
+_fsub = _binary("fsub")
 _fmul = _binary("fmul")
 
 
@@ -332,24 +333,36 @@ def _ftoi(typingctx, a):
     return zmm(zmmf), codegen
 
 
-@intrinsic
-def _fquantize_store(typingctx, q, index, v, s_v, qmax_v):
-    """``q[index + i] = int8(clamp(rint(v[i] / s), -qmax, qmax))`` for 16 lanes: IEEE
-    division, round half to even (``llvm.rint``, as ``np.rint``), clamp, then exact
-    conversion: the scalar quantizer's operations, 16 at a time (LLVM kept that loop at
-    8 lanes)."""
+def _quantize_store_of(op: str):
+    """The 16-lane quantizing store with ``op`` (``fdiv``: v / s; ``fmul``: v * (1 / s))."""
 
-    def codegen(context, builder, sig, args):
-        q_a, q_i, v, s, qm = args
-        r = _call(builder, "llvm.rint.v16f32", _V16F, [builder.fdiv(v, s)])
-        r = _call(builder, "llvm.maxnum.v16f32", _V16F, [r, builder.fneg(qm)])
-        r = _call(builder, "llvm.minnum.v16f32", _V16F, [r, qm])
-        codes = builder.trunc(builder.fptosi(r, _V16), ir.VectorType(ir.IntType(8), 16))
-        ptr = _element_ptr(context, builder, sig.args[0], q_a, q_i)
-        builder.store(codes, builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
-        return context.get_dummy_value()
+    @intrinsic
+    def quantize_store(typingctx, q, index, v, s_v, qmax_v):
+        def codegen(context, builder, sig, args):
+            return _quantize_codegen(context, builder, sig, args, op)
 
-    return types.void(q, index, zmmf, zmmf, zmmf), codegen
+        return types.void(q, index, zmmf, zmmf, zmmf), codegen
+
+    return quantize_store
+
+
+def _quantize_codegen(context, builder, sig, args, op):
+    """``q[index + i] = int8(clamp(rint(v[i] op s), -qmax, qmax))`` for 16 lanes: IEEE
+    division (or product), round half to even (``llvm.rint``, as ``np.rint``), clamp,
+    then exact conversion: the scalar quantizer's operations, 16 at a time (LLVM kept
+    that loop at 8 lanes)."""
+    q_a, q_i, v, s, qm = args
+    r = _call(builder, "llvm.rint.v16f32", _V16F, [getattr(builder, op)(v, s)])
+    r = _call(builder, "llvm.maxnum.v16f32", _V16F, [r, builder.fneg(qm)])
+    r = _call(builder, "llvm.minnum.v16f32", _V16F, [r, qm])
+    codes = builder.trunc(builder.fptosi(r, _V16), ir.VectorType(ir.IntType(8), 16))
+    ptr = _element_ptr(context, builder, sig.args[0], q_a, q_i)
+    builder.store(codes, builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+    return context.get_dummy_value()
+
+
+_fquantize_store = _quantize_store_of("fdiv")  # v / s: the activation quantizer
+_fquantize_mul_store = _quantize_store_of("fmul")  # v * (qmax / absmax): the int8 attention's
 
 
 # -- float64 vectors (attention: ``ops._attention``) ------------------------------------------
@@ -410,69 +423,98 @@ def _dstore32_scaled(typingctx, arr, index, vec, scale):
     return types.void(arr, index, zmmd, types.float64), codegen
 
 
-# exp(x) for x <= 0 in float64 (``ops._exp64_inplace``: the scalar form and its error analysis)
+# exp(x) for x <= 0 in float64: ``ops._exp64_inplace`` (the float attention's softmax)
 _INV_LN2_64 = 1.4426950408889634
 _LN2_HI_64 = 6.93147180369123816490e-01  # ln 2 split so that n * _LN2_HI_64 is exact (fdlibm)
 _LN2_LO_64 = 1.90821492927058770002e-10
 _INV_FACT = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))  # 1/13!, ..., 1/1!, 1/0!
 
 
+# -- the int8 attention's float32 softmax (``qattn``): every operation IEEE, in a fixed order ------
+# exp(x) for x <= 0 in float32 (Cephes expf): x = k ln2 + r, |r| <= ln2 / 2, exp(r) = 1 + r +
+# r^2 P(r); ln 2 = _LN2_HI_32 + _LN2_LO_32 with k * _LN2_HI_32 exact. |error| <= 2 ulps.
+EXP32_MIN = -87.0  # exp(-87) = 1.6e-38, still a normal float32
+_INV_LN2_32 = 1.44269504088896341
+_LN2_HI_32 = 0.693359375
+_LN2_LO_32 = -2.12194440e-4
+EXP32_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
 @intrinsic
-def _dexp_inplace(typingctx, arr, index):
-    """``arr[index:index + 8] = exp(...)`` (float64, x <= 0): ``ops._exp64_inplace``'s
-    range reduction and Taylor polynomial, with the polynomial's multiply-adds fused (one
-    rounding each instead of two: as accurate or more, and half the instructions, which is
-    what bounds this loop on a CPU that splits 512-bit float ops in two). Within a few
-    ulps of the scalar form (tests compare both with np.exp)."""
+def _fexp_inplace(typingctx, arr, index):
+    """``arr[index:index + 16] = exp(...)`` for float32 x <= 0, each operation rounded as
+    written (no fused multiply-adds): x = max(x, -87); k = floor(x / ln2 + 1/2);
+    r = (x - k HI) - k LO; p = Horner(EXP32_P, r); y = (p r^2 + r) + 1; times 2**k.
+    ``qattn.exp32`` is the same in NumPy, ``train/model.exp32`` in PyTorch."""
 
     def codegen(context, builder, sig, args):
         def c(v):
-            return _splat(builder, ir.Constant(_F64, v), _V8D)
+            return _splat(builder, ir.Constant(_F32, v), _V16F)
 
-        i64v = ir.VectorType(ir.IntType(64), 8)
-        ptr = builder.bitcast(_element_ptr(context, builder, sig.args[0], args[0], args[1]), _V8D.as_pointer())
-        v = _call(builder, "llvm.maxnum.v8f64", _V8D, [builder.load(ptr, align=8), c(-708.0)])
-        k = _call(builder, "llvm.floor.v8f64", _V8D, [builder.fadd(builder.fmul(v, c(_INV_LN2_64)), c(0.5))])
-        r = builder.fsub(builder.fsub(v, builder.fmul(k, c(_LN2_HI_64))), builder.fmul(k, c(_LN2_LO_64)))
-        p = c(_INV_FACT[0])
-        for coef in _INV_FACT[1:]:
-            p = _call(builder, "llvm.fma.v8f64", _V8D, [p, r, c(coef)])
-        e = builder.add(builder.fptosi(k, i64v), _splat(builder, ir.Constant(ir.IntType(64), 1023), i64v))
-        pow2 = builder.bitcast(builder.shl(e, _splat(builder, ir.Constant(ir.IntType(64), 52), i64v)), _V8D)
-        builder.store(builder.fmul(p, pow2), ptr, align=8)
+        ptr = builder.bitcast(_element_ptr(context, builder, sig.args[0], args[0], args[1]), _V16F.as_pointer())
+        x = _call(builder, "llvm.maxnum.v16f32", _V16F, [builder.load(ptr, align=4), c(EXP32_MIN)])
+        k = _call(builder, "llvm.floor.v16f32", _V16F, [builder.fadd(builder.fmul(x, c(_INV_LN2_32)), c(0.5))])
+        r = builder.fsub(builder.fsub(x, builder.fmul(k, c(_LN2_HI_32))), builder.fmul(k, c(_LN2_LO_32)))
+        p = c(EXP32_P[0])
+        for coef in EXP32_P[1:]:
+            p = builder.fadd(builder.fmul(p, r), c(coef))
+        y = builder.fadd(builder.fadd(builder.fmul(p, builder.fmul(r, r)), r), c(1.0))
+        e = builder.add(builder.fptosi(k, _V16), _splat(builder, ir.Constant(_I32, 127), _V16))
+        pow2 = builder.bitcast(builder.shl(e, _splat(builder, ir.Constant(_I32, 23), _V16)), _V16F)
+        builder.store(builder.fmul(y, pow2), ptr, align=4)
         return context.get_dummy_value()
 
     return types.void(arr, index), codegen
 
 
 @intrinsic
-def _dmax(typingctx, a, b):
-    """Lane-wise maximum of float64 lanes (``llvm.maxnum``; exact)."""
+def _fhsum_tree(typingctx, a):
+    """The sum of 16 float32 lanes in a fixed tree: lanes i + (i + 8), then i + (i + 4),
+    i + (i + 2), i + (i + 1) (what ``qattn.lane_sum`` does in NumPy)."""
 
     def codegen(context, builder, sig, args):
-        return _call(builder, "llvm.maxnum.v8f64", _V8D, args)
+        v = args[0]
+        for half in (8, 4, 2, 1):
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half, 2 * half))))
+            v = builder.fadd(lo, hi)
+        return builder.extract_element(v, ir.Constant(_I32, 0))
 
-    return zmmd(zmmd, zmmd), codegen
+    return types.float32(zmmf), codegen
 
 
 @intrinsic
-def _dhmax(typingctx, a):
-    """The largest of the 8 float64 lanes (the lanes hold no NaN)."""
+def _fscores_store(typingctx, out, index, acc, corr, scale, k_index):
+    """``out[index + i] = float32(acc[i] - corr[k_index + i]) * scale[k_index + i]`` for 16
+    lanes: the int8 attention's scores from its offset sums (int32 lanes; int32 and float32
+    arrays of the keys' corrections and scales). Exact to the one rounding of the product
+    (|acc| < 2**24 converts exactly)."""
 
     def codegen(context, builder, sig, args):
-        return _call(builder, "llvm.vector.reduce.fmax.v8f64", _F64, args, fastmath=("nnan",))
-
-    return types.float64(zmmd), codegen
-
-
-@intrinsic
-def _dshift_scale(typingctx, arr, index, m, c):
-    """``arr[index:index + 8] = (arr[...] - m) * c`` (float64 lanes, scalars m and c)."""
-
-    def codegen(context, builder, sig, args):
-        ptr = builder.bitcast(_element_ptr(context, builder, sig.args[0], args[0], args[1]), _V8D.as_pointer())
-        v = builder.fsub(builder.load(ptr, align=8), _splat(builder, args[2], _V8D))
-        builder.store(builder.fmul(v, _splat(builder, args[3], _V8D)), ptr, align=8)
+        out_a, out_i, acc, corr_a, scale_a, k_i = args
+        cptr = builder.bitcast(_element_ptr(context, builder, sig.args[3], corr_a, k_i), _V16.as_pointer())
+        sptr = builder.bitcast(_element_ptr(context, builder, sig.args[4], scale_a, k_i), _V16F.as_pointer())
+        v = builder.sitofp(builder.sub(acc, builder.load(cptr, align=4)), _V16F)
+        optr = builder.bitcast(_element_ptr(context, builder, sig.args[0], out_a, out_i), _V16F.as_pointer())
+        builder.store(builder.fmul(v, builder.load(sptr, align=4)), optr, align=4)
         return context.get_dummy_value()
 
-    return types.void(arr, index, types.float64, types.float64), codegen
+    return types.void(out, index, zmm, corr, scale, k_index), codegen
+
+
+@intrinsic
+def _fprob_store(typingctx, out, index, e, inv, levels):
+    """``out[index + i] = uint8(min(rint(e[i] * inv * L), L))`` for 16 lanes (float32
+    products in that order, round half to even): the int8 attention's probability codes."""
+
+    def codegen(context, builder, sig, args):
+        out_a, out_i, ev, inv_s, lv = args
+        p = builder.fmul(builder.fmul(ev, _splat(builder, inv_s, _V16F)), _splat(builder, lv, _V16F))
+        p = _call(builder, "llvm.rint.v16f32", _V16F, [p])
+        p = _call(builder, "llvm.minnum.v16f32", _V16F, [p, _splat(builder, lv, _V16F)])
+        codes = builder.fptoui(p, ir.VectorType(ir.IntType(8), 16))
+        ptr = _element_ptr(context, builder, sig.args[0], out_a, out_i)
+        builder.store(codes, builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(out, index, zmmf, types.float32, types.float32), codegen

@@ -21,6 +21,7 @@ from torch import nn
 
 from tinyvit158.config import ViTConfig
 from tinyvit158.kernels.ops import _ERF_P, _ERF_Q
+from tinyvit158.kernels.simd import _INV_LN2_32, _LN2_HI_32, _LN2_LO_32, EXP32_MIN, EXP32_P
 from tinyvit158.quant import ACT_EPS, ACT_QMAX, WEIGHT_EPS, code_max
 
 
@@ -88,29 +89,66 @@ def quantize_activations(x: torch.Tensor, qmax: int = ACT_QMAX) -> tuple[torch.T
     return torch.clamp(torch.round(x / s), -qmax, qmax), s
 
 
+def quantize_attention(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quant.quantize_attention`` in torch: codes (as float) and scales (..., 1)."""
+    m = x.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_EPS)
+    return torch.clamp(torch.round(x * (qmax / m)), -qmax, qmax), m / qmax
+
+
+def exp32(x: torch.Tensor) -> torch.Tensor:
+    """``kernels.qattn.exp32`` (the engine's float32 exp for x <= 0) in PyTorch, operation
+    for operation, so both give the same bits."""
+    f = torch.float32
+
+    def c(v: float) -> torch.Tensor:
+        return torch.tensor(v, dtype=f, device=x.device)
+
+    x = torch.clamp_min(x, c(EXP32_MIN))
+    k = torch.floor(x * c(_INV_LN2_32) + c(0.5))
+    r = (x - k * c(_LN2_HI_32)) - k * c(_LN2_LO_32)
+    p = torch.full_like(r, EXP32_P[0])
+    for coef in EXP32_P[1:]:
+        p = p * r + c(coef)
+    y = (p * (r * r) + r) + c(1.0)
+    return y * torch.bitwise_left_shift(k.to(torch.int32) + 127, 23).view(f)
+
+
+def lane_sum(e: torch.Tensor) -> torch.Tensor:
+    """``kernels.qattn.lane_sum``: sums over the last axis in 16 lanes, then a fixed tree."""
+    e = F.pad(e, (0, -e.shape[-1] % 16))
+    blocks = e.reshape(*e.shape[:-1], -1, 16)
+    acc = blocks[..., 0, :]
+    for i in range(1, blocks.shape[-2]):
+        acc = acc + blocks[..., i, :]
+    for half in (8, 4, 2, 1):
+        acc = acc[..., :half] + acc[..., half : 2 * half]
+    return acc[..., 0]
+
+
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qmax: int, levels: int) -> torch.Tensor:
     """Fully quantized attention (``kernels/qattn.py``'s rules) of q, k, v (B, H, N, hd).
 
     Training: fake quantization with straight-through estimators (q, k, v and the
     probabilities forward their quantized values, gradients pass as the identity).
-    Inference: the engine's arithmetic in its order: exact integer sums, the softmax in
-    float64 (scores ``acc * s_k``, less their row max, times ``s_q / sqrt(hd)``), the
-    probability codes, the exact P V sums times ``s_v / L``, rounded once to float32.
+    Inference: the engine's arithmetic, bit for bit: exact integer sums, the float32
+    softmax in its specified order (:func:`exp32`, :func:`lane_sum`), the probability
+    codes, the exact P V sums times ``(s_v / L)`` in float64, rounded once to float32.
     """
-    q_c, s_q = quantize_activations(q, qmax)  # (B, H, N, hd), scales (B, H, N, 1)
-    k_c, s_k = quantize_activations(k, qmax)
-    v_c, s_v = quantize_activations(v.transpose(-1, -2), qmax)  # per channel over tokens: (B, H, hd, N), (B, H, hd, 1)
+    q_c, s_q = quantize_attention(q, qmax)  # (B, H, N, hd), scales (B, H, N, 1)
+    k_c, s_k = quantize_attention(k, qmax)
+    v_c, s_v = quantize_attention(v.transpose(-1, -2), qmax)  # per channel over tokens: (B, H, hd, N), (B, H, hd, 1)
     scale = q.shape[-1] ** -0.5
     if torch.is_grad_enabled():
         attn = torch.softmax(ste(q, q_c * s_q) @ ste(k, k_c * s_k).transpose(-1, -2) * scale, dim=-1)
         p = ste(attn, torch.round(attn * levels) / levels)
         return p @ ste(v, (v_c * s_v).transpose(-1, -2))
-    acc = q_c.double() @ k_c.double().transpose(-1, -2)  # (B, H, N, N), exact
-    z = acc * s_k.double().transpose(-1, -2)
-    e = torch.exp((z - z.amax(-1, keepdim=True)) * (s_q.double() * scale))
-    p_c = torch.clamp(torch.round(e * (1.0 / e.sum(-1, keepdim=True)) * levels), 0, levels)
+    acc = q_c.double() @ k_c.double().transpose(-1, -2)  # (B, H, N, N), exact integers below 2**24
+    z = acc.float() * s_k.transpose(-1, -2)
+    e = exp32((z - z.amax(-1, keepdim=True)) * (s_q * torch.tensor(scale, dtype=torch.float32)))
+    inv = torch.tensor(1.0, dtype=torch.float32) / lane_sum(e)
+    p_c = torch.clamp_max(torch.round(e * inv[..., None] * torch.tensor(float(levels))), levels).double()
     acc = p_c @ v_c.double().transpose(-1, -2)  # (B, H, N, hd), exact
-    return (acc * s_v.double().transpose(-1, -2) / levels).float()
+    return (acc * (s_v.double().transpose(-1, -2) / levels)).float()
 
 
 def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
