@@ -138,3 +138,31 @@ def test_attention_op_follows_the_config():
     assert isinstance(op, Int8Attention) and (op.bits, op.prob_bits) == (4, 8)
     assert np.array_equal(op.q_norm[0], ckpt.tensors["blocks.0.attn.q_norm.weight"])
     assert not isinstance(attention_op(get_preset("cifar10-tiny"), {}, 0), Int8Attention)
+
+
+@pytest.mark.parametrize("bits, prob_bits, qk_norm", [(8, 8, False), (4, 4, True)])
+def test_pytorch_twin_computes_the_same_bits(bits, prob_bits, qk_norm):
+    """``train/model.int8_attention`` (inference) equals the NumPy reference bit for bit on
+    ~1 M q/k/v values: every float32 operation in the same order (a scalar / tensor
+    division in PyTorch is a reciprocal and a product, which once flipped a code here)."""
+    torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
+    from tinyvit158.train.model import LayerNorm, int8_attention
+
+    B, N, H, hd = 4, 65, 3, 64
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        qkv = (rng.standard_normal((B, N, 3 * H * hd)) * rng.uniform(0.3, 3)).astype(np.float32)
+        op = _op(H, hd, bits, prob_bits, qk_norm, rng)
+        q, k, v = torch.from_numpy(qkv).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
+        with torch.no_grad():
+            if qk_norm:
+                norms = []
+                for w, b, eps in (op.q_norm, op.k_norm):
+                    ln = LayerNorm(hd, eps=eps)
+                    ln.weight.copy_(torch.from_numpy(w))
+                    ln.bias.copy_(torch.from_numpy(b))
+                    norms.append(ln)
+                q, k = norms[0](q), norms[1](k)
+            got = int8_attention(q, k, v, 2 ** (bits - 1) - 1, 2**prob_bits - 1)
+        got = got.transpose(1, 2).reshape(B, N, H * hd).numpy()
+        np.testing.assert_array_equal(got, op.reference(qkv), err_msg=f"seed {seed}")

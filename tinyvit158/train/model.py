@@ -92,7 +92,8 @@ def quantize_activations(x: torch.Tensor, qmax: int = ACT_QMAX) -> tuple[torch.T
 def quantize_attention(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``quant.quantize_attention`` in torch: codes (as float) and scales (..., 1)."""
     m = x.abs().amax(dim=-1, keepdim=True).clamp_min(ACT_EPS)
-    return torch.clamp(torch.round(x * (qmax / m)), -qmax, qmax), m / qmax
+    inv = torch.tensor(float(qmax), dtype=m.dtype, device=m.device) / m  # (scalar / tensor would be 1 / m * qmax)
+    return torch.clamp(torch.round(x * inv), -qmax, qmax), m / qmax
 
 
 def exp32(x: torch.Tensor) -> torch.Tensor:
