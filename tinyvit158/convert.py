@@ -10,7 +10,8 @@ Sources so far:
   (``python -m tinyvit158.train --init FILE ...``).
 
 The result is validated and written atomically, and its ``source`` metadata records the
-file it came from and the changes.
+file it came from and the changes; with ``--data`` also the engine's accuracy on the
+CIFAR-10 test split (``engine_test_acc``).
 """
 
 from __future__ import annotations
@@ -54,15 +55,26 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="change a config field (JSON value or plain string), e.g. --set attention=int8 --set attention_bits=4",
     )  # fmt: skip
+    p.add_argument("--data", help="CIFAR-10 location: record the engine's test accuracy in the file")
     args = p.parse_args(argv)
     try:
         ckpt = change_numerics(load_weights(args.source), parse_set(args.set), Path(args.source).name)
+        if args.data:
+            from tinyvit158.data import load_cifar10
+            from tinyvit158.engine import Engine
+            from tinyvit158.evaluate import run_engine
+
+            test = load_cifar10(args.data, "test", progress=True)
+            logits, _ = run_engine(Engine(ckpt), test.images, ckpt.config, 500, "engine")
+            ckpt.source.update(engine_test_acc=float((logits.argmax(1) == test.labels).mean()), test_images=len(test))
         save_weights(args.out, ckpt)
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     cfg = ckpt.config
     print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes): {cfg.name}, attention {cfg.attention}")
+    if "engine_test_acc" in ckpt.source:
+        print(f"engine test accuracy: {ckpt.source['engine_test_acc']:.4f} on {ckpt.source['test_images']} images")
     return 0
 
 
