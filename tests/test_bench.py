@@ -83,3 +83,28 @@ def test_instruction_rates_are_measured():
     rates = instruction_rates(cpu_has_vnni(), seconds=0.01)
     assert rates["fma"] > 0
     assert (rates["vpdpbusd"] > 0) if cpu_has_vnni() else rates["vpdpbusd"] is None
+
+
+def test_torch_baseline_is_plain_pytorch():
+    """The PyTorch baselines are what a PyTorch user runs: standard modules, float32 at
+    inference (not the twin's float64 LayerNorm and attention or the engine's GELU)."""
+    import torch
+    from torch import nn
+
+    from tinyvit158 import get_preset
+    from tinyvit158.train.model import GELU, LayerNorm, QATViT
+    from tinyvit158.weights import random_checkpoint
+
+    model = QATViT.float_twin(random_checkpoint(get_preset("cifar10-tiny").replace(depth=1)))
+    modules = list(model.modules())
+    assert not any(isinstance(m, (LayerNorm, GELU)) for m in modules)
+    assert sum(isinstance(m, nn.LayerNorm) for m in modules) == 3 and any(isinstance(m, nn.GELU) for m in modules)
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    with torch.inference_mode():
+        torch.nn.functional.scaled_dot_product_attention = lambda q, k, v: calls.append(q.dtype) or original(q, k, v)
+        try:
+            model(torch.zeros(1, 3, 32, 32))
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = original
+    assert calls == [torch.float32]

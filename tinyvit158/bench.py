@@ -10,7 +10,10 @@ inputs:
   probabilities: ``kernels/qattn.py``) in place of the float64 one;
 - ``numpy-fp32``: the same model in NumPy float32: weights dequantized (codes x gamma),
   BLAS matmuls, no activation quantization, every op vectorized over the batch;
-- ``torch-fp32``: the same in PyTorch float32 on the CPU (when torch is installed);
+- ``torch-fp32``: the same in PyTorch float32 on the CPU as a PyTorch user writes it
+  (``nn.Linear``, ``nn.LayerNorm``, ``nn.GELU``, ``scaled_dot_product_attention``, under
+  ``inference_mode``; not the engine's exact twin, whose float64 LayerNorm and attention
+  are 2-3x slower), when torch is installed;
 - ``torch-int8``: that model with ``torch.ao.quantization.quantize_dynamic`` (FBGEMM
   int8 linears), the int8 CPU path a PyTorch user would reach for.
 

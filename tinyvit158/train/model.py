@@ -261,10 +261,12 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = cfg.heads
         self.qkv = make_linear(cfg, f"blocks.{i}.attn.qkv", cfg.dim, 3 * cfg.dim, plain)
-        self.q_norm = LayerNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = LayerNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        norm = nn.LayerNorm if plain else LayerNorm
+        self.q_norm = norm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = norm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.proj = make_linear(cfg, f"blocks.{i}.attn.proj", cfg.dim, cfg.dim, plain)
         self.int8 = cfg.attention == "int8" and not plain
+        self.plain = plain
         self.qmax, self.levels = code_max(cfg.attention_bits), 2**cfg.attention_prob_bits - 1
         self.quantize = True
 
@@ -276,7 +278,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.int8 and self.quantize:
             o = int8_attention(q, k, v, self.qmax, self.levels)
-        elif torch.is_grad_enabled():
+        elif torch.is_grad_enabled() or self.plain:
             o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v
         else:  # inference: in float64, rounded once to float32, as the engine does (kernels.ops._attention)
             o = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
@@ -287,7 +289,7 @@ class Mlp(nn.Module):
     def __init__(self, cfg: ViTConfig, i: int, plain: bool = False):
         super().__init__()
         self.fc1 = make_linear(cfg, f"blocks.{i}.mlp.fc1", cfg.dim, cfg.hidden_dim, plain)
-        self.act = GELU()
+        self.act = nn.GELU() if plain else GELU()
         self.fc2 = make_linear(cfg, f"blocks.{i}.mlp.fc2", cfg.hidden_dim, cfg.dim, plain)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -297,9 +299,10 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ViTConfig, i: int, drop_path: float = 0.0, plain: bool = False):
         super().__init__()
-        self.norm1 = LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        norm = nn.LayerNorm if plain else LayerNorm
+        self.norm1 = norm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg, i, plain)
-        self.norm2 = LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm2 = norm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg, i, plain)
         self.drop_path = drop_path
 
@@ -333,7 +336,9 @@ class PatchEmbed(nn.Module):
 class QATViT(nn.Module):
     """The engine's ViT, trainable. ``state_dict`` names match the weight file's.
 
-    ``plain=True`` builds every layer as a float ``nn.Linear`` (the float32 baseline that
+    ``plain=True`` builds the model a PyTorch user would write: every layer a float
+    ``nn.Linear``, ``nn.LayerNorm``, ``nn.GELU``, float32 ``scaled_dot_product_attention``
+    at inference too (the float32 baseline that
     ``bench`` and PyTorch's dynamic int8 quantization start from).
     """
 
@@ -345,7 +350,7 @@ class QATViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.dim) * 0.02)
         rates = [drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, i, rates[i], plain) for i in range(cfg.depth))
-        self.norm = LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = (nn.LayerNorm if plain else LayerNorm)(cfg.dim, eps=cfg.norm_eps)
         self.head = make_linear(cfg, "head", cfg.dim, cfg.num_classes, plain)
         self.apply(self._init)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
