@@ -1,5 +1,8 @@
 """The weight file: one ``.safetensors`` file holds one model, its config and its story.
 
+The format, byte by byte and tensor by tensor, with the arithmetic of every layer, is
+specified in ``docs/FORMAT.md``; this module reads, validates and writes it.
+
 Layout (DESIGN.md section 4)
 ----------------------------
 metadata (str -> str):

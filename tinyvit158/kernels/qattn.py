@@ -1,7 +1,8 @@
 """Fully quantized attention (Q-ViT): integer Q K^T and P V, a float32 softmax whose every
 operation is specified, so that any implementation of it computes the same bits.
 
-The rules (the oracle's :meth:`~tinyvit158.oracle.Oracle.int8_attention` states them in
+The rules (``docs/FORMAT.md`` section 7.4 is the format's statement of them; the oracle's
+:meth:`~tinyvit158.oracle.Oracle.int8_attention` states them in
 float64, the PyTorch twin's ``train/model.int8_attention`` and :func:`attention_int8_ref`
 compute them exactly), for one image and head, ``qmax = 2**(attention_bits - 1) - 1``,
 ``L = 2**attention_prob_bits - 1``:
