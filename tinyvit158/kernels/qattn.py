@@ -208,55 +208,35 @@ def _value_at(h, j, d, CB, J4):
 
 
 @_jit
-def _scores(qu, hdp4, kl, h, NB, G, si, Np16, tiles):
-    """``si[r, j] = sum_d qu[r, d] * k_c[j, d]`` for 4 rows of unsigned (offset) q codes and
-    every key: a 4 x 16 register tile per key block (``tiles`` not None), or scalar loops."""
+def _tile4(a, K4, b, block0, nblocks, out, tiles):
+    """``out[r, n] = sum_k a[r, k] * B[n, k]`` for 4 rows of unsigned bytes ``a`` (row stride
+    K4, a multiple of 4) and every column n of blocks ``block0 ..`` of ``b``, laid out as the
+    keys and values are (per block of 16 columns, per group of 4 k, 16 x 4 bytes): a 4 x 16
+    register tile per block (``tiles`` not None), or scalar loops. Q K^T (a: offset q codes,
+    b: keys) and P V (a: probability codes, b: values) are both this."""
+    G = K4 // 4
     if tiles is None:
         for r in range(4):
-            for j in range(Np16):
+            for n in range(nblocks * 16):
+                base = ((block0 + n // 16) * G) * 64 + (n % 16) * 4
                 acc = np.int32(0)
-                for d in range(hdp4):
-                    acc += np.int32(qu[r * hdp4 + d]) * np.int32(kl[_key_at(h, j, d, NB, G)])
-                si[r * Np16 + j] = acc
+                for k in range(K4):
+                    acc += np.int32(a[r * K4 + k]) * np.int32(b[base + (k // 4) * 64 + k % 4])
+                out[r * nblocks * 16 + n] = acc
     else:
-        for jb in range(NB):
+        stride = nblocks * 16
+        for blk in range(nblocks):
             a0 = a1 = a2 = a3 = _vzero()
             for g in range(G):
-                kv = _vload(kl, ((h * NB + jb) * G + g) * 64)
-                a0 = _dpbusd(a0, _vbroadcast4(qu, 4 * g), kv)
-                a1 = _dpbusd(a1, _vbroadcast4(qu, hdp4 + 4 * g), kv)
-                a2 = _dpbusd(a2, _vbroadcast4(qu, 2 * hdp4 + 4 * g), kv)
-                a3 = _dpbusd(a3, _vbroadcast4(qu, 3 * hdp4 + 4 * g), kv)
-            _vstore(si, jb * 16, a0)
-            _vstore(si, Np16 + jb * 16, a1)
-            _vstore(si, 2 * Np16 + jb * 16, a2)
-            _vstore(si, 3 * Np16 + jb * 16, a3)
-
-
-@_jit
-def _pv(pc, Np4, vl, h, CB, J4, so, hdp16, tiles):
-    """``so[r, d] = sum_j pc[r, j] * v_c[j, d]`` for 4 rows of probability codes and every
-    channel: a 4 x 16 register tile per channel block, or scalar loops."""
-    if tiles is None:
-        for r in range(4):
-            for d in range(hdp16):
-                acc = np.int32(0)
-                for j in range(Np4):
-                    acc += np.int32(pc[r * Np4 + j]) * np.int32(vl[_value_at(h, j, d, CB, J4)])
-                so[r * hdp16 + d] = acc
-    else:
-        for cb in range(CB):
-            a0 = a1 = a2 = a3 = _vzero()
-            for g in range(J4):
-                vv = _vload(vl, ((h * CB + cb) * J4 + g) * 64)
-                a0 = _dpbusd(a0, _vbroadcast4(pc, 4 * g), vv)
-                a1 = _dpbusd(a1, _vbroadcast4(pc, Np4 + 4 * g), vv)
-                a2 = _dpbusd(a2, _vbroadcast4(pc, 2 * Np4 + 4 * g), vv)
-                a3 = _dpbusd(a3, _vbroadcast4(pc, 3 * Np4 + 4 * g), vv)
-            _vstore(so, cb * 16, a0)
-            _vstore(so, hdp16 + cb * 16, a1)
-            _vstore(so, 2 * hdp16 + cb * 16, a2)
-            _vstore(so, 3 * hdp16 + cb * 16, a3)
+                bv = _vload(b, ((block0 + blk) * G + g) * 64)
+                a0 = _dpbusd(a0, _vbroadcast4(a, 4 * g), bv)
+                a1 = _dpbusd(a1, _vbroadcast4(a, K4 + 4 * g), bv)
+                a2 = _dpbusd(a2, _vbroadcast4(a, 2 * K4 + 4 * g), bv)
+                a3 = _dpbusd(a3, _vbroadcast4(a, 3 * K4 + 4 * g), bv)
+            _vstore(out, blk * 16, a0)
+            _vstore(out, stride + blk * 16, a1)
+            _vstore(out, 2 * stride + blk * 16, a2)
+            _vstore(out, 3 * stride + blk * 16, a3)
 
 
 def _dims(N: int, hd: int) -> tuple[int, int, int, int]:
@@ -283,7 +263,7 @@ def _qk_all(q_codes, k_codes, hdp4, Np16, tiles):
         for r in range(min(4, Nq - i0)):
             for d in range(hd):
                 qu[r * hdp4 + d] = np.uint8(np.int32(q_codes[i0 + r, d]) + 128)
-        _scores(qu, hdp4, kl, 0, NB, G, si, Np16, tiles)
+        _tile4(qu, hdp4, kl, 0, NB, si, tiles)
         for r in range(min(4, Nq - i0)):
             for j in range(Nk):
                 out[i0 + r, j] = si[r * Np16 + j] - ksum[j]
@@ -306,7 +286,7 @@ def _pv_all(p_codes, v_codes, hdp16, Np4, tiles):
         for r in range(min(4, Nq - i0)):
             for j in range(Nk):
                 pc[r * Np4 + j] = p_codes[i0 + r, j]
-        _pv(pc, Np4, vl, 0, CB, J4, so, hdp16, tiles)
+        _tile4(pc, Np4, vl, 0, CB, so, tiles)
         for r in range(min(4, Nq - i0)):
             for d in range(hd):
                 out[i0 + r, d] = so[r * hdp16 + d]
@@ -491,13 +471,13 @@ def _attention_int8(qkv, heads, qmax, levels, scale, qn_w, qn_b, kn_w, kn_b, eps
                         qrow[d] = codes_u8[d] ^ 128  # int8 c as unsigned c + 128: its sign bit flipped
                     if recording:
                         rec_q[b, h, i0 + r, :] = codes[:hd]
-                _scores(qu, hdp4, kl, h, NB, G, si, Np16, tiles)
+                _tile4(qu, hdp4, kl, h * NB, NB, si, tiles)
                 for r in range(rows):
                     _probability_codes(si, r, Np16, ksum, sk, h * Np16, N, sq[r] * scale, z, pc, Np4, levels)
                     if recording:
                         for j in range(N):
                             rec_p[b, h, i0 + r, j] = pc[r * Np4 + j]
-                _pv(pc, Np4, vl, h, CB, J4, so, hdp16, tiles)
+                _tile4(pc, Np4, vl, h * CB, CB, so, tiles)
                 for r in range(rows):
                     for d in range(hd):
                         ob[r * C + h * hd + d] = np.float32(np.float64(so[r * hdp16 + d]) * sv[h * hdp16 + d])
