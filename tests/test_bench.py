@@ -108,3 +108,37 @@ def test_torch_baseline_is_plain_pytorch():
         finally:
             torch.nn.functional.scaled_dot_product_attention = original
     assert calls == [torch.float32]
+
+
+def test_peers_run_and_agree(tmp_path):
+    """ONNX Runtime and OpenVINO, float and int8, on a small model: they run in the bench's
+    children and their top-1 agrees with the engine's; each is skipped with its reason when
+    its packages are missing (the bench extra)."""
+    import pytest
+
+    from tinyvit158 import get_preset, peers
+    from tinyvit158.weights import random_checkpoint, save_weights
+
+    missing = {v: peers.missing(v) for v in peers.PEERS if peers.missing(v)}
+    if len(missing) == len(peers.PEERS):
+        pytest.skip(f"the bench extra is not installed: {missing}")
+    path = tmp_path / "small.safetensors"
+    save_weights(path, random_checkpoint(get_preset("cifar10-tiny").replace(depth=2), seed=5))
+    out = subprocess.run(
+        [sys.executable, "-m", "tinyvit158.bench", "--batch", "2", "--repeats", "2", "--warmup", "0", "--weights",
+         str(path), "--variants", "engine", *peers.PEERS, "--json"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert set(report["skipped"]) == set(missing)
+    for r in report["results"]:
+        assert "error" not in r, r
+        assert r["median_s"] > 0 and r["desc"]
+        if report["info"]["data"]:  # CIFAR-10 at hand: agreement with the engine on 256 test images
+            assert r["agreement"] > 0.5, r  # a random model: near-ties are common; a bug gives ~10%
+    kinds = {r["variant"]: r["desc"] for r in report["results"]}
+    if "ort-int8" in kinds:
+        assert "quantize_dynamic" in kinds["ort-int8"]
+    if "openvino-int8" in kinds:
+        assert "NNCF" in kinds["openvino-int8"] and "calibrated on 300" in kinds["openvino-int8"]

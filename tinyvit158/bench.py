@@ -17,6 +17,15 @@ inputs:
 - ``torch-int8``: that model with ``torch.ao.quantization.quantize_dynamic`` (FBGEMM
   int8 linears), the int8 CPU path a PyTorch user would reach for.
 
+- ``ort-fp32``, ``ort-int8``, ``openvino``, ``openvino-int8``: ONNX Runtime and OpenVINO,
+  float and with their own int8 quantizers (``peers.py``; the ``bench`` extra), each
+  skipped with a message when its packages are missing.
+
+For ``cifar10-tiny`` the weights are the shipped ones (else random, or ``--weights``), and
+when CIFAR-10 is at hand (``--data`` or ``TINYVIT158_DATA``) every variant's top-1
+agreement with the engine on 256 test images is reported, and OpenVINO's int8 model is
+calibrated on 300 training images.
+
 Each variant runs in its own subprocess, so its peak resident memory is its own and no
 library's idle threads (OpenBLAS spins its threads after every call) slow another. Times
 are medians of repeated calls after warm-up; images/s = batch / median.
@@ -33,14 +42,18 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from tinyvit158.config import get_preset
 from tinyvit158.errors import TinyViTError
-from tinyvit158.weights import Checkpoint, random_checkpoint
+from tinyvit158.peers import PEERS
+from tinyvit158.weights import Checkpoint, default_weights_path, load_weights, random_checkpoint
 
-VARIANTS = ("engine", "engine-int8attn", "engine-bytes", "engine-generic", "numpy-fp32", "torch-fp32", "torch-int8")
+VARIANTS = (
+    "engine", "engine-int8attn", "engine-bytes", "engine-generic", "numpy-fp32", "torch-fp32", "torch-int8", *PEERS,
+)  # fmt: skip
 
 
 # -- the NumPy float32 baseline -----------------------------------------------------------
@@ -101,8 +114,24 @@ class NumpyFloatViT:
 
 
 # -- one variant, measured in a child process --------------------------------------------
-def build(variant: str, ckpt: Checkpoint):
+def build(variant: str, ckpt: Checkpoint, args=None):
     """(callable on float32 images, resident weight bytes, description)."""
+    if variant in PEERS:
+        import tempfile
+
+        import numba
+
+        from tinyvit158 import peers
+
+        calib = np.load(args.calib) if args.calib else None
+        if calib is None and variant == "openvino-int8":
+            shape = (peers.CALIBRATION_IMAGES, ckpt.config.in_chans, ckpt.config.image_size, ckpt.config.image_size)
+            calib = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+        run, desc = peers.build(variant, Path(args.onnx), numba.get_num_threads(), Path(tempfile.mkdtemp()), calib,
+                                args.batch)  # fmt: skip
+        if variant == "openvino-int8":
+            desc += f", calibrated on {'300 CIFAR-10 training images' if args.calib else '300 random inputs'}"
+        return run, Path(args.onnx).stat().st_size, desc
     if variant.startswith("engine"):
         if variant == "engine-generic":
             os.environ["TINYVIT158_KERNEL"] = "generic"
@@ -143,12 +172,23 @@ def build(variant: str, ckpt: Checkpoint):
     return run, nbytes, desc
 
 
+def bench_checkpoint(model: str, weights: str | None) -> Checkpoint:
+    """The weights every variant runs: ``weights`` (a file, or "random"), by default the
+    shipped file for ``cifar10-tiny`` and random weights of the preset's shapes otherwise."""
+    if weights is None:
+        shipped = default_weights_path()
+        weights = str(shipped) if model == "cifar10-tiny" and shipped is not None else "random"
+    if weights == "random":
+        return random_checkpoint(get_preset(model), seed=0)
+    return load_weights(weights)
+
+
 def child(args) -> dict:
     cfg = get_preset(args.model)
-    ckpt = random_checkpoint(cfg, seed=0)
+    ckpt = bench_checkpoint(args.model, args.weights)
     x = np.random.default_rng(1).standard_normal((args.batch, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
     t0 = time.perf_counter()
-    model, nbytes, desc = build(args.child, ckpt)
+    model, nbytes, desc = build(args.child, ckpt, args)
     model(x)  # first call: JIT compile or cache load
     load_s = time.perf_counter() - t0
     for _ in range(args.warmup):
@@ -167,6 +207,11 @@ def child(args) -> dict:
         "repeats": len(times), "weight_bytes": int(nbytes), "load_s": load_s,
         "peak_rss_bytes": peak_rss_bytes(),
     }  # fmt: skip
+    if args.agree:  # top-1 on real test images, compared with the engine's by the parent
+        images = np.load(args.agree)
+        result["predictions"] = np.concatenate(
+            [np.asarray(model(images[i : i + args.batch])).argmax(1) for i in range(0, len(images), args.batch)]
+        ).tolist()
     if args.child.startswith("engine"):
         import numba
 
@@ -182,6 +227,10 @@ def child(args) -> dict:
             parts = {k: v / reps for k, v in model.timings.items()}
             parts["other"] = total / reps - sum(parts.values())
             result["layers_s"] = parts
+    elif args.child in PEERS:
+        import numba
+
+        result["threads"] = numba.get_num_threads()
     elif args.child.startswith("torch"):
         import torch
 
@@ -267,6 +316,9 @@ def run_child(variant: str, args) -> dict:
     cmd = [sys.executable, "-m", "tinyvit158.bench", "--child", variant, "--model", args.model]
     cmd += ["--batch", str(args.batch_now), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     cmd += ["--max-seconds", str(args.max_seconds)] + (["--layers"] if args.layers else [])
+    for flag in ("weights", "onnx", "calib", "agree"):
+        if getattr(args, flag):
+            cmd += [f"--{flag}", str(getattr(args, flag))]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -290,7 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", action="store_true", help="also time each part of the engine")
     p.add_argument("--kernels", action="store_true", help="also measure GOP/s of the int8 x ternary kernels vs sgemm")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--weights", help="a weight file for every variant, or 'random' (default: the shipped file for cifar10-tiny)"
+    )
+    p.add_argument("--data", help="CIFAR-10 (default: TINYVIT158_DATA): top-1 agreement and int8 calibration")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--onnx", help=argparse.SUPPRESS)
+    p.add_argument("--calib", help=argparse.SUPPRESS)
+    p.add_argument("--agree", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if any(b < 1 for b in args.batch) or args.repeats < 1 or args.rounds < 1 or args.warmup < 0:
         p.error("--batch, --repeats and --rounds must be at least 1, --warmup at least 0")
@@ -311,8 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         has_torch = True
     except ImportError:
         has_torch = False
-    variants = [v for v in args.variants if has_torch or not v.startswith("torch")]
-    skipped = [v for v in args.variants if v not in variants]
+    from tinyvit158 import peers
+
+    why = {v: "PyTorch not installed: pip install -e '.[train]'" for v in args.variants if v.startswith("torch")}
+    why = {v: w for v, w in why.items() if not has_torch}
+    why.update({v: peers.missing(v) for v in args.variants if v in PEERS and peers.missing(v)})
+    variants = [v for v in args.variants if v not in why]
+    skipped = {v: why[v] for v in args.variants if v in why}
+    work = _prepare_inputs(args, variants)
     from tinyvit158.kernels import kernel_path
 
     cfg = get_preset(args.model)
@@ -328,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_now = b
         runs.setdefault((b, v), []).append(run_child(v, args))
     results = [merge_rounds(r) for r in runs.values()]
+    add_agreement(results)
+    info["weights"] = args.weights or "random"
+    info["data"] = bool(args.agree)
+    if work is not None:
+        work.cleanup()
     kernels = kernel_table(args.model, [cfg.num_tokens, 64 * cfg.num_tokens]) if args.kernels else None
     if args.kernels:
         import numba
@@ -342,6 +412,56 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print_report(info, results, kernels, skipped)
     return 0
+
+
+def _prepare_inputs(args, variants: list[str]):
+    """Once per run, for the children: the weights' path, the peers' ONNX model, and (with
+    CIFAR-10) calibration and agreement images as .npy files. Returns the temporary folder."""
+    import tempfile
+
+    if args.weights is None:
+        shipped = default_weights_path()
+        args.weights = str(shipped) if args.model == "cifar10-tiny" and shipped is not None else "random"
+    args.onnx = args.calib = args.agree = None
+    cfg = get_preset(args.model)
+    from tinyvit158.data import data_dir_from_env
+
+    data = args.data or data_dir_from_env()
+    if not any(v in PEERS for v in variants) and data is None:
+        return None
+    work = tempfile.TemporaryDirectory(prefix="tinyvit158-bench-")
+    folder = Path(work.name)
+    if any(v in PEERS for v in variants):
+        from tinyvit158 import peers
+
+        print("bench: exporting the float32 model to ONNX for the peers ...", file=sys.stderr)
+        args.onnx = str(peers.export_onnx(bench_checkpoint(args.model, args.weights), folder / "model.onnx"))
+    if data is not None and (cfg.image_size, cfg.num_classes) == (32, 10):
+        from tinyvit158.data import load_cifar10
+        from tinyvit158.image import normalize
+
+        def pick(split, n):
+            d = load_cifar10(data, split, progress=False)
+            idx = np.linspace(0, len(d) - 1, n).astype(int)  # every class (the zips are class-sorted)
+            return np.stack([normalize(im, cfg) for im in d.images[idx]])
+
+        args.agree = str(folder / "agree.npy")
+        np.save(args.agree, pick("test", 256))
+        if "openvino-int8" in variants:
+            from tinyvit158.peers import CALIBRATION_IMAGES
+
+            args.calib = str(folder / "calib.npy")
+            np.save(args.calib, pick("train", CALIBRATION_IMAGES))
+    return work
+
+
+def add_agreement(results: list[dict]) -> None:
+    """Each result's top-1 agreement with the engine's on the same images (batch by batch)."""
+    engine = {r["batch"]: r["predictions"] for r in results if r.get("variant") == "engine" and "predictions" in r}
+    for r in results:
+        preds = r.pop("predictions", None)
+        if preds is not None and r["batch"] in engine:
+            r["agreement"] = float(np.mean(np.array(preds) == np.array(engine[r["batch"]])))
 
 
 def merge_rounds(rounds: list[dict]) -> dict:
@@ -381,10 +501,12 @@ def print_report(info, results, kernels, skipped) -> None:
     )
     if info.get("rounds", 1) > 1:
         print(f"# img/s: the median of {info['rounds']} interleaved rounds' medians; min and max over all calls")
-    for v in skipped:
-        print(f"# {v}: skipped (PyTorch not installed: pip install -e '.[train]')")
-    cols = ["variant", "batch", "img/s", "(min", "max)", "x numpy", "weights", "peak RSS", "load s", "threads"]
-    widths = [-15, 5, 8, 7, 7, 8, 10, 9, 7, 7]
+    print(f"# weights: {info.get('weights', 'random')}" + (
+        "; agree: top-1 agreement with the engine on 256 CIFAR-10 test images" if info.get("data") else ""))
+    for v, why in skipped.items():
+        print(f"# {v}: skipped ({why})")
+    cols = ["variant", "batch", "img/s", "(min", "max)", "x numpy", "weights", "peak RSS", "load s", "threads", "agree"]
+    widths = [-15, 5, 8, 7, 7, 8, 10, 9, 7, 7, 6]
     print(_row(cols, widths) + "  kind")
     numpy_runs = [r for r in results if r.get("variant") == "numpy-fp32" and "error" not in r]
     base = {r["batch"]: r["batch"] / r["median_s"] for r in numpy_runs}
@@ -397,6 +519,7 @@ def print_report(info, results, kernels, skipped) -> None:
             r["variant"], b, f"{b / r['median_s']:.1f}", f"{b / r['max_s']:.1f}", f"{b / r['min_s']:.1f}",
             f"{b / r['median_s'] / base[b]:.2f}" if b in base else "-", _mb(r["weight_bytes"]),
             _mb(r["peak_rss_bytes"]), f"{r['load_s']:.2f}", str(r.get("threads")),
+            f"{r['agreement']:.1%}" if "agreement" in r else "-",
         ]  # fmt: skip
         print(_row(cells, widths) + f"  {r['desc']}")
     for r in results:
