@@ -28,6 +28,18 @@ def test_bench_smoke_json():
     assert report["info"]["kernel_path"] in ("vnni", "generic")
 
 
+def test_bench_contend_runs_a_busy_process_and_stops_it():
+    out = subprocess.run(
+        [sys.executable, "-m", "tinyvit158.bench", "--batch", "1", "--repeats", "2", "--warmup", "0",
+         "--variants", "engine", "--contend", "--weights", "random"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "# contended: 1 busy process(es)" in out.stdout
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "while True: pass" not in ps  # the busy process is gone
+
+
 def test_bench_rejects_bad_options():
     out = subprocess.run(
         [sys.executable, "-m", "tinyvit158.bench", "--model", "resnet"], capture_output=True, text=True

@@ -346,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         "--weights", help="a weight file for every variant, or 'random' (default: the shipped file for cifar10-tiny)"
     )
     p.add_argument("--data", help="CIFAR-10 (default: TINYVIT158_DATA): top-1 agreement and int8 calibration")
+    p.add_argument(
+        "--contend", type=int, nargs="?", const=1, default=0, metavar="N",
+        help="run N busy processes (default 1) beside every variant: speed under contention",
+    )  # fmt: skip
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--onnx", help=argparse.SUPPRESS)
     p.add_argument("--calib", help=argparse.SUPPRESS)
@@ -389,9 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     runs: dict[tuple[int, str], list[dict]] = {}
     jobs = [(b, v) for _ in range(args.rounds) for b in args.batch for v in variants]
-    for b, v in tqdm(jobs, desc="bench", unit="run", file=sys.stderr):
-        args.batch_now = b
-        runs.setdefault((b, v), []).append(run_child(v, args))
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contend)]
+    try:
+        for b, v in tqdm(jobs, desc="bench", unit="run", file=sys.stderr):
+            args.batch_now = b
+            runs.setdefault((b, v), []).append(run_child(v, args))
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    info["contend"] = args.contend
     results = [merge_rounds(r) for r in runs.values()]
     add_agreement(results)
     info["weights"] = args.weights or "random"
@@ -499,6 +510,8 @@ def print_report(info, results, kernels, skipped) -> None:
         f"# BLAS: {info['blas']}"
         + (f"; OPENBLAS_CORETYPE={info['openblas_coretype']}" if info["openblas_coretype"] else "")
     )
+    if info.get("contend"):
+        print(f"# contended: {info['contend']} busy process(es) ran beside every variant")
     if info.get("rounds", 1) > 1:
         print(f"# img/s: the median of {info['rounds']} interleaved rounds' medians; min and max over all calls")
     print(f"# weights: {info.get('weights', 'random')}" + (
