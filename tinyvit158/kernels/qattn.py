@@ -69,6 +69,7 @@ from tinyvit158.kernels.simd import (
     _fmax,
     _fmul,
     _fprob_store,
+    _fquantize_mul_scatter4,
     _fquantize_mul_store,
     _fscores_store,
     _fsplat,
@@ -339,24 +340,32 @@ def _prepare_image(flat, b, N, C, heads, qmax, levels, kn_w, kn_b, eps, has_norm
     NB, G, CB, J4 = Np16 // 16, hdp4 // 4, hdp16 // 16, Np4 // 4
     # kl and vl come zeroed, and every image writes the same places: padding keys,
     # dimensions and tokens keep code 0
-    kl32, codes32 = kl.view(np.int32), codes.view(np.int32)
     fq = np.float32(qmax)
     for h in range(heads):
         for j in range(N):
             base = (b * N + j) * C3 + C + h * hd
-            s = _norm_quantize(flat[base : base + hd], kn_w, kn_b, eps, has_norm, tmp, codes, qmax)
-            sk[h * Np16 + j] = s
-            total = np.int32(0)
-            for d in range(hd):
-                total += np.int32(codes[d])
+            at = _key_at(h, j, 0, NB, G)
+            if hd % 16 == 0 and not _PYTHON:  # codes straight into the layout, 4 bytes a group
+                src = flat[base : base + hd]
+                if has_norm:
+                    _layernorm_row(src, kn_w, kn_b, eps, tmp)
+                    src = tmp
+                m = max(_absmax(src), _EPS32)
+                sk[h * Np16 + j] = m / fq
+                inv_v, qmax_v = _fsplat(fq / m), _fsplat(fq)
+                total = np.int32(0)
+                for c in range(hd // 16):
+                    total += _fquantize_mul_scatter4(kl, at + c * 256, 64, _fload(src, c * 16), inv_v, qmax_v)
+            else:
+                sk[h * Np16 + j] = _norm_quantize(flat[base : base + hd], kn_w, kn_b, eps, has_norm, tmp, codes, qmax)
+                total = np.int32(0)
+                for d in range(hd):
+                    total += np.int32(codes[d])
+                    kl[at + (d // 4) * 64 + d % 4] = codes[d]
             ksum[h * Np16 + j] = 128 * total
-            at = _key_at(h, j, 0, NB, G) // 4  # each group of 4 dimensions: one 32-bit word of the layout
-            for g in range(hd // 4):
-                kl32[at + g * 16] = codes32[g]
-            for d in range(hd // 4 * 4, hd):
-                kl[_key_at(h, j, d, NB, G)] = codes[d]
             if recording:
-                rec_k[b, h, j, :] = codes[:hd]
+                for d in range(hd):
+                    rec_k[b, h, j, d] = kl[at + (d // 4) * 64 + d % 4]
         # v: one scale per channel over the image's tokens (passes along the rows: contiguous)
         vmax = tmp  # (hd,) float32 scratch
         vmax[:] = 0.0

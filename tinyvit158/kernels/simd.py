@@ -518,3 +518,28 @@ def _fprob_store(typingctx, out, index, e, inv, levels):
         return context.get_dummy_value()
 
     return types.void(out, index, zmmf, types.float32, types.float32), codegen
+
+
+@intrinsic
+def _fquantize_mul_scatter4(typingctx, q, index, stride, v, inv, qmax):
+    """The codes of 16 lanes (``rint(v * inv)`` clamped to +-qmax, as ``_fquantize_mul_store``)
+    stored as four 4-byte groups, group g at ``q[index + g * stride]`` (the int8 attention's
+    key layout: 4 dimensions of a key per 64-byte tile row); returns the sum of the 16
+    codes (exact int32)."""
+
+    def codegen(context, builder, sig, args):
+        q_a, q_i, st, v_v, inv_v, qm = args
+        r = _call(builder, "llvm.rint.v16f32", _V16F, [builder.fmul(v_v, inv_v)])
+        r = _call(builder, "llvm.maxnum.v16f32", _V16F, [r, builder.fneg(qm)])
+        r = _call(builder, "llvm.minnum.v16f32", _V16F, [r, qm])
+        ints = builder.fptosi(r, _V16)
+        codes = builder.trunc(ints, ir.VectorType(ir.IntType(8), 16))
+        words = builder.bitcast(codes, ir.VectorType(_I32, 4))
+        i64 = ir.IntType(64)
+        for g in range(4):
+            at = builder.add(q_i, builder.mul(st, ir.Constant(i64, g)))
+            ptr = builder.bitcast(_element_ptr(context, builder, sig.args[0], q_a, at), _I32.as_pointer())
+            builder.store(builder.extract_element(words, ir.Constant(_I32, g)), ptr, align=1)
+        return _call(builder, "llvm.vector.reduce.add.v16i32", _I32, [ints])
+
+    return types.int32(q, types.intp, types.intp, zmmf, zmmf, zmmf), codegen
