@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyvit158.cli import prog
 from tinyvit158.config import get_preset
 from tinyvit158.errors import TinyViTError
 from tinyvit158.peers import PEERS
@@ -313,7 +314,7 @@ def kernel_table(model: str, tokens: list[int], seconds: float = 0.3) -> list[di
 
 
 def run_child(variant: str, args) -> dict:
-    cmd = [sys.executable, "-m", "tinyvit158.bench", "--child", variant, "--model", args.model]
+    cmd = [sys.executable, "-m", "tinyvit158.bench", "--child", variant, "--preset", args.model]
     cmd += ["--batch", str(args.batch_now), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     cmd += ["--max-seconds", str(args.max_seconds)] + (["--layers"] if args.layers else [])
     for flag in ("weights", "onnx", "calib", "agree"):
@@ -327,8 +328,11 @@ def run_child(variant: str, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tinyvit158.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="cifar10-tiny", help="a preset: cifar10-tiny, deit-tiny, deit-small, vit-base-16")
+    p = argparse.ArgumentParser(prog=prog("tinyvit158.bench"), description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--preset", "--model", dest="model", default="cifar10-tiny",
+        help="model shapes: cifar10-tiny (the shipped weights), deit-tiny, deit-small, vit-base-16 (random weights)",
+    )  # fmt: skip
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per variant (default 30)")

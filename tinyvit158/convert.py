@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from tinyvit158.cli import prog
 from tinyvit158.config import parse_set
 from tinyvit158.errors import TinyViTError
 from tinyvit158.packing import pack
@@ -48,7 +49,7 @@ def change_numerics(ckpt: Checkpoint, changes: dict, source_name: str = "") -> C
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tinyvit158.convert", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("tinyvit158.convert"), description=__doc__.splitlines()[0])
     p.add_argument("source", help="a tinyvit158 weight file (.safetensors)")
     p.add_argument("--out", required=True, type=Path, help="the weight file to write")
     p.add_argument(

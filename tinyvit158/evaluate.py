@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from tinyvit158.cli import prog
 from tinyvit158.errors import TinyViTError
 
 EPILOG = """\
@@ -22,7 +23,7 @@ exit status: 0 success; 1 bad data or weight file; 2 usage error
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tinyvit158.evaluate",
+        prog=prog("tinyvit158.evaluate"),
         description="Top-1 accuracy, per-class accuracy and confusion matrix of a ternary ViT on CIFAR-10.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

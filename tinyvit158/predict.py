@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyvit158.cli import prog
 from tinyvit158.errors import TinyViTError
 from tinyvit158.weights import Checkpoint, default_weights_path, load_weights
 
@@ -31,7 +32,7 @@ exit status:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tinyvit158.predict",
+        prog=prog("tinyvit158.predict"),
         description="Classify images with a ternary (1.58-bit) Vision Transformer.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

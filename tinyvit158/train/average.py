@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from tinyvit158.cli import prog
 from tinyvit158.config import ViTConfig
 from tinyvit158.errors import TinyViTError
 from tinyvit158.train.checkpoint import load_run, save_checkpoint
@@ -54,7 +55,7 @@ def average_states(states: list[dict], names: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tinyvit158.train.average", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("tinyvit158.train.average"), description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+", help="trainer checkpoints of one run (RUN/epoch-NNN.pt)")
     p.add_argument("--out", required=True, type=Path, help="the averaged checkpoint to write")
     p.add_argument("--data", help="CIFAR-10 location: held-out accuracy of the inputs and the average")

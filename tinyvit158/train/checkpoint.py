@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from tinyvit158.cli import prog
 from tinyvit158.config import ViTConfig
 from tinyvit158.errors import TinyViTError
 from tinyvit158.train.model import QATViT
@@ -119,7 +120,7 @@ def resave_trusted(src: str | Path, dst: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tinyvit158.train.checkpoint",
+        prog=prog("tinyvit158.train.checkpoint"),
         description="Check that a trainer checkpoint loads safely (weights_only), or re-save a trusted old one.",
     )
     p.add_argument("checkpoint", help="a trainer checkpoint (.pt)")

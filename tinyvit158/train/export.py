@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinyvit158.cli import prog
 from tinyvit158.errors import TinyViTError
 from tinyvit158.packing import pack
 from tinyvit158.quant import ternarize
@@ -84,7 +85,7 @@ def torch_logits(model: QATViT, images_u8: np.ndarray, batch: int = 500) -> np.n
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tinyvit158.train.export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("tinyvit158.train.export"), description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a trainer checkpoint (RUN/best.pt or RUN/last.pt)")
     p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     p.add_argument("--packing", choices=("ternary2", "ternary3"), help="override the config's packing")

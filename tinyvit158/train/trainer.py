@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tinyvit158.cli import prog
 from tinyvit158.config import ViTConfig, get_preset, parse_set
 from tinyvit158.data import Dataset, load_cifar10
 from tinyvit158.errors import TinyViTError
@@ -359,10 +360,12 @@ def train(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m tinyvit158.train",
+        prog=prog("tinyvit158.train"),
         description="Train a ternary (QAT) ViT on CIFAR-10; rerun the same command to resume.",
     )
-    p.add_argument("--data", required=True, help="CIFAR-10: folder with the zips, a zip, or the python tarball")
+    p.add_argument(
+        "--data", help="CIFAR-10: folder with the zips, a zip, or the python tarball (default: TINYVIT158_DATA)"
+    )
     p.add_argument("--out", required=True, type=Path, help="run folder: last.pt, best.pt, log.jsonl")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -385,11 +388,41 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "config_overrides":
             continue
         flag = "--" + name.replace("_", "-")
+        what = f"{RECIPE_HELP[name]} (default: {value!r})"
         if isinstance(value, bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value, metavar="BOOL")
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value, metavar="BOOL",
+                           help=what)  # fmt: skip
         else:
-            p.add_argument(flag, type=type(value), default=value)
+            p.add_argument(flag, type=type(value), default=value, help=what)
     return p
+
+
+RECIPE_HELP = {
+    "preset": "model shapes: cifar10-tiny, deit-tiny, deit-small, vit-base-16 (change fields with --set)",
+    "epochs": "epochs in all (the cosine schedule spans them)",
+    "float_epochs": "epochs in float before the ternary layers switch on (= --epochs: a float model)",
+    "batch": "images a step",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr": "learning rate at the end of the cosine schedule",
+    "weight_decay": "AdamW weight decay (not on norms, biases and embeddings)",
+    "warmup_epochs": "epochs of linear warm-up",
+    "smoothing": "label smoothing",
+    "mixup": "mixup alpha (0: off)",
+    "cutmix": "cutmix alpha (0: off)",
+    "mix_prob": "probability that a batch is mixed (mixup or cutmix)",
+    "erase": "random erasing probability",
+    "trivial_augment": "TrivialAugment on every image",
+    "drop_path": "stochastic depth rate of the last block (linear from 0)",
+    "grad_clip": "gradient norm clip (0: off)",
+    "holdout": "training images held out for validation (the choice criterion)",
+    "limit_train": "use only this many training images (smoke tests; 0: all)",
+    "seed": "seed of the split, the order and the augmentations",
+    "teacher": "knowledge distillation: a trained run (RUN/last.pt) or a weight file whose model teaches",
+    "distill": "weight of the teacher's soft targets in the loss (0: no distillation)",
+    "distill_temp": "softmax temperature of the distillation term",
+    "init": "start from a trained run's weights (RUN/best.pt) or a weight file's codes (fine-tuning)",
+    "matmul": "dtype of the ternary layers' training products: float32 or bfloat16 (AMX, tensor cores)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     fields = {k: getattr(args, k) for k in asdict(Recipe()) if k != "config_overrides"}
+    from tinyvit158.data import data_dir_from_env
+
+    args.data = str(args.data or data_dir_from_env() or "") or None
+    if args.data is None:
+        build_parser().error("--data is required (or set TINYVIT158_DATA to the folder holding the CIFAR-10 zips)")
     try:
         overrides = parse_set(args.set)
         recipe = Recipe(**fields, config_overrides=json.dumps(overrides, sort_keys=True))
