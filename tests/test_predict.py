@@ -140,3 +140,22 @@ def test_help_documents_options_and_exit_codes():
     assert out.returncode == 0
     for needle in ["--weights", "--top-k", "--json", "--engine", "exit status", "0 ", "1 ", "2 ", "centre square"]:
         assert needle in out.stdout, needle
+
+
+def test_a_slow_first_call_says_why():
+    """On a new install the first call compiles the kernels (tens of seconds): a line on
+    stderr says so, and only when a call is that slow."""
+    import io
+    import time
+
+    from tinyvit158.engine import COMPILE_NOTICE, first_run_notice
+
+    err = io.StringIO()
+    with first_run_notice(after_s=0.05, stream=err):
+        time.sleep(0.3)
+    assert err.getvalue().strip() == COMPILE_NOTICE
+    quiet = io.StringIO()
+    with first_run_notice(after_s=0.5, stream=quiet):
+        pass
+    time.sleep(0.7)
+    assert quiet.getvalue() == ""

@@ -26,7 +26,9 @@ batch 1 that took a fifth of a call.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
 import time
 
@@ -55,6 +57,25 @@ from tinyvit158.weights import Checkpoint, load_weights
 
 _NONE = np.empty(0, dtype=np.float32)
 PACKED_DEFAULT = True  # 2-bit weights, spread to bytes per job in cache: as fast as 1-byte ones in bench
+
+
+COMPILE_NOTICE = (
+    "tinyvit158: compiling the Numba kernels for this CPU (the first run only, about half a minute; "
+    "later runs load them from the cache)"
+)
+
+
+@contextlib.contextmanager
+def first_run_notice(after_s: float = 2.0, stream=None):
+    """Say on stderr why a call is slow if it takes longer than ``after_s``: on a new
+    install (or CPU) the first call compiles the kernels, which takes tens of seconds."""
+    timer = threading.Timer(after_s, lambda: print(COMPILE_NOTICE, file=stream or sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 class Engine:

@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             from tinyvit158.oracle import Oracle
 
             model = Oracle(ckpt)
+        from tinyvit158.engine import first_run_notice
+        from tinyvit158.image import normalize
+
+        with first_run_notice():  # compiles on a new install: not counted in images/s
+            model(normalize(data.images[0], cfg)[None])
         logits, seconds = run_engine(model, data.images, cfg, args.batch, f"{args.engine} engine")
         torch_logits = None
         if twin is not None:

@@ -125,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         from tinyvit158.oracle import Oracle
 
         model = Oracle(ckpt)
-    probs = softmax(np.asarray(model(np.stack(images)), dtype=np.float64))
+    from tinyvit158.engine import first_run_notice
+
+    with first_run_notice():
+        logits = model(np.stack(images))
+    probs = softmax(np.asarray(logits, dtype=np.float64))
 
     rows = []
     for f, p in zip(good, probs, strict=False):
