@@ -60,7 +60,7 @@ PACKED_DEFAULT = True  # 2-bit weights, spread to bytes per job in cache: as fas
 
 
 COMPILE_NOTICE = (
-    "tinyvit158: compiling the Numba kernels for this CPU (the first run only, about half a minute; "
+    "tinyvit158: compiling the Numba kernels for this CPU (the first run only: 10-30 s; "
     "later runs load them from the cache)"
 )
 
