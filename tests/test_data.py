@@ -92,7 +92,11 @@ def test_evaluate_gives_identical_results_on_zip_and_tarball(layouts, weights):
         assert out.returncode == 0, out.stderr
         r = json.loads(out.stdout)
         results.append((r["accuracy"], r["per_class"], r["confusion"]))
+        assert r["classes"] == list(r["per_class"]) and len(r["confusion"]) == len(r["classes"])
     assert results[0] == results[1]
+    table = evaluate("--data", root / "cifar10-test-jpg.zip", "--weights", weights).stdout.splitlines()
+    header = next(i for i, line in enumerate(table) if "confusion (rows: label" in line)
+    assert table[header + 1].split() == [c[:4] for c in r["classes"]]  # the columns are labelled
 
 
 def test_evaluate_bad_data_is_one_line(tmp_path, weights):

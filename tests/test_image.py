@@ -103,3 +103,32 @@ def test_arrays_are_checked():
 def test_tiny_images_are_refused(tmp_path):
     with pytest.raises(ImageError, match="1x1 pixels"):
         load_image(save(Image.new("RGB", (1, 1)), tmp_path / "one.png"), CFG)
+
+
+def test_large_images_warn_nothing_and_big_jpegs_decode_in_draft_mode(tmp_path, monkeypatch):
+    """Between one and two times Pillow's pixel limit an image is decoded without Pillow's
+    two-line warning; a JPEG beyond twice the limit is still read, at reduced scale, when
+    that scale is within it (a phone photo), while a PNG that size is refused."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    rgb = np.zeros((300, 400, 3), np.uint8)
+    rgb[:, :200] = (200, 30, 30)
+    rgb[:, 200:] = (30, 30, 200)
+    Image.fromarray(rgb[:120, :150]).save(tmp_path / "mid.png")  # 18,000 px: 1.8x the limit
+    Image.fromarray(rgb).save(tmp_path / "big.jpg", quality=95)  # 120,000 px: 12x the limit
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        load_image(tmp_path / "mid.png", CFG)
+        x = load_image(tmp_path / "big.jpg", CFG)
+    full = normalize(np.asarray(Image.fromarray(rgb).resize((43, 32), Image.Resampling.BICUBIC))[:, 5:37], CFG)
+    assert np.abs(x - full).mean() < 0.15  # the same picture, from a 1/8-scale decode (edges move a pixel)
+    with pytest.raises(ImageError, match="too many pixels"):
+        load_image(tmp_path / "big.png", CFG)
+    assert Image.MAX_IMAGE_PIXELS == 10_000  # the limit is restored
+
+
+def test_urls_are_refused_with_a_hint():
+    with pytest.raises(ImageError, match="a URL; only local files are read"):
+        load_image("https://example.com/cat.jpg", CFG)

@@ -159,3 +159,20 @@ def test_a_slow_first_call_says_why():
         pass
     time.sleep(0.7)
     assert quiet.getvalue() == ""
+
+
+def test_json_has_a_record_for_every_file_in_order(tmp_path):
+    from conftest import run_module
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    out = run_module("tinyvit158.predict", "--json", "examples/cat.jpg", bad, "https://example.com/dog.jpg",
+                     "examples/dog.jpg")  # fmt: skip
+    assert out.returncode == 1
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["file"] for r in records] == ["examples/cat.jpg", str(bad), "https://example.com/dog.jpg",
+                                            "examples/dog.jpg"]  # fmt: skip
+    assert "top_k" in records[0] and "top_k" in records[3]
+    assert "not an image" in records[1]["error"]
+    assert "a URL; only local files are read" in records[2]["error"]
+    assert len(out.stderr.strip().splitlines()) == 2  # one line for each failed file

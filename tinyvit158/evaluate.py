@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "weights": weights_name, "engine": args.engine, "split": args.split, "images": len(data),
         "accuracy": float((pred == data.labels).mean()),
+        "classes": list(cfg.class_names),  # the order of the confusion matrix's rows and columns
         "per_class": {c: float(a) for c, a in zip(cfg.class_names, per_class, strict=False)},
         "confusion": m.tolist(), "images_per_s": len(data) / seconds,
     }  # fmt: skip
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"top-1 accuracy: {result['accuracy']:.4f}   ({result['images_per_s']:.0f} images/s)")
     width = max(len(c) for c in cfg.class_names)
     print("\nper class" + " " * (width - 3) + "acc   confusion (rows: label, columns: predicted)")
+    print(" " * (width + 11) + " ".join(f"{c[:4]:>4}" for c in cfg.class_names))
     for c, a, row in zip(cfg.class_names, per_class, m, strict=False):
         print(f"  {c:<{width}}  {a:.3f}  " + " ".join(f"{v:4d}" for v in row))
     if torch_logits is not None:

@@ -12,12 +12,19 @@ uint8 array [H, W, 3] becomes a float32 [3, S, S] tensor for a model of image si
 4. pixels scaled to [0, 1] are normalized with the config's per-channel mean and std.
 
 Pillow's decompression-bomb guard stays on: a header claiming more than twice
-``Image.MAX_IMAGE_PIXELS`` pixels is refused before any pixel is decoded.
+``Image.MAX_IMAGE_PIXELS`` pixels is refused before any pixel is decoded (its warning for
+images between one and two times the limit is not shown: they are decoded as any other).
+JPEGs are decoded in draft mode, at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that still
+covers the model's size (fast and light for a phone photo), so a JPEG may claim up to
+64 times the limit (a 200 MP photo decodes as 3 MP). A URL is refused: download it first.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +34,9 @@ from tinyvit158.config import ViTConfig
 from tinyvit158.errors import ImageError
 
 MIN_SIDE = 8  # pixels: smaller images hold too little to classify (a 1x1 image is one colour)
+JPEG_DRAFT_FACTOR = 64  # the largest pixel-count reduction of JPEG draft decoding (1/8 a side)
+_LIMIT_LOCK = threading.Lock()  # Image.MAX_IMAGE_PIXELS is process-wide
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # scheme://...: refused, never fetched
 
 
 def _gray_to_8bit(img: Image.Image) -> Image.Image:
@@ -72,8 +82,43 @@ def normalize(rgb: np.ndarray, cfg: ViTConfig) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+def _open_jpeg_beyond_the_limit(path: Path, size: int) -> Image.Image | None:
+    """A JPEG whose header claims more than the bomb limit, opened in draft mode if its
+    reduced size is within the limit; else None."""
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xff\xd8\xff":
+            return None
+    with _LIMIT_LOCK:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is None:
+            return None
+        Image.MAX_IMAGE_PIXELS = limit * JPEG_DRAFT_FACTOR
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    img.draft(None, (size, size))
+    if img.size[0] * img.size[1] > 2 * limit:
+        img.close()
+        return None
+    return img
+
+
+def _orient_convert(img: Image.Image, path: Path, background, size: int) -> Image.Image:
+    img.seek(0)  # first frame of an animation
+    if img.format == "JPEG":
+        img.draft(None, (size, size))  # decode at 1/2, 1/4 or 1/8 scale when that still covers the size
+    img = ImageOps.exif_transpose(img)
+    if min(img.size) < MIN_SIDE:
+        w, h = img.size
+        raise ImageError(f"{path}: image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
+    return to_rgb(img, background)
+
+
 def open_rgb(path: str | os.PathLike, cfg: ViTConfig) -> Image.Image:
     """Open, orient and convert an image file to RGB; any failure is one ImageError."""
+    if URL.match(os.fspath(path)):
+        raise ImageError(f"{os.fspath(path)}: a URL; only local files are read (download it first)")
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")
@@ -81,14 +126,16 @@ def open_rgb(path: str | os.PathLike, cfg: ViTConfig) -> Image.Image:
         raise ImageError(f"{path}: is a directory, not an image")
     background = tuple(int(round(m * 255)) for m in cfg.mean)
     try:
-        with Image.open(path) as img:
-            img.seek(0)  # first frame of an animation
-            img = ImageOps.exif_transpose(img)
-            if min(img.size) < MIN_SIDE:
-                raise ImageError(
-                    f"{path}: image is {img.size[0]}x{img.size[1]} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed"
-                )
-            return to_rgb(img, background)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(path)
+            except Image.DecompressionBombError:
+                img = _open_jpeg_beyond_the_limit(path, cfg.image_size)
+                if img is None:
+                    raise
+            with img:
+                return _orient_convert(img, path, background, cfg.image_size)
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: refused, too many pixels ({e}); a decompression bomb?") from None
     except UnidentifiedImageError:

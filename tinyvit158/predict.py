@@ -21,7 +21,9 @@ orientation applied; transparency composited on the model's mean colour; 16-bit,
 CMYK images supported), the shorter side is resized to the model's image size (bicubic,
 antialiased) and the centre square is cropped, then normalized with the model's mean/std.
 Images under 8x8 pixels, and decompression bombs (Pillow's guard), are refused.
-A folder argument means every image file directly inside it.
+A folder argument means every image file directly inside it. URLs are not fetched.
+Every image gets one of the model's classes (CIFAR-10's ten for the shipped weights), also
+a picture of something else: a low top probability is the only hint.
 
 exit status:
   0  every image was classified
@@ -69,10 +71,15 @@ def load_model(weights: str | None) -> tuple[Checkpoint, str]:
     return random_checkpoint(get_preset("cifar10-tiny")), "random cifar10-tiny"
 
 
-def expand(paths: list[str]) -> list[Path]:
+def expand(paths: list[str]) -> list[Path | str]:
     """Files as given; folders become their image files, sorted."""
+    from tinyvit158.image import URL
+
     out = []
     for arg in paths:
+        if URL.match(arg):  # kept as typed (a Path would fold its "//"); load_image refuses it
+            out.append(arg)
+            continue
         p = Path(arg)
         if p.is_dir():
             found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
@@ -104,15 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    images, good, status = [], [], 0
+    images, good, failed, status = [], [], {}, 0
     for f in files:
         try:
             images.append(load_image(f, cfg))
             good.append(f)
         except TinyViTError as e:
             print(f"error: {e}", file=sys.stderr)
+            failed[str(f)] = str(e)
             status = 1
     if not images:
+        if args.json:  # a record for every file, in order
+            for f in files:
+                print(json.dumps({"file": str(f), "error": failed[str(f)]}))
         return status
 
     if args.engine == "fast":
@@ -135,9 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     for f, p in zip(good, probs, strict=False):
         top = np.argsort(-p, kind="stable")[: args.top_k]
         rows.append((str(f), [(cfg.class_names[i], float(p[i])) for i in top]))
-    if args.json:
-        for f, top in rows:
-            print(json.dumps({"file": f, "top_k": [{"label": lab, "probability": round(q, 6)} for lab, q in top]}))
+    if args.json:  # a record for every file, in order: its top-k or its error
+        results = dict(rows)
+        for f in map(str, files):
+            if f in failed:
+                print(json.dumps({"file": f, "error": failed[f]}))
+            else:
+                top = results[f]
+                print(json.dumps({"file": f, "top_k": [{"label": lab, "probability": round(q, 6)} for lab, q in top]}))
     else:
         width = max(len(f) for f, _ in rows)
         print(f"# weights: {weights_name} ({args.engine} engine)")
