@@ -1,5 +1,7 @@
 """``python -m tinyvit158.convert``: a weight file with other numerics, tensors unchanged."""
 
+import os
+
 import numpy as np
 import pytest
 from conftest import run_module
@@ -55,3 +57,195 @@ def test_refusals_are_one_line(tmp_path, weights, args, match):
 def test_shape_changes_are_refused_in_the_api():
     with pytest.raises(TinyViTError):
         change_numerics(random_checkpoint(get_preset("cifar10-tiny").replace(depth=1)), {"heads": 4})
+
+
+# -- float models: post-training ternarization ------------------------------------------------
+def timm_state_dict(cfg, seed=0, ternary_exact_from=None):
+    """A float ViT state dict with timm's names and shapes (random, or a checkpoint's codes x gamma)."""
+    rng = np.random.default_rng(seed)
+    sd = {"cls_token": rng.normal(0, 0.5, (1, 1, cfg.dim))}
+    sd["pos_embed"] = rng.normal(0, 0.5, (1, cfg.num_tokens, cfg.dim))
+    for layer, (n, k) in cfg.linear_shapes().items():
+        if ternary_exact_from is not None and cfg.is_ternary(layer):
+            codes, gamma, _ = ternary_exact_from.ternary(layer)
+            w = codes * gamma[:, None].astype(np.float64)
+        else:
+            w = rng.normal(0, k**-0.5, (n, k))
+        if layer == "patch_embed.proj":
+            w = w.reshape(n, cfg.in_chans, cfg.patch_size, cfg.patch_size)
+        sd[f"{layer}.weight"] = w
+        if cfg.has_bias(layer):
+            sd[f"{layer}.bias"] = rng.normal(0, 0.05, n)
+    for name in [f"blocks.{i}.norm{j}" for i in range(cfg.depth) for j in (1, 2)] + ["norm"]:
+        sd[f"{name}.weight"] = 1 + rng.normal(0, 0.1, cfg.dim)
+        sd[f"{name}.bias"] = rng.normal(0, 0.05, cfg.dim)
+    if ternary_exact_from is not None:
+        sd.update({k: v for k, v in ternary_exact_from.tensors.items() if k in sd and not k.endswith("weight")})
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
+
+
+def save_safetensors(path, sd):
+    import safetensors.numpy
+
+    safetensors.numpy.save_file(sd, str(path))
+    return path
+
+
+def test_a_ternary_exact_float_model_converts_to_its_codes(tmp_path):
+    cfg = get_preset("cifar10-tiny").replace(depth=2)
+    original = random_checkpoint(cfg, seed=11)
+    src = save_safetensors(tmp_path / "float.safetensors", timm_state_dict(cfg, ternary_exact_from=original))
+    proc = run_module("tinyvit158.convert", src, "--out", tmp_path / "t.safetensors", "--preset", "cifar10-tiny")
+    assert proc.returncode == 0, proc.stderr
+    got = load_weights(tmp_path / "t.safetensors")
+    assert got.config == cfg.replace(name="cifar10-tiny")  # every shape read back from the tensors
+    for layer in cfg.linear_shapes():
+        if cfg.is_ternary(layer):
+            assert np.array_equal(got.ternary(layer)[0], original.ternary(layer)[0]), layer
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(Engine(got)(x), Oracle(got)(x), rtol=0, atol=0.05 * np.ptp(Oracle(got)(x)))
+    assert got.source["converted_from"]["route"] == "post-training ternarization"
+
+
+@pytest.mark.parametrize("preset", ["deit-tiny", "deit-small"])
+def test_deit_shapes_at_224_convert_and_run(tmp_path, preset):
+    cfg = get_preset(preset)
+    src = save_safetensors(tmp_path / "deit.safetensors", timm_state_dict(cfg, seed=3))
+    proc = run_module("tinyvit158.convert", src, "--out", tmp_path / "d.safetensors", "--preset", preset,
+                      "--granularity", "channel")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got = load_weights(tmp_path / "d.safetensors")
+    assert (got.config.image_size, got.config.dim, got.config.depth, got.config.heads) == (224, cfg.dim, 12, cfg.heads)
+    assert got.config.scale_granularity == "channel" and got.config.num_classes == 1000
+    logits = Engine(got)(np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32))
+    assert logits.shape == (1, 1000) and np.all(np.isfinite(logits))
+
+
+def _malformed(sd, case):
+    sd = dict(sd)
+    if case == "wrong shape":
+        sd["blocks.0.mlp.fc1.weight"] = sd["blocks.0.mlp.fc1.weight"][:, :-1].copy()
+    elif case == "missing key":
+        del sd["blocks.0.attn.proj.weight"]
+    elif case == "unknown key":
+        sd["blocks.0.attn.rel_pos"] = np.zeros(3, np.float32)
+    elif case == "distillation token":
+        sd["dist_token"] = np.zeros((1, 1, 192), np.float32)
+    elif case == "NaN":
+        sd["blocks.0.norm1.weight"] = sd["blocks.0.norm1.weight"].copy()
+        sd["blocks.0.norm1.weight"][3] = np.nan
+    elif case == "integer tensor":
+        sd["head.bias"] = np.zeros(10, np.int32)
+    return sd
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("wrong shape", "'blocks.0.mlp.fc1.weight': shape"),
+        ("missing key", "'blocks.0.attn.proj.weight': missing"),
+        ("unknown key", "'blocks.0.attn.rel_pos': unknown name"),
+        ("distillation token", "'dist_token': a distillation token"),
+        ("NaN", "'blocks.0.norm1.weight': holds NaN"),
+        ("integer tensor", "'head.bias': dtype int32"),
+    ],
+)
+def test_malformed_float_models_are_one_line(tmp_path, case, match):
+    cfg = get_preset("cifar10-tiny").replace(depth=1)
+    src = save_safetensors(tmp_path / "bad.safetensors", _malformed(timm_state_dict(cfg), case))
+    proc = run_module("tinyvit158.convert", src, "--out", tmp_path / "x.safetensors", "--preset", "cifar10-tiny")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert match in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_heads_must_be_given(tmp_path):
+    src = save_safetensors(tmp_path / "f.safetensors", timm_state_dict(get_preset("cifar10-tiny").replace(depth=1)))
+    proc = run_module("tinyvit158.convert", src, "--out", tmp_path / "x.safetensors")
+    assert proc.returncode == 1 and "--set heads=N" in proc.stderr
+    proc = run_module("tinyvit158.convert", src, "--out", tmp_path / "x.safetensors", "--set", "heads=4")
+    assert proc.returncode == 0 and load_weights(tmp_path / "x.safetensors").config.heads == 4
+
+
+def test_pytorch_files_load_safely(tmp_path):
+    torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
+    cfg = get_preset("cifar10-tiny").replace(depth=1)
+    sd = {k: torch.from_numpy(v) for k, v in timm_state_dict(cfg).items()}
+    torch.save({"model": sd}, tmp_path / "deit_style.pth")  # DeiT wraps its state dict
+    proc = run_module("tinyvit158.convert", tmp_path / "deit_style.pth", "--out", tmp_path / "a.safetensors",
+                      "--preset", "cifar10-tiny")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    torch.save({"model": sd, "x": Payload()}, tmp_path / "evil.pth")
+    proc = run_module("tinyvit158.convert", tmp_path / "evil.pth", "--out", tmp_path / "b.safetensors",
+                      "--preset", "cifar10-tiny")  # fmt: skip
+    assert proc.returncode == 1 and "refused" in proc.stderr and not (tmp_path / "pwned").exists()
+
+
+def test_a_trainer_checkpoint_converts_to_its_own_function(tmp_path):
+    """The project's own model saved by the trainer: with latent weights whose ternarization
+    is exact, the converted file's engine and the checkpoint's PyTorch model agree."""
+    torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
+    from tinyvit158.image import normalize
+    from tinyvit158.train.checkpoint import load_run, save_checkpoint
+    from tinyvit158.train.export import torch_logits
+    from tinyvit158.train.model import QATViT, latent_state
+
+    cfg = get_preset("cifar10-tiny").replace(depth=2)
+    model = QATViT(cfg)
+    model.load_state_dict(latent_state(random_checkpoint(cfg, seed=2)))
+    save_checkpoint({"config": cfg.to_dict(), "model": model.state_dict(), "epoch": 1}, tmp_path / "run.pt")
+    proc = run_module("tinyvit158.convert", tmp_path / "run.pt", "--out", tmp_path / "c.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    got = load_weights(tmp_path / "c.safetensors")
+    images = np.random.default_rng(4).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    twin = torch_logits(load_run(tmp_path / "run.pt")[0], images)
+    engine = Engine(got)(np.stack([normalize(im, cfg) for im in images]))
+    assert np.array_equal(engine.argmax(1), twin.argmax(1))
+    assert np.abs(engine - twin).max() <= 1e-4 * np.abs(twin).max()
+    assert torch.is_tensor(load_run(tmp_path / "run.pt")[1]["model"]["head.weight"])
+
+
+def test_compensation_lowers_the_layer_error_on_images_it_did_not_see():
+    from tinyvit158 import ptq
+    from tinyvit158.oracle import Oracle
+
+    cfg = get_preset("cifar10-tiny").replace(depth=2, scale_granularity="channel")
+    sd = timm_state_dict(cfg, seed=8)
+    ckpt = ptq.ternarize_state(sd, cfg, {})
+    rng = np.random.default_rng(0)
+    calib, unseen = (rng.standard_normal((16, 3, 32, 32)).astype(np.float32) for _ in range(2))
+    fixed, report = ptq.compensate(ckpt, sd, calib)
+    assert all(after < before for before, after in report.values())  # on the calibration images, by construction
+    floats = ptq.float_weights(sd, cfg)
+
+    def error(c):
+        total = 0.0
+        for layer in filter(cfg.is_ternary, cfg.linear_shapes()):
+            x = ptq.layer_inputs(c, unseen, layer)
+            w, b = floats[layer]
+            total += float(np.mean((Oracle(c).linear(x, layer) - (x @ w.T + b)) ** 2))
+        return total
+
+    assert error(fixed) < 0.9 * error(ckpt)
+    with pytest.raises(TinyViTError, match="--granularity channel"):
+        ptq.compensate(ptq.ternarize_state(sd, cfg.replace(scale_granularity="tensor"), {}), sd, calib)
+
+
+def test_compensate_from_the_command_line(tmp_path):
+    from fake_cifar import make_images, write_tarball
+
+    data = write_tarball(tmp_path / "cifar-10-python.tar.gz", make_images(3, 0), make_images(1, 1))
+    cfg = get_preset("cifar10-tiny").replace(depth=1)
+    src = save_safetensors(tmp_path / "f.safetensors", timm_state_dict(cfg, seed=5))
+    proc = run_module("tinyvit158.convert", src, "--out", tmp_path / "c.safetensors", "--preset", "cifar10-tiny",
+                      "--granularity", "channel", "--compensate", "--calib", data, "--calib-images", "8")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "compensation: summed layer-output MSE" in proc.stderr
+    assert load_weights(tmp_path / "c.safetensors").source["converted_from"]["compensated_on"] == (
+        "8 CIFAR-10 training images"
+    )

@@ -1,7 +1,18 @@
 """Convert a model to a weight file: ``python -m tinyvit158.convert SRC --out F.safetensors``.
 
-Sources so far:
+Sources:
 
+- a float ViT with timm's ``VisionTransformer`` names (``patch_embed.proj``, ``cls_token``,
+  ``pos_embed``, ``blocks.N.norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``,
+  ``mlp.fc2``, ``norm``, ``head``) as ``.safetensors`` or as a PyTorch ``.pth``/``.bin``
+  (read with ``torch.load(weights_only=True)``: the train extra), or wrapped in a dict under
+  ``model`` or ``state_dict`` as DeiT's checkpoints are; or a tinyvit158 trainer checkpoint.
+  Post-training ternarization (``ptq.py``): the shapes set the config, ``--preset`` and
+  ``--set`` the rest (heads, eps, mean/std, class names); ``--granularity`` per tensor or
+  per output channel; ``--compensate`` fits each layer's output to the float layer's on
+  ``--calib-images`` CIFAR-10 training images (``--calib DATA``) and folds the fit into
+  gamma and the bias. Anything else (a distillation token, other norms, LayerScale, a
+  missing or misshapen tensor, a NaN, an integer tensor) is refused in one line naming it.
 - a tinyvit158 weight file, with ``--set KEY=VALUE`` changes to the numerics that leave
   its tensors as they are: the attention mode and code widths (``attention``,
   ``attention_bits``, ``attention_prob_bits``: post-training quantized attention), the
@@ -20,11 +31,13 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from tinyvit158.cli import prog
-from tinyvit158.config import parse_set
+from tinyvit158.config import ViTConfig, get_preset, parse_set
 from tinyvit158.errors import TinyViTError
 from tinyvit158.packing import pack
-from tinyvit158.weights import Checkpoint, load_weights, save_weights
+from tinyvit158.weights import FORMAT_NAME, Checkpoint, load_weights, save_weights
 
 # config fields a weight file can change without new or reshaped tensors
 NUMERICS = ("name", "class_names", "attention", "attention_bits", "attention_prob_bits", "packing")
@@ -48,9 +61,105 @@ def change_numerics(ckpt: Checkpoint, changes: dict, source_name: str = "") -> C
     return Checkpoint(cfg, tensors, source)
 
 
+def is_weight_file(path: Path) -> bool:
+    """A tinyvit158 weight file (its metadata says so), not a float safetensors state dict."""
+    if path.suffix != ".safetensors":
+        return False
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            return (f.metadata() or {}).get("format") == FORMAT_NAME
+    except (safetensors.SafetensorError, OSError) as e:
+        raise TinyViTError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def read_float_model(path: Path) -> tuple[dict[str, np.ndarray], ViTConfig | None]:
+    """A float state dict as float arrays, and the config when the file is a trainer checkpoint."""
+    if not path.is_file():
+        raise TinyViTError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        import safetensors.numpy
+
+        try:
+            return dict(safetensors.numpy.load_file(str(path))), None
+        except Exception as e:  # noqa: BLE001 (bfloat16 and other dtypes numpy lacks, corrupt files)
+            raise TinyViTError(f"{path}: cannot read its tensors as NumPy arrays ({str(e).splitlines()[0]})") from None
+    try:
+        import torch
+    except ImportError:
+        raise TinyViTError(f"{path}: a PyTorch file needs the train extra: pip install -e '.[train]'") from None
+    from tinyvit158.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)  # weights_only: no file can run code
+    cfg = None
+    if "config" in state and "model" in state:  # a trainer checkpoint
+        cfg, state = ViTConfig.from_dict(state["config"]), state["model"]
+    else:
+        for key in ("model", "state_dict"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    sd = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TinyViTError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        sd[name] = t.detach().float().numpy() if t.is_floating_point() else t.numpy()
+    return sd, cfg
+
+
+def calibration_images(data: str, cfg: ViTConfig, n: int) -> np.ndarray:
+    """``n`` CIFAR-10 training images spread over the classes, as the model takes them."""
+    from tinyvit158.data import load_cifar10
+    from tinyvit158.image import load_image
+
+    train = load_cifar10(data, "train", progress=False)
+    idx = np.linspace(0, len(train) - 1, n).astype(int)
+    return np.stack([load_image(train.images[i], cfg) for i in idx])
+
+
+def from_float(args, changes: dict) -> Checkpoint:
+    """The ``convert`` route for a float model (module docstring)."""
+    from tinyvit158 import ptq
+
+    src = Path(args.source)
+    sd, cfg = read_float_model(src)
+    ptq.check_state_dict(sd)
+    if cfg is None:
+        fields = dict(changes)
+        heads = fields.pop("heads", None)
+        base = get_preset(args.preset or "cifar10-tiny")
+        cfg = ptq.config_from_shapes(sd, base, heads if heads is not None or not args.preset else base.heads)
+        cfg = cfg.replace(**fields)
+    else:
+        cfg = cfg.replace(**changes)
+    cfg = cfg.replace(scale_granularity=args.granularity or cfg.scale_granularity)
+    source = {"converted_from": {"file": src.name, "route": "post-training ternarization",
+                                 "granularity": cfg.scale_granularity, "changes": changes}}  # fmt: skip
+    ckpt = ptq.ternarize_state(sd, cfg, source)
+    if args.compensate:
+        if not args.calib:
+            raise TinyViTError("--compensate needs calibration images: --calib DATA (the CIFAR-10 folder)")
+        images = calibration_images(args.calib, cfg, args.calib_images)
+        ckpt, report = ptq.compensate(ckpt, sd, images)
+        source["converted_from"]["compensated_on"] = f"{len(images)} CIFAR-10 training images"
+        before = sum(b for b, _ in report.values())
+        after = sum(a for _, a in report.values())
+        print(f"compensation: summed layer-output MSE {before:.4g} -> {after:.4g}", file=sys.stderr)
+    return ckpt
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog("tinyvit158.convert"), description=__doc__.splitlines()[0])
-    p.add_argument("source", help="a tinyvit158 weight file (.safetensors)")
+    p.add_argument(
+        "source", help="a float ViT state dict (timm names; .safetensors, .pth, .bin), a trainer checkpoint (.pt) "
+        "or a tinyvit158 weight file"
+    )  # fmt: skip
+    p.add_argument("--preset", help="what the shapes do not say (heads, eps, mean/std, classes): e.g. deit-tiny")
+    p.add_argument("--granularity", choices=("tensor", "channel"), help="one weight scale per tensor or channel")
+    p.add_argument("--compensate", action="store_true", help="fit each layer to the float one (needs --calib)")
+    p.add_argument("--calib", metavar="DATA", help="CIFAR-10 location: calibration images for --compensate")
+    p.add_argument("--calib-images", type=int, default=64, metavar="N", help="calibration images (default 64)")
     p.add_argument("--out", required=True, type=Path, help="the weight file to write")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -59,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="CIFAR-10 location: record the engine's test accuracy in the file")
     args = p.parse_args(argv)
     try:
-        ckpt = change_numerics(load_weights(args.source), parse_set(args.set), Path(args.source).name)
+        changes = parse_set(args.set)
+        if is_weight_file(Path(args.source)):
+            ckpt = change_numerics(load_weights(args.source), changes, Path(args.source).name)
+        else:
+            ckpt = from_float(args, changes)
         if args.data:
             from tinyvit158.data import load_cifar10
             from tinyvit158.engine import Engine
