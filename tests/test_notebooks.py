@@ -47,3 +47,13 @@ def test_notebook_runs(path):
 
 def test_there_are_four_notebooks():
     assert [p.name[:2] for p in sorted(NOTEBOOKS.glob("*.ipynb"))] == ["01", "02", "03", "04"]
+
+
+def test_notebook_02_quotes_the_size_table():
+    from tinyvit158.weights import default_weights_path, format_size_table, load_weights, size_table
+
+    path = default_weights_path()
+    text = (NOTEBOOKS / "02_bit_packing.ipynb").read_text()
+    nb = nbformat.reads(text, as_version=4)
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert format_size_table(size_table(load_weights(path), path)) in printed

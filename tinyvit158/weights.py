@@ -134,17 +134,22 @@ def validate(cfg: ViTConfig, tensors: dict[str, np.ndarray], path: str | os.Path
                 raise _error(path, name, "per-tensor scale expected (scale_granularity='tensor') but values differ")
 
 
-def save_weights(path: str | os.PathLike, ckpt: Checkpoint) -> None:
-    """Validate and write a weight file atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    validate(ckpt.config, ckpt.tensors, path)
+def serialize(ckpt: Checkpoint) -> bytes:
+    """The bytes of ``ckpt``'s weight file (what :func:`save_weights` writes)."""
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "config": ckpt.config.to_json(),
         "source": json.dumps(ckpt.source, sort_keys=True),
     }
-    data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in ckpt.tensors.items()}, metadata)
+    return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in ckpt.tensors.items()}, metadata)
+
+
+def save_weights(path: str | os.PathLike, ckpt: Checkpoint) -> None:
+    """Validate and write a weight file atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    validate(ckpt.config, ckpt.tensors, path)
+    data = serialize(ckpt)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -271,3 +276,62 @@ def size_summary(ckpt: Checkpoint) -> dict[str, int]:
     out["total"] = out["packed"] + out["scales"] + out["other"]
     out["float32_total"] = out["float32_replaced"] + out["other"]
     return out
+
+
+def size_table(ckpt: Checkpoint, path: str | os.PathLike | None = None) -> list[dict[str, float | int | str]]:
+    """The sizes every document quotes, for ``ckpt`` stored both ways (``ternary2`` and
+    ``ternary3``): the weight file's bytes (``path``'s own size for its packing, else the
+    serialized bytes), the packed ternary weights' bytes, and each against float32 (the
+    float32 weights they replace; the float32 model: those plus every other tensor, as
+    :func:`size_summary` counts)."""
+    rows = []
+    for packing in ("ternary2", "ternary3"):
+        tensors = dict(ckpt.tensors)
+        if packing != ckpt.config.packing:
+            for layer in ckpt.config.linear_shapes():
+                if ckpt.config.is_ternary(layer):
+                    tensors[f"{layer}.weight_packed"] = pack(ckpt.ternary(layer)[0], packing)
+        other = Checkpoint(ckpt.config.replace(packing=packing), tensors, ckpt.source)
+        s = size_summary(other)
+        own = path is not None and packing == ckpt.config.packing
+        file_bytes = Path(path).stat().st_size if own else len(serialize(other))
+        rows.append({
+            "packing": packing, "file_bytes": file_bytes, "packed_bytes": s["packed"],
+            "float32_replaced_bytes": s["float32_replaced"], "float32_model_bytes": s["float32_total"],
+            "packed_vs_float32": s["float32_replaced"] / s["packed"],
+            "file_vs_float32": s["float32_total"] / file_bytes,
+        })  # fmt: skip
+    return rows
+
+
+def format_size_table(rows: list[dict]) -> str:
+    """:func:`size_table` as the markdown table the README and the model card show."""
+    lines = [
+        "| storage | weight file | packed ternary weights | vs the float32 weights they replace "
+        "| file vs float32 model |",
+        "|---|---|---|---|---|",
+        f"| float32 | {rows[0]['float32_model_bytes']:,} B | {rows[0]['float32_replaced_bytes']:,} B | 1 | 1 |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['packing']}` | {r['file_bytes']:,} B | {r['packed_bytes']:,} B | 1/{r['packed_vs_float32']:.1f} "
+            f"| 1/{r['file_vs_float32']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tinyvit158.weights [FILE]``: the size table of a weight file (default: the shipped one)."""
+    import sys
+
+    path = argv[0] if argv else (sys.argv[1] if len(sys.argv) > 1 else default_weights_path())
+    try:
+        print(format_size_table(size_table(load_weights(path), path)))
+    except TinyViTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
