@@ -66,11 +66,13 @@ from tinyvit158.kernels.simd import (
     _fhmax,
     _fhsum_tree,
     _fload,
+    _fmask_tail,
     _fmax,
     _fmul,
     _fprob_store,
     _fquantize_mul_scatter4,
     _fquantize_mul_store,
+    _fquantize_mul_store_u8,
     _fscores_store,
     _fsplat,
     _fstore,
@@ -402,8 +404,8 @@ def _probability_codes(si, r, Np16, ksum, sk, hoff, N, c, z, pc, Np4, levels):
         return
     for jb in range(0, Np16, 16):
         _fscores_store(z, jb, _vload(si, r * Np16 + jb), ksum, sk, hoff + jb)
-    for j in range(N, Np16):
-        z[j] = -np.inf
+    last = Np16 - 16  # lanes past N: -inf for the max, then 0 for the sum
+    _fmask_tail(z, last, N - last, np.float32(-np.inf))
     mv = _fload(z, 0)
     for jb in range(16, Np16, 16):
         mv = _fmax(mv, _fload(z, jb))
@@ -411,8 +413,7 @@ def _probability_codes(si, r, Np16, ksum, sk, hoff, N, c, z, pc, Np4, levels):
     for jb in range(0, Np16, 16):
         _fstore(z, jb, _fmul(_fsub(_fload(z, jb), m_v), c_v))
         _fexp_inplace(z, jb)
-    for j in range(N, Np16):
-        z[j] = 0.0
+    _fmask_tail(z, last, N - last, np.float32(0.0))
     sv = _fload(z, 0)
     for jb in range(16, Np16, 16):
         sv = _fadd(sv, _fload(z, jb))
@@ -444,6 +445,7 @@ def _attention_int8(qkv, heads, qmax, levels, scale, qn_w, qn_b, kn_w, kn_b, eps
     hdp4, hdp16, Np4, Np16 = -(-hd // 4) * 4, -(-hd // 16) * 16, -(-N // 4) * 4, -(-N // 16) * 16
     NB, G, CB, J4 = Np16 // 16, hdp4 // 4, hdp16 // 16, Np4 // 4
     flat = qkv.reshape(-1)
+    fq = np.float32(qmax)
     quads = (N + 3) // 4
     U = B * quads
     for part in numba.prange(P):
@@ -471,15 +473,28 @@ def _attention_int8(qkv, heads, qmax, levels, scale, qn_w, qn_b, kn_w, kn_b, eps
             i0 = (u % quads) * 4
             rows = min(4, N - i0)
             for h in range(heads):
-                qu[:] = 128  # code 0 in the padding and in rows past the unit
+                if rows < 4 or hd % 16:
+                    qu[:] = 128  # code 0 in the padding and in rows past the unit
                 for r in range(rows):
                     base = (b * N + i0 + r) * C3 + h * hd
-                    sq[r] = _norm_quantize(flat[base : base + hd], qn_w, qn_b, eps, has_norm, tmp, codes, qmax)
-                    qrow = qu[r * hdp4 : r * hdp4 + hd]
-                    for d in range(hd):
-                        qrow[d] = codes_u8[d] ^ 128  # int8 c as unsigned c + 128: its sign bit flipped
+                    if hd % 16 == 0 and not _PYTHON:  # codes + 128 straight into the tile's rows
+                        src = flat[base : base + hd]
+                        if has_norm:
+                            _layernorm_row(src, qn_w, qn_b, eps, tmp)
+                            src = tmp
+                        m = max(_absmax(src), _EPS32)
+                        sq[r] = m / fq
+                        inv_v, qmax_v = _fsplat(fq / m), _fsplat(fq)
+                        for c in range(0, hd, 16):
+                            _fquantize_mul_store_u8(qu, r * hdp4 + c, _fload(src, c), inv_v, qmax_v)
+                    else:
+                        sq[r] = _norm_quantize(flat[base : base + hd], qn_w, qn_b, eps, has_norm, tmp, codes, qmax)
+                        qrow = qu[r * hdp4 : r * hdp4 + hd]
+                        for d in range(hd):
+                            qrow[d] = codes_u8[d] ^ 128  # int8 c as unsigned c + 128: its sign bit flipped
                     if recording:
-                        rec_q[b, h, i0 + r, :] = codes[:hd]
+                        for d in range(hd):
+                            rec_q[b, h, i0 + r, d] = np.int8(np.int32(qu[r * hdp4 + d]) - 128)
                 _tile4(qu, hdp4, kl, h * NB, NB, si, tiles)
                 for r in range(rows):
                     _probability_codes(si, r, Np16, ksum, sk, h * Np16, N, sq[r] * scale, z, pc, Np4, levels)

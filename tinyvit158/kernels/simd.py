@@ -333,20 +333,21 @@ def _ftoi(typingctx, a):
     return zmm(zmmf), codegen
 
 
-def _quantize_store_of(op: str):
-    """The 16-lane quantizing store with ``op`` (``fdiv``: v / s; ``fmul``: v * (1 / s))."""
+def _quantize_store_of(op: str, offset: bool = False):
+    """The 16-lane quantizing store with ``op`` (``fdiv``: v / s; ``fmul``: v * (1 / s));
+    ``offset`` stores each code plus 128 as an unsigned byte (its sign bit flipped)."""
 
     @intrinsic
     def quantize_store(typingctx, q, index, v, s_v, qmax_v):
         def codegen(context, builder, sig, args):
-            return _quantize_codegen(context, builder, sig, args, op)
+            return _quantize_codegen(context, builder, sig, args, op, offset)
 
         return types.void(q, index, zmmf, zmmf, zmmf), codegen
 
     return quantize_store
 
 
-def _quantize_codegen(context, builder, sig, args, op):
+def _quantize_codegen(context, builder, sig, args, op, offset=False):
     """``q[index + i] = int8(clamp(rint(v[i] op s), -qmax, qmax))`` for 16 lanes: IEEE
     division (or product), round half to even (``llvm.rint``, as ``np.rint``), clamp,
     then exact conversion: the scalar quantizer's operations, 16 at a time (LLVM kept
@@ -356,6 +357,8 @@ def _quantize_codegen(context, builder, sig, args, op):
     r = _call(builder, "llvm.maxnum.v16f32", _V16F, [r, builder.fneg(qm)])
     r = _call(builder, "llvm.minnum.v16f32", _V16F, [r, qm])
     codes = builder.trunc(builder.fptosi(r, _V16), ir.VectorType(ir.IntType(8), 16))
+    if offset:
+        codes = builder.xor(codes, _splat(builder, ir.Constant(ir.IntType(8), 0x80), ir.VectorType(ir.IntType(8), 16)))
     ptr = _element_ptr(context, builder, sig.args[0], q_a, q_i)
     builder.store(codes, builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
     return context.get_dummy_value()
@@ -363,6 +366,7 @@ def _quantize_codegen(context, builder, sig, args, op):
 
 _fquantize_store = _quantize_store_of("fdiv")  # v / s: the activation quantizer
 _fquantize_mul_store = _quantize_store_of("fmul")  # v * (qmax / absmax): the int8 attention's
+_fquantize_mul_store_u8 = _quantize_store_of("fmul", offset=True)  # the same, as code + 128 (its q)
 
 
 # -- float64 vectors (attention: ``ops._attention``) ------------------------------------------
@@ -543,3 +547,18 @@ def _fquantize_mul_scatter4(typingctx, q, index, stride, v, inv, qmax):
         return _call(builder, "llvm.vector.reduce.add.v16i32", _I32, [ints])
 
     return types.int32(q, types.intp, types.intp, zmmf, zmmf, zmmf), codegen
+
+
+@intrinsic
+def _fmask_tail(typingctx, arr, index, valid, value):
+    """Lanes ``valid`` .. 15 of the 16 float32 at ``arr[index]`` set to ``value`` (one select)."""
+
+    def codegen(context, builder, sig, args):
+        a, i, n, v = args
+        ptr = builder.bitcast(_element_ptr(context, builder, sig.args[0], a, i), _V16F.as_pointer())
+        lanes = ir.Constant(_V16, list(range(16)))
+        keep = builder.icmp_signed("<", lanes, _splat(builder, builder.trunc(n, _I32), _V16))
+        builder.store(builder.select(keep, builder.load(ptr, align=4), _splat(builder, v, _V16F)), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, index, types.intp, types.float32), codegen
