@@ -62,18 +62,18 @@ from tinyvit158.kernels.simd import (
     EXP32_P,
     _dpbusd,
     _fadd,
-    _fexp_inplace,
+    _fexp,
     _fhmax,
     _fhsum_tree,
     _fload,
-    _fmask_tail,
+    _fmask,
     _fmax,
     _fmul,
     _fprob_store,
     _fquantize_mul_scatter4,
     _fquantize_mul_store,
     _fquantize_mul_store_u8,
-    _fscores_store,
+    _fscores,
     _fsplat,
     _fstore,
     _fsub,
@@ -106,7 +106,7 @@ F32 = np.float32
 
 
 def exp32(x: np.ndarray) -> np.ndarray:
-    """exp of float32 x <= 0 as the kernels compute it (``simd._fexp_inplace``), in NumPy
+    """exp of float32 x <= 0 as the kernels compute it (``simd._fexp``), in NumPy
     float32, operation for operation."""
     x = np.maximum(x.astype(F32), F32(EXP32_MIN))
     k = np.floor(x * F32(_INV_LN2_32) + F32(0.5))
@@ -402,21 +402,22 @@ def _probability_codes(si, r, Np16, ksum, sk, hoff, N, c, z, pc, Np4, levels):
         pc[r * Np4 : r * Np4 + N] = _codes_np(acc, sk[hoff : hoff + N], c, levels)
         pc[r * Np4 + N : (r + 1) * Np4] = 0
         return
-    for jb in range(0, Np16, 16):
-        _fscores_store(z, jb, _vload(si, r * Np16 + jb), ksum, sk, hoff + jb)
-    last = Np16 - 16  # lanes past N: -inf for the max, then 0 for the sum
-    _fmask_tail(z, last, N - last, np.float32(-np.inf))
-    mv = _fload(z, 0)
-    for jb in range(16, Np16, 16):
-        mv = _fmax(mv, _fload(z, jb))
+    last = Np16 - 16  # lanes past N: -inf for the max, 0 for the sum
+    mv = _fsplat(np.float32(-np.inf))
+    for jb in range(0, Np16, 16):  # scores, and their row max, in one pass
+        v = _fscores(_vload(si, r * Np16 + jb), ksum, sk, hoff + jb)
+        if jb == last:
+            v = _fmask(v, N - last, np.float32(-np.inf))
+        _fstore(z, jb, v)
+        mv = _fmax(mv, v)
     m_v, c_v = _fsplat(_fhmax(mv)), _fsplat(c)
-    for jb in range(0, Np16, 16):
-        _fstore(z, jb, _fmul(_fsub(_fload(z, jb), m_v), c_v))
-        _fexp_inplace(z, jb)
-    _fmask_tail(z, last, N - last, np.float32(0.0))
-    sv = _fload(z, 0)
-    for jb in range(16, Np16, 16):
-        sv = _fadd(sv, _fload(z, jb))
+    sv = _fsplat(np.float32(0.0))
+    for jb in range(0, Np16, 16):  # exponentials, and their lane sums, in one pass
+        e = _fexp(_fmul(_fsub(_fload(z, jb), m_v), c_v))
+        if jb == last:
+            e = _fmask(e, N - last, np.float32(0.0))
+        _fstore(z, jb, e)
+        sv = _fadd(sv, e)
     inv = np.float32(1.0) / _fhsum_tree(sv)
     # 16 codes a store: lanes past N hold e = 0, code 0, as P V needs up to Np4; the last
     # store runs up to 12 bytes into the next row (written after this one) or the slack
@@ -502,9 +503,11 @@ def _attention_int8(qkv, heads, qmax, levels, scale, qn_w, qn_b, kn_w, kn_b, eps
                         for j in range(N):
                             rec_p[b, h, i0 + r, j] = pc[r * Np4 + j]
                 _tile4(pc, Np4, vl, h * CB, CB, so, tiles)
-                for r in range(rows):
+                svh = sv[h * hdp16 : h * hdp16 + hd]
+                for r in range(rows):  # slices: indices from 0, so the loop vectorizes
+                    orow, srow = ob[r * C + h * hd : r * C + (h + 1) * hd], so[r * hdp16 : r * hdp16 + hd]
                     for d in range(hd):
-                        ob[r * C + h * hd + d] = np.float32(np.float64(so[r * hdp16 + d]) * sv[h * hdp16 + d])
+                        orow[d] = np.float32(np.float64(srow[d]) * svh[d])
             for r in range(rows):
                 t = b * N + i0 + r
                 if quantize:

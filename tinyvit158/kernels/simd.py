@@ -444,31 +444,35 @@ _LN2_LO_32 = -2.12194440e-4
 EXP32_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 
 
+def _exp32_codegen(builder, x):
+    """The lanes of ``_fexp``: see there."""
+
+    def c(v):
+        return _splat(builder, ir.Constant(_F32, v), _V16F)
+
+    x = _call(builder, "llvm.maxnum.v16f32", _V16F, [x, c(EXP32_MIN)])
+    k = _call(builder, "llvm.floor.v16f32", _V16F, [builder.fadd(builder.fmul(x, c(_INV_LN2_32)), c(0.5))])
+    r = builder.fsub(builder.fsub(x, builder.fmul(k, c(_LN2_HI_32))), builder.fmul(k, c(_LN2_LO_32)))
+    p = c(EXP32_P[0])
+    for coef in EXP32_P[1:]:
+        p = builder.fadd(builder.fmul(p, r), c(coef))
+    y = builder.fadd(builder.fadd(builder.fmul(p, builder.fmul(r, r)), r), c(1.0))
+    e = builder.add(builder.fptosi(k, _V16), _splat(builder, ir.Constant(_I32, 127), _V16))
+    pow2 = builder.bitcast(builder.shl(e, _splat(builder, ir.Constant(_I32, 23), _V16)), _V16F)
+    return builder.fmul(y, pow2)
+
+
 @intrinsic
-def _fexp_inplace(typingctx, arr, index):
-    """``arr[index:index + 16] = exp(...)`` for float32 x <= 0, each operation rounded as
-    written (no fused multiply-adds): x = max(x, -87); k = floor(x / ln2 + 1/2);
-    r = (x - k HI) - k LO; p = Horner(EXP32_P, r); y = (p r^2 + r) + 1; times 2**k.
-    ``qattn.exp32`` is the same in NumPy, ``train/model.exp32`` in PyTorch."""
+def _fexp(typingctx, v):
+    """exp of 16 float32 lanes x <= 0, each operation rounded as written (no fused
+    multiply-adds): x = max(x, -87); k = floor(x / ln2 + 1/2); r = (x - k HI) - k LO;
+    p = Horner(EXP32_P, r); y = (p r^2 + r) + 1; times 2**k. ``qattn.exp32`` is the same in
+    NumPy, ``train/model.exp32`` in PyTorch."""
 
     def codegen(context, builder, sig, args):
-        def c(v):
-            return _splat(builder, ir.Constant(_F32, v), _V16F)
+        return _exp32_codegen(builder, args[0])
 
-        ptr = builder.bitcast(_element_ptr(context, builder, sig.args[0], args[0], args[1]), _V16F.as_pointer())
-        x = _call(builder, "llvm.maxnum.v16f32", _V16F, [builder.load(ptr, align=4), c(EXP32_MIN)])
-        k = _call(builder, "llvm.floor.v16f32", _V16F, [builder.fadd(builder.fmul(x, c(_INV_LN2_32)), c(0.5))])
-        r = builder.fsub(builder.fsub(x, builder.fmul(k, c(_LN2_HI_32))), builder.fmul(k, c(_LN2_LO_32)))
-        p = c(EXP32_P[0])
-        for coef in EXP32_P[1:]:
-            p = builder.fadd(builder.fmul(p, r), c(coef))
-        y = builder.fadd(builder.fadd(builder.fmul(p, builder.fmul(r, r)), r), c(1.0))
-        e = builder.add(builder.fptosi(k, _V16), _splat(builder, ir.Constant(_I32, 127), _V16))
-        pow2 = builder.bitcast(builder.shl(e, _splat(builder, ir.Constant(_I32, 23), _V16)), _V16F)
-        builder.store(builder.fmul(y, pow2), ptr, align=4)
-        return context.get_dummy_value()
-
-    return types.void(arr, index), codegen
+    return zmmf(zmmf), codegen
 
 
 @intrinsic
@@ -485,25 +489,6 @@ def _fhsum_tree(typingctx, a):
         return builder.extract_element(v, ir.Constant(_I32, 0))
 
     return types.float32(zmmf), codegen
-
-
-@intrinsic
-def _fscores_store(typingctx, out, index, acc, corr, scale, k_index):
-    """``out[index + i] = float32(acc[i] - corr[k_index + i]) * scale[k_index + i]`` for 16
-    lanes: the int8 attention's scores from its offset sums (int32 lanes; int32 and float32
-    arrays of the keys' corrections and scales). Exact to the one rounding of the product
-    (|acc| < 2**24 converts exactly)."""
-
-    def codegen(context, builder, sig, args):
-        out_a, out_i, acc, corr_a, scale_a, k_i = args
-        cptr = builder.bitcast(_element_ptr(context, builder, sig.args[3], corr_a, k_i), _V16.as_pointer())
-        sptr = builder.bitcast(_element_ptr(context, builder, sig.args[4], scale_a, k_i), _V16F.as_pointer())
-        v = builder.sitofp(builder.sub(acc, builder.load(cptr, align=4)), _V16F)
-        optr = builder.bitcast(_element_ptr(context, builder, sig.args[0], out_a, out_i), _V16F.as_pointer())
-        builder.store(builder.fmul(v, builder.load(sptr, align=4)), optr, align=4)
-        return context.get_dummy_value()
-
-    return types.void(out, index, zmm, corr, scale, k_index), codegen
 
 
 @intrinsic
@@ -550,15 +535,28 @@ def _fquantize_mul_scatter4(typingctx, q, index, stride, v, inv, qmax):
 
 
 @intrinsic
-def _fmask_tail(typingctx, arr, index, valid, value):
-    """Lanes ``valid`` .. 15 of the 16 float32 at ``arr[index]`` set to ``value`` (one select)."""
+def _fscores(typingctx, acc, corr, scale, k_index):
+    """``float32(acc[i] - corr[k_index + i]) * scale[k_index + i]`` for 16 lanes (as
+    ``_fscores_store``, in a register)."""
 
     def codegen(context, builder, sig, args):
-        a, i, n, v = args
-        ptr = builder.bitcast(_element_ptr(context, builder, sig.args[0], a, i), _V16F.as_pointer())
+        acc_v, corr_a, scale_a, k_i = args
+        cptr = builder.bitcast(_element_ptr(context, builder, sig.args[1], corr_a, k_i), _V16.as_pointer())
+        sptr = builder.bitcast(_element_ptr(context, builder, sig.args[2], scale_a, k_i), _V16F.as_pointer())
+        v = builder.sitofp(builder.sub(acc_v, builder.load(cptr, align=4)), _V16F)
+        return builder.fmul(v, builder.load(sptr, align=4))
+
+    return zmmf(zmm, corr, scale, k_index), codegen
+
+
+@intrinsic
+def _fmask(typingctx, v, valid, value):
+    """``v`` with lanes ``valid`` .. 15 set to ``value``."""
+
+    def codegen(context, builder, sig, args):
+        vec, n, val = args
         lanes = ir.Constant(_V16, list(range(16)))
         keep = builder.icmp_signed("<", lanes, _splat(builder, builder.trunc(n, _I32), _V16))
-        builder.store(builder.select(keep, builder.load(ptr, align=4), _splat(builder, v, _V16F)), ptr, align=4)
-        return context.get_dummy_value()
+        return builder.select(keep, vec, _splat(builder, val, _V16F))
 
-    return types.void(arr, index, types.intp, types.float32), codegen
+    return zmmf(zmmf, types.intp, types.float32), codegen
