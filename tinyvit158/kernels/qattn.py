@@ -70,6 +70,7 @@ from tinyvit158.kernels.simd import (
     _fmax,
     _fmul,
     _fprob_store,
+    _fquantize_interleave4,
     _fquantize_mul_scatter4,
     _fquantize_mul_store,
     _fquantize_mul_store_u8,
@@ -228,7 +229,28 @@ def _tile4(a, K4, b, block0, nblocks, out, tiles):
                 out[r * nblocks * 16 + n] = acc
     else:
         stride = nblocks * 16
-        for blk in range(nblocks):
+        blk = 0
+        while blk + 1 < nblocks:  # two blocks at a time: each broadcast feeds two products
+            a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _vzero()
+            for g in range(G):
+                bv = _vload(b, ((block0 + blk) * G + g) * 64)
+                bw = _vload(b, ((block0 + blk + 1) * G + g) * 64)
+                x0, x1 = _vbroadcast4(a, 4 * g), _vbroadcast4(a, K4 + 4 * g)
+                x2, x3 = _vbroadcast4(a, 2 * K4 + 4 * g), _vbroadcast4(a, 3 * K4 + 4 * g)
+                a0, c0 = _dpbusd(a0, x0, bv), _dpbusd(c0, x0, bw)
+                a1, c1 = _dpbusd(a1, x1, bv), _dpbusd(c1, x1, bw)
+                a2, c2 = _dpbusd(a2, x2, bv), _dpbusd(c2, x2, bw)
+                a3, c3 = _dpbusd(a3, x3, bv), _dpbusd(c3, x3, bw)
+            _vstore(out, blk * 16, a0)
+            _vstore(out, stride + blk * 16, a1)
+            _vstore(out, 2 * stride + blk * 16, a2)
+            _vstore(out, 3 * stride + blk * 16, a3)
+            _vstore(out, blk * 16 + 16, c0)
+            _vstore(out, stride + blk * 16 + 16, c1)
+            _vstore(out, 2 * stride + blk * 16 + 16, c2)
+            _vstore(out, 3 * stride + blk * 16 + 16, c3)
+            blk += 2
+        if blk < nblocks:
             a0 = a1 = a2 = a3 = _vzero()
             for g in range(G):
                 bv = _vload(b, ((block0 + blk) * G + g) * 64)
@@ -380,6 +402,23 @@ def _prepare_image(flat, b, N, C, heads, qmax, levels, kn_w, kn_b, eps, has_norm
             m = max(vmax[d], _EPS32)
             sv[h * hdp16 + d] = np.float64(m / fq) / levels  # s_v / L: dequantizes P v in one product
             vmax[d] = fq / m  # now the reciprocal that makes codes
+        if hd % 16 == 0 and not _PYTHON:  # 4 tokens x 16 channels a store, in the tile layout
+            zero, qmax_v = _fsplat(np.float32(0.0)), _fsplat(fq)
+            for g in range(J4):
+                r0 = (b * N + 4 * g) * C3 + 2 * C + h * hd  # the group's first token; the rest follow at C3
+                for cb in range(CB):
+                    o = r0 + 16 * cb
+                    v0 = _fload(flat, o)
+                    v1 = _fload(flat, o + C3) if 4 * g + 1 < N else zero
+                    v2 = _fload(flat, o + 2 * C3) if 4 * g + 2 < N else zero
+                    v3 = _fload(flat, o + 3 * C3) if 4 * g + 3 < N else zero
+                    inv_v = _fload(vmax, 16 * cb)
+                    _fquantize_interleave4(vl, ((h * CB + cb) * J4 + g) * 64, v0, v1, v2, v3, inv_v, qmax_v)
+            if recording:
+                for j in range(N):
+                    for d in range(hd):
+                        rec_v[b, h, d, j] = vl[_value_at(h, j, d, CB, J4)]
+            continue
         for j in range(N):
             row = flat[(b * N + j) * C3 + 2 * C + h * hd : (b * N + j) * C3 + 2 * C + (h + 1) * hd]
             for d in range(hd):

@@ -560,3 +560,30 @@ def _fmask(typingctx, v, valid, value):
         return builder.select(keep, vec, _splat(builder, val, _V16F))
 
     return zmmf(zmmf, types.intp, types.float32), codegen
+
+
+@intrinsic
+def _fquantize_interleave4(typingctx, dst, index, v0, v1, v2, v3, inv, qmax):
+    """Codes of 4 tokens x 16 channels (``rint(v_t * inv)`` clamped to +-qmax, lane-wise
+    per channel), stored as 64 bytes channel-major, token-minor: byte 4c + t = code of
+    token t, channel c (the int8 attention's value layout; one byte permutation instead of
+    64 byte stores)."""
+
+    def codegen(context, builder, sig, args):
+        d_a, d_i, *vs, inv_v, qm = args
+        v16b = ir.VectorType(ir.IntType(8), 16)
+        codes = []
+        for v in vs:
+            r = _call(builder, "llvm.rint.v16f32", _V16F, [builder.fmul(v, inv_v)])
+            r = _call(builder, "llvm.maxnum.v16f32", _V16F, [r, builder.fneg(qm)])
+            r = _call(builder, "llvm.minnum.v16f32", _V16F, [r, qm])
+            codes.append(builder.trunc(builder.fptosi(r, _V16), v16b))
+        lo = builder.shuffle_vector(codes[0], codes[1], ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        hi = builder.shuffle_vector(codes[2], codes[3], ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
+        order = [16 * t + c for c in range(16) for t in range(4)]  # byte 4c + t <- token t, channel c
+        out = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 64), order))
+        ptr = _element_ptr(context, builder, sig.args[0], d_a, d_i)
+        builder.store(out, builder.bitcast(ptr, _V64B.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(dst, index, zmmf, zmmf, zmmf, zmmf, zmmf, zmmf), codegen
