@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m tinyvit158.weights [FILE]``: the size table of a weight file (default: the shipped one)."""
     import sys
 
-    path = argv[0] if argv else (sys.argv[1] if len(sys.argv) > 1 else default_weights_path())
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv else default_weights_path()
     try:
         print(format_size_table(size_table(load_weights(path), path)))
     except TinyViTError as e:
