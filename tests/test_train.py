@@ -120,7 +120,7 @@ def test_distilled_run_resumes_exactly(tmp_path, tarball):
     assert all(torch.equal(a[k], b[k]) for k in a)
     plain = train(RECIPE, str(tarball), tmp_path / "plain", progress=False)
     assert plain["train_loss"] != whole["train_loss"]
-    with pytest.raises(TinyViTError, match="needs --teacher"):
+    with pytest.raises(TinyViTError, match="need --teacher"):
         train(Recipe(**{**RECIPE.__dict__, "distill": 0.5}), str(tarball), tmp_path / "none", progress=False)
 
 
@@ -239,3 +239,41 @@ def test_fine_tuning_from_a_weight_file_into_int8_attention(tmp_path, tarball):
     np.testing.assert_array_equal(twin, torch_logits(int8_model, images))  # checkpoint and file: one function
     with pytest.raises(TinyViTError, match="other fields"):
         init_from(QATViT(RECIPE.config().replace(dim=48)), str(tmp_path / "w.safetensors"), "cpu")
+
+
+def test_progressive_and_activation_first_recipes(tmp_path, tarball):
+    """TerViT's progressive recipe (float, then int8 weights, then ternary), GPLQ's
+    activation-first stage (int8 activations, float weights, feature mimicking of a float
+    teacher) followed by post-training ternarization, and channel-wise scales end to end."""
+    from tinyvit158.convert import main as convert
+    from tinyvit158.train.trainer import stage_of
+
+    r = Recipe(**{**RECIPE.__dict__, "epochs": 4, "float_epochs": 1, "int8_epochs": 2})
+    assert [stage_of(e, r) for e in range(4)] == ["float", "int8", "int8", "ternary"]
+    log = tmp_path / "tervit" / "log.jsonl"
+    channel = RECIPE.config_overrides[:-1] + ', "scale_granularity": "channel"}'
+    train(Recipe(**{**r.__dict__, "config_overrides": channel}), str(tarball), tmp_path / "tervit", progress=False)
+    import json as _json
+
+    assert [_json.loads(line)["stage"] for line in log.read_text().splitlines()] == ["float", "int8", "int8",
+                                                                                      "ternary"]  # fmt: skip
+    model, _ = load_run(tmp_path / "tervit" / "best.pt")
+    assert model.cfg.scale_granularity == "channel"
+    ckpt, differing = to_checkpoint(model, {})
+    assert differing == 0 and len(set(ckpt.ternary("blocks.0.mlp.fc1")[1])) > 1  # a scale per channel
+    images, _ = make_images(2, 3)
+    np.testing.assert_array_equal(torch_logits(QATViT.from_checkpoint(ckpt), images), torch_logits(model, images))
+
+    teacher = Recipe(**{**RECIPE.__dict__, "epochs": 1, "float_epochs": 1})
+    train(teacher, str(tarball), tmp_path / "float", progress=False)
+    float_run = str(tmp_path / "float" / "last.pt")
+    gplq = Recipe(**{**RECIPE.__dict__, "epochs": 1, "act_only_epochs": 1, "teacher": float_run,
+                     "feature_distill": 1.0, "init": float_run})  # fmt: skip
+    record = train(gplq, str(tarball), tmp_path / "gplq", progress=False)
+    assert record["stage"] == "act-only" and np.isfinite(record["train_loss"])
+    assert not (tmp_path / "gplq" / "best.pt").exists()  # best.pt is for ternary epochs
+    out = tmp_path / "gplq.safetensors"
+    assert convert([str(tmp_path / "gplq" / "last.pt"), "--out", str(out), "--granularity", "channel"]) == 0
+    assert load_weights(out).config.scale_granularity == "channel"
+    with pytest.raises(TinyViTError, match="need --teacher"):
+        train(Recipe(**{**RECIPE.__dict__, "feature_distill": 1.0}), str(tarball), tmp_path / "x", progress=False)

@@ -160,7 +160,11 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 class BitLinear(nn.Linear):
     """Ternary weights x int8 activations, trained with straight-through estimators.
 
-    ``quantize=False`` makes it a plain float Linear (for float warm-up).
+    ``quantize=False`` makes it a plain float Linear (for float warm-up). ``weights`` sets
+    what the weights are while ``quantize`` is on: ``"ternary"`` (the model), ``"int8"``
+    (per-output-channel absmax int8: TerViT's first, 8-bit stage before ternary) or
+    ``"float"`` (activations quantized, weights float: GPLQ's activation-first stage, after
+    which the weights are ternarized post-training by ``convert``).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, cfg: ViTConfig):
@@ -168,6 +172,7 @@ class BitLinear(nn.Linear):
         self.granularity = cfg.scale_granularity
         self.norm = LayerNorm(in_features, eps=cfg.norm_eps) if cfg.bitlinear_norm else None
         self.quantize = True
+        self.weights = "ternary"  # or "int8", "float": the training stages before ternary
         self.matmul_dtype = torch.float32  # of the training forward's product; see forward
         self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # (codes, gamma) from a weight file
 
@@ -181,6 +186,13 @@ class BitLinear(nn.Linear):
         if not self.quantize:
             return F.linear(x, self.weight, self.bias)
         x_q, s_x = quantize_activations(x)
+        if self.weights != "ternary" and self.frozen is None:
+            w = self.weight
+            if self.weights == "int8":  # per output channel absmax, straight-through
+                s_w = w.detach().abs().amax(dim=1, keepdim=True).clamp_min(ACT_EPS) / ACT_QMAX
+                w = ste(w, torch.clamp(torch.round(w / s_w), -ACT_QMAX, ACT_QMAX) * s_w)
+            x = ste(x, x_q * s_x) if torch.is_grad_enabled() else x_q * s_x
+            return F.linear(x, w, self.bias)
         w_q, gamma = self.frozen if self.frozen is not None else ternarize_weight(self.weight, self.granularity)
         if torch.is_grad_enabled():
             if self.matmul_dtype == torch.float32:
@@ -410,6 +422,10 @@ class QATViT(nn.Module):
         for m in self.modules():
             if isinstance(m, Attention):
                 m.quantize = on
+
+    def set_weights(self, kind: str) -> None:
+        """What the ternary layers' weights are in training: "ternary", "int8" or "float"."""
+        self._set(weights=kind)
 
     def set_matmul_dtype(self, dtype: torch.dtype) -> None:
         """The dtype of the ternary layers' products in training (float32 or bfloat16);

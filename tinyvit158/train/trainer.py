@@ -61,6 +61,9 @@ class Recipe:
     config_overrides: str = "{}"  # JSON of ViTConfig fields to change
     epochs: int = 100
     float_epochs: int = 0  # train in float first, then switch the ternary layers on
+    act_only_epochs: int = 0  # then int8 activations with float weights (GPLQ's first stage; convert after)
+    int8_epochs: int = 0  # then int8 weights per output channel (TerViT's progressive 8-bit stage), then ternary
+    feature_distill: float = 0.0  # weight of an MSE between the student's and the teacher's final features
     batch: int = 128
     lr: float = 1e-3
     min_lr: float = 1e-5
@@ -85,6 +88,15 @@ class Recipe:
 
     def config(self) -> ViTConfig:
         return get_preset(self.preset).replace(**json.loads(self.config_overrides))
+
+
+def stage_of(epoch: int, r: Recipe) -> str:
+    """What epoch ``epoch`` trains: "float", "act-only", "int8" or "ternary" (in that order)."""
+    for stage, until in (("float", r.float_epochs), ("act-only", r.float_epochs + r.act_only_epochs),
+                         ("int8", r.float_epochs + r.act_only_epochs + r.int8_epochs)):  # fmt: skip
+        if epoch < until:
+            return stage
+    return "ternary"
 
 
 def distill_loss(
@@ -245,8 +257,8 @@ def train(
         raise TinyViTError(f"--matmul {recipe.matmul!r}: choose one of {', '.join(MATMUL_DTYPES)}")
     model.set_matmul_dtype(MATMUL_DTYPES[recipe.matmul])
     opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
-    if recipe.distill and not recipe.teacher:
-        raise TinyViTError("--distill needs --teacher (a trainer checkpoint)")
+    if (recipe.distill or recipe.feature_distill) and not recipe.teacher:
+        raise TinyViTError("--distill and --feature-distill need --teacher (a trainer checkpoint or weight file)")
     start_epoch, best = 0, 0.0
     last = out / "last.pt"
     if last.exists():
@@ -267,7 +279,8 @@ def train(
         print(f"{out}: all {recipe.epochs} epochs done", file=sys.stderr)
         return {"epoch": start_epoch, "best_val_acc": best}
 
-    teacher = load_teacher(recipe.teacher, cfg, device) if recipe.teacher and recipe.distill else None
+    distilling = recipe.teacher and (recipe.distill or recipe.feature_distill)
+    teacher = load_teacher(recipe.teacher, cfg, device) if distilling else None
     data = load_cifar10(data_path, "train", progress=progress)
     train_idx, val_idx = split_holdout(data.labels, recipe.holdout, recipe.seed)
     if recipe.limit_train:
@@ -283,7 +296,9 @@ def train(
         torch.manual_seed(recipe.seed * 100_003 + epoch)
         order = np.random.default_rng([recipe.seed, epoch]).permutation(train_idx)
         quantize = epoch >= recipe.float_epochs
+        stage = stage_of(epoch, recipe)
         model.set_quantize(quantize)
+        model.set_weights({"act-only": "float", "int8": "int8"}.get(stage, "ternary"))
         model.train()
         t0, seen = time.time(), 0
         loss_sum = torch.zeros((), device=device)
@@ -303,12 +318,21 @@ def train(
             x, t = x.to(device, non_blocking=True), t.to(device, non_blocking=True)
             if compile == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step's buffers are new
-            logits = forward(x)
             teacher_logits = None
-            if teacher is not None:
+            if recipe.feature_distill:  # GPLQ-style feature mimicking: the final features, MSE
+                feats = model.forward_features(x)
+                logits = model.forward_head(feats)
                 with torch.no_grad():
-                    teacher_logits = teacher(x)
+                    teacher_feats = teacher.forward_features(x)
+                    teacher_logits = teacher.forward_head(teacher_feats)
+            else:
+                logits = forward(x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)
             loss = distill_loss(logits, t, teacher_logits, recipe.distill, recipe.distill_temp)
+            if recipe.feature_distill:
+                loss = loss + recipe.feature_distill * F.mse_loss(feats, teacher_feats)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip:
@@ -326,10 +350,10 @@ def train(
                 )
         loss_sum, correct = loss_sum.item(), correct.item()
         val = evaluate(model, data, val_idx, device)
-        best_now = val["acc"] > best
-        best = max(best, val["acc"])
+        best_now = stage == "ternary" and val["acc"] > best  # best.pt: the best model of the final numerics
+        best = max(best, val["acc"]) if stage == "ternary" else best
         record = {
-            "epoch": epoch + 1, "quantized": quantize, "lr": opt.param_groups[0]["lr"],
+            "epoch": epoch + 1, "quantized": quantize, "stage": stage, "lr": opt.param_groups[0]["lr"],
             "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "val_loss": val["loss"], "val_acc": val["acc"], "best_val_acc": best,
             "images_per_s": seen / (time.time() - t0), "epoch_s": time.time() - t0,
@@ -341,14 +365,14 @@ def train(
         }  # fmt: skip
         save_checkpoint(state, last)
         weights_only = {k: v for k, v in state.items() if k != "optimizer"}
-        if best_now and quantize:
+        if best_now:
             save_checkpoint(weights_only, out / "best.pt")
         if epoch + 1 > recipe.epochs - snapshots:
             save_checkpoint(weights_only, out / f"epoch-{epoch + 1:03d}.pt")
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         print(
-            f"epoch {epoch + 1}/{recipe.epochs} {'ternary' if quantize else 'float'}: loss {record['train_loss']:.3f} "
+            f"epoch {epoch + 1}/{recipe.epochs} {stage}: loss {record['train_loss']:.3f} "
             f"val acc {val['acc']:.4f} (best {best:.4f}) {record['images_per_s']:.0f} img/s {record['epoch_s']:.0f} s",
             file=sys.stderr, flush=True,
         )  # fmt: skip
@@ -420,6 +444,9 @@ RECIPE_HELP = {
     "teacher": "knowledge distillation: a trained run (RUN/last.pt) or a weight file whose model teaches",
     "distill": "weight of the teacher's soft targets in the loss (0: no distillation)",
     "distill_temp": "softmax temperature of the distillation term",
+    "act_only_epochs": "after the float epochs: int8 activations, float weights (GPLQ's stage 1; then convert)",
+    "int8_epochs": "then int8 weights per output channel (TerViT's 8-bit stage) before ternary",
+    "feature_distill": "weight of an MSE between the final features and the teacher's (GPLQ's feature mimicking)",
     "init": "start from a trained run's weights (RUN/best.pt) or a weight file's codes (fine-tuning)",
     "matmul": "dtype of the ternary layers' training products: float32 or bfloat16 (AMX, tensor cores)",
 }
