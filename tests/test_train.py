@@ -277,3 +277,27 @@ def test_progressive_and_activation_first_recipes(tmp_path, tarball):
     assert load_weights(out).config.scale_granularity == "channel"
     with pytest.raises(TinyViTError, match="need --teacher"):
         train(Recipe(**{**RECIPE.__dict__, "feature_distill": 1.0}), str(tarball), tmp_path / "x", progress=False)
+
+
+def test_attention_map_distillation(tmp_path, tarball):
+    """Q-ViT-style: the student's attention maps are pulled toward a float teacher's (KL per
+    row); the term is zero for a student that is its own teacher, and changes training."""
+    from tinyvit158.train.trainer import attention_kl
+
+    cfg = RECIPE.config()
+    model = QATViT(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a = model.keep_attention(True)
+        model(x)
+        same = [list(m) for m in a]
+        model.keep_attention(False)
+    assert len(same) == cfg.depth and same[0][0].shape == (2, cfg.heads, cfg.num_tokens, cfg.num_tokens)
+    assert float(attention_kl(same, same)) == pytest.approx(0.0, abs=1e-7)
+    teacher = Recipe(**{**RECIPE.__dict__, "epochs": 1, "float_epochs": 1})
+    train(teacher, str(tarball), tmp_path / "teacher", progress=False)
+    int8 = '{"attention": "int8", "attention_bits": 4, "attention_prob_bits": 4, "depth": 1, "dim": 32, "heads": 2}'
+    base = {**RECIPE.__dict__, "epochs": 1, "config_overrides": int8, "teacher": str(tmp_path / "teacher" / "last.pt")}
+    plain = train(Recipe(**{**base, "distill": 0.5}), str(tarball), tmp_path / "plain", progress=False)
+    dgd = train(Recipe(**{**base, "distill": 0.5, "attn_distill": 1.0}), str(tarball), tmp_path / "dgd", progress=False)
+    assert np.isfinite(dgd["train_loss"]) and dgd["train_loss"] != plain["train_loss"]

@@ -126,7 +126,9 @@ def lane_sum(e: torch.Tensor) -> torch.Tensor:
     return acc[..., 0]
 
 
-def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qmax: int, levels: int) -> torch.Tensor:
+def int8_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qmax: int, levels: int, keep: list | None = None
+) -> torch.Tensor:
     """Fully quantized attention (``kernels/qattn.py``'s rules) of q, k, v (B, H, N, hd).
 
     Training: fake quantization with straight-through estimators (q, k, v and the
@@ -134,6 +136,7 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qmax: int,
     Inference: the engine's arithmetic, bit for bit: exact integer sums, the float32
     softmax in its specified order (:func:`exp32`, :func:`lane_sum`), the probability
     codes, the exact P V sums times ``(s_v / L)`` in float64, rounded once to float32.
+    ``keep``, a list, receives the attention map (training: before its codes are rounded).
     """
     q_c, s_q = quantize_attention(q, qmax)  # (B, H, N, hd), scales (B, H, N, 1)
     k_c, s_k = quantize_attention(k, qmax)
@@ -141,12 +144,16 @@ def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qmax: int,
     scale = q.shape[-1] ** -0.5
     if torch.is_grad_enabled():
         attn = torch.softmax(ste(q, q_c * s_q) @ ste(k, k_c * s_k).transpose(-1, -2) * scale, dim=-1)
+        if keep is not None:
+            keep.append(attn)
         p = ste(attn, torch.round(attn * levels) / levels)
         return p @ ste(v, (v_c * s_v).transpose(-1, -2))
     acc = q_c.double() @ k_c.double().transpose(-1, -2)  # (B, H, N, N), exact integers below 2**24
     z = acc.float() * s_k.transpose(-1, -2)
     e = exp32((z - z.amax(-1, keepdim=True)) * (s_q * torch.tensor(scale, dtype=torch.float32)))
     inv = torch.tensor(1.0, dtype=torch.float32) / lane_sum(e)
+    if keep is not None:
+        keep.append(e * inv[..., None])
     p_c = torch.clamp_max(torch.round(e * inv[..., None] * torch.tensor(float(levels))), levels).double()
     acc = p_c @ v_c.double().transpose(-1, -2)  # (B, H, N, hd), exact
     return (acc * (s_v.double().transpose(-1, -2) / levels)).float()
@@ -281,6 +288,7 @@ class Attention(nn.Module):
         self.plain = plain
         self.qmax, self.levels = code_max(cfg.attention_bits), 2**cfg.attention_prob_bits - 1
         self.quantize = True
+        self.keep: list | None = None  # a list: each forward appends its attention map (distillation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -289,7 +297,11 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.int8 and self.quantize:
-            o = int8_attention(q, k, v, self.qmax, self.levels)
+            o = int8_attention(q, k, v, self.qmax, self.levels, self.keep)
+        elif self.keep is not None:  # the map itself is wanted: written out instead of the fused kernel
+            attn = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
+            self.keep.append(attn)
+            o = attn @ v
         elif torch.is_grad_enabled() or self.plain:
             o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v
         else:  # inference: in float64, rounded once to float32, as the engine does (kernels.ops._attention)
@@ -415,6 +427,15 @@ class QATViT(nn.Module):
             if isinstance(m, BitLinear):
                 for name, value in attrs.items():
                     setattr(m, name, value)
+
+    def keep_attention(self, on: bool) -> list[list]:
+        """Collect every block's attention map from the next forwards (one list a block), or stop."""
+        lists = []
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.keep = [] if on else None
+                lists.append(m.keep)
+        return lists
 
     def set_quantize(self, on: bool) -> None:
         """Ternary layers and int8 attention on, or everything float (warm-up)."""

@@ -64,6 +64,7 @@ class Recipe:
     act_only_epochs: int = 0  # then int8 activations with float weights (GPLQ's first stage; convert after)
     int8_epochs: int = 0  # then int8 weights per output channel (TerViT's progressive 8-bit stage), then ternary
     feature_distill: float = 0.0  # weight of an MSE between the student's and the teacher's final features
+    attn_distill: float = 0.0  # weight of the KL between the teacher's and the student's attention maps (Q-ViT's DGD)
     batch: int = 128
     lr: float = 1e-3
     min_lr: float = 1e-5
@@ -88,6 +89,15 @@ class Recipe:
 
     def config(self) -> ViTConfig:
         return get_preset(self.preset).replace(**json.loads(self.config_overrides))
+
+
+def attention_kl(maps: list[list], teacher_maps: list[list]) -> torch.Tensor:
+    """KL(teacher || student) of the attention rows, averaged over rows, heads and blocks
+    (Q-ViT's distribution-guided distillation, on the maps themselves)."""
+    total = 0.0
+    for (s,), (t,) in zip(maps, teacher_maps, strict=True):
+        total = total + (t * (torch.log(t.clamp_min(1e-12)) - torch.log(s.clamp_min(1e-12)))).sum(-1).mean()
+    return total / len(maps)
 
 
 def stage_of(epoch: int, r: Recipe) -> str:
@@ -257,8 +267,10 @@ def train(
         raise TinyViTError(f"--matmul {recipe.matmul!r}: choose one of {', '.join(MATMUL_DTYPES)}")
     model.set_matmul_dtype(MATMUL_DTYPES[recipe.matmul])
     opt = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.999))
-    if (recipe.distill or recipe.feature_distill) and not recipe.teacher:
-        raise TinyViTError("--distill and --feature-distill need --teacher (a trainer checkpoint or weight file)")
+    if (recipe.distill or recipe.feature_distill or recipe.attn_distill) and not recipe.teacher:
+        raise TinyViTError(
+            "--distill, --feature-distill and --attn-distill need --teacher (a trainer checkpoint or weight file)"
+        )
     start_epoch, best = 0, 0.0
     last = out / "last.pt"
     if last.exists():
@@ -279,7 +291,7 @@ def train(
         print(f"{out}: all {recipe.epochs} epochs done", file=sys.stderr)
         return {"epoch": start_epoch, "best_val_acc": best}
 
-    distilling = recipe.teacher and (recipe.distill or recipe.feature_distill)
+    distilling = recipe.teacher and (recipe.distill or recipe.feature_distill or recipe.attn_distill)
     teacher = load_teacher(recipe.teacher, cfg, device) if distilling else None
     data = load_cifar10(data_path, "train", progress=progress)
     train_idx, val_idx = split_holdout(data.labels, recipe.holdout, recipe.seed)
@@ -319,7 +331,9 @@ def train(
             if compile == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: this step's buffers are new
             teacher_logits = None
-            if recipe.feature_distill:  # GPLQ-style feature mimicking: the final features, MSE
+            if recipe.attn_distill:
+                maps, teacher_maps = model.keep_attention(True), teacher.keep_attention(True)
+            if recipe.feature_distill or recipe.attn_distill:  # features (GPLQ) or attention maps (DGD) too
                 feats = model.forward_features(x)
                 logits = model.forward_head(feats)
                 with torch.no_grad():
@@ -333,6 +347,10 @@ def train(
             loss = distill_loss(logits, t, teacher_logits, recipe.distill, recipe.distill_temp)
             if recipe.feature_distill:
                 loss = loss + recipe.feature_distill * F.mse_loss(feats, teacher_feats)
+            if recipe.attn_distill:
+                loss = loss + recipe.attn_distill * attention_kl(maps, teacher_maps)
+                model.keep_attention(False)
+                teacher.keep_attention(False)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip:
@@ -447,6 +465,7 @@ RECIPE_HELP = {
     "act_only_epochs": "after the float epochs: int8 activations, float weights (GPLQ's stage 1; then convert)",
     "int8_epochs": "then int8 weights per output channel (TerViT's 8-bit stage) before ternary",
     "feature_distill": "weight of an MSE between the final features and the teacher's (GPLQ's feature mimicking)",
+    "attn_distill": "weight of the KL between the teacher's attention maps and the student's (Q-ViT's DGD)",
     "init": "start from a trained run's weights (RUN/best.pt) or a weight file's codes (fine-tuning)",
     "matmul": "dtype of the ternary layers' training products: float32 or bfloat16 (AMX, tensor cores)",
 }
