@@ -229,8 +229,10 @@ class LayerNorm(nn.LayerNorm):
     differ in the last bit and flip a code now and then (measured: a source of about a
     quarter of the images whose codes differ anywhere)."""
 
+    exact = True  # False: float32 at inference too (a teacher in training needs no bit-exactness)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not self.exact:
             return super().forward(x)
         xd = x.double()
         mean = xd.mean(-1, keepdim=True)
@@ -247,8 +249,10 @@ class GELU(nn.GELU):
     the largest single source of engine/PyTorch disagreements (measured 31 -> 19 of 10,000
     test images on the 86% model)."""
 
+    exact = True  # False: torch's own GELU at inference too
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.dtype != torch.float32:
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or not self.exact:
             return super().forward(x)
         f32 = torch.float32
 
@@ -289,6 +293,7 @@ class Attention(nn.Module):
         self.qmax, self.levels = code_max(cfg.attention_bits), 2**cfg.attention_prob_bits - 1
         self.quantize = True
         self.keep: list | None = None  # a list: each forward appends its attention map (distillation)
+        self.exact = True  # False: float32 attention at inference too (a teacher in training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
@@ -302,7 +307,7 @@ class Attention(nn.Module):
             attn = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
             self.keep.append(attn)
             o = attn @ v
-        elif torch.is_grad_enabled() or self.plain:
+        elif torch.is_grad_enabled() or self.plain or not self.exact:
             o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v
         else:  # inference: in float64, rounded once to float32, as the engine does (kernels.ops._attention)
             o = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
@@ -427,6 +432,13 @@ class QATViT(nn.Module):
             if isinstance(m, BitLinear):
                 for name, value in attrs.items():
                     setattr(m, name, value)
+
+    def set_exact(self, on: bool) -> None:
+        """Inference in the engine's exact arithmetic (float64 LayerNorm and attention, the
+        engine's GELU; the default) or in plain float32 (2-3x faster: a teacher in training)."""
+        for m in self.modules():
+            if isinstance(m, (LayerNorm, GELU, Attention)):
+                m.exact = on
 
     def keep_attention(self, on: bool) -> list[list]:
         """Collect every block's attention map from the next forwards (one list a block), or stop."""
