@@ -1,4 +1,4 @@
-"""Accuracy on a CIFAR-10 split: ``python -m tinyvit158.evaluate --data PATH``."""
+"""Accuracy on CIFAR-10 or a labelled image folder: ``python -m tinyvit158.evaluate --data PATH``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from tinyvit158.errors import TinyViTError
 EPILOG = """\
 --data accepts: the folder holding cifar10-test-jpg.zip (default: $TINYVIT158_DATA), the zip
 itself, an extracted folder test/<class>/*.jpg, the official cifar-10-python.tar.gz, or its
-extracted cifar-10-batches-py folder.
+extracted cifar-10-batches-py folder; or any labelled folder ROOT/<class name>/<image>
+(ImageNet-val style) whose folder names are the model's class names (or map to them
+through --class-map FILE, JSON folder -> class), decoded in --workers processes.
 
 exit status: 0 success; 1 bad data or weight file; 2 usage error
 """
@@ -24,7 +26,7 @@ exit status: 0 success; 1 bad data or weight file; 2 usage error
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog("tinyvit158.evaluate"),
-        description="Top-1 accuracy, per-class accuracy and confusion matrix of a ternary ViT on CIFAR-10.",
+        description="Top-1 accuracy, per-class accuracy and confusion matrix on CIFAR-10 or a labelled folder.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -35,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=250, metavar="B", help="images per engine call (default 250)")
     p.add_argument("--engine", choices=("fast", "oracle"), default="fast", help="which implementation (default fast)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--class-map", metavar="FILE", help="labelled folders: JSON object, folder name -> class name")
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="labelled folders: decode in N processes (default 1)"
+    )
     p.add_argument(
         "--compare-torch", metavar="CHECKPOINT",
         help="also run the PyTorch model (a trainer .pt, or the weight file's torch twin) and report agreement",
@@ -96,19 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         ckpt, weights_name = load_model(args.weights)
         cfg = ckpt.config
         twin = load_torch_twin(args.compare_torch) if args.compare_torch else None  # fails before the long run
+        from tinyvit158.folders import is_labelled_folder
+
+        if is_labelled_folder(data_path):
+            if twin is not None:
+                raise TinyViTError("--compare-torch takes CIFAR-10 data, not a labelled folder")
+            return _evaluate_folder(args, data_path, ckpt, weights_name)
         data = load_cifar10(data_path, args.split, limit=args.limit, progress=True)
         if cfg.image_size != 32 or cfg.num_classes != 10:
             raise TinyViTError(
                 f"{weights_name}: a {cfg.image_size}px, {cfg.num_classes}-class model cannot be scored on CIFAR-10"
             )
-        if args.engine == "fast":
-            from tinyvit158.engine import Engine
-
-            model = Engine(ckpt)
-        else:
-            from tinyvit158.oracle import Oracle
-
-            model = Oracle(ckpt)
+        model = _make_model(ckpt, args.engine)
         from tinyvit158.engine import first_run_notice
         from tinyvit158.image import normalize
 
@@ -124,24 +129,74 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
+    return report(args, cfg, weights_name, f"CIFAR-10 {args.split}", data.labels, data.names, logits, seconds,
+                  torch_logits)  # fmt: skip
+
+
+def _make_model(ckpt, engine: str):
+    if engine == "fast":
+        from tinyvit158.engine import Engine
+
+        return Engine(ckpt)
+    from tinyvit158.oracle import Oracle
+
+    return Oracle(ckpt)
+
+
+def _evaluate_folder(args, root, ckpt, weights_name) -> int:
+    """Accuracy on ``root/<class>/<image>``, the images decoded in worker processes, streamed."""
+    from tqdm import tqdm
+
+    from tinyvit158.engine import first_run_notice
+    from tinyvit158.folders import load_labelled_folder, stream
+
+    cfg = ckpt.config
+    try:
+        folder = load_labelled_folder(root, cfg, args.class_map)
+        keep = np.arange(len(folder.paths))
+        if args.limit is not None and args.limit < len(keep):
+            keep = np.linspace(0, len(keep) - 1, args.limit).astype(int)  # every class (folders are sorted)
+        paths = [folder.paths[i] for i in keep]
+        model = _make_model(ckpt, args.engine)
+        out = []
+        t0 = time.perf_counter()
+        with tqdm(total=len(paths), desc=f"{args.engine} engine", unit="img", file=sys.stderr, leave=False) as bar:
+            for idx, images, errors in stream(paths, cfg, args.batch, args.workers):
+                if errors:
+                    raise TinyViTError(next(iter(errors.values())))
+                with first_run_notice():
+                    out.append(model(images))
+                bar.update(len(idx))
+        seconds = time.perf_counter() - t0
+    except TinyViTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    names = [folder.names[i] for i in keep]
+    logits = np.concatenate(out).astype(np.float32)
+    return report(args, cfg, weights_name, f"folder {root}", folder.labels[keep], names, logits, seconds, None)
+
+
+def report(args, cfg, weights_name, what, labels, names, logits, seconds, torch_logits) -> int:
+    """Accuracy, per-class accuracy, confusion matrix (and agreement with a PyTorch model)."""
     pred = logits.argmax(1)
-    m = confusion(data.labels, pred, cfg.num_classes)
+    m = confusion(labels, pred, cfg.num_classes)
     per_class = np.diag(m) / np.maximum(m.sum(1), 1)
     result = {
-        "weights": weights_name, "engine": args.engine, "split": args.split, "images": len(data),
-        "accuracy": float((pred == data.labels).mean()),
+        "weights": weights_name, "engine": args.engine, "data": what, "images": len(labels),
+        "accuracy": float((pred == labels).mean()),
         "classes": list(cfg.class_names),  # the order of the confusion matrix's rows and columns
         "per_class": {c: float(a) for c, a in zip(cfg.class_names, per_class, strict=False)},
-        "confusion": m.tolist(), "images_per_s": len(data) / seconds,
+        "confusion": m.tolist(), "images_per_s": len(labels) / seconds,
+        "predictions": [{"image": n, "predicted": cfg.class_names[k]} for n, k in zip(names, pred, strict=True)],
     }  # fmt: skip
     if torch_logits is not None:
         tpred = torch_logits.argmax(1)
         diff = np.flatnonzero(tpred != pred)
         top2 = np.sort(torch_logits, axis=1)[:, -2:]
-        result["torch_accuracy"] = float((tpred == data.labels).mean())
-        result["agreement"] = float(1 - len(diff) / len(data))
+        result["torch_accuracy"] = float((tpred == labels).mean())
+        result["agreement"] = float(1 - len(diff) / len(labels))
         result["disagreements"] = [
-            {"image": data.names[i], "label": cfg.class_names[data.labels[i]], "engine": cfg.class_names[pred[i]],
+            {"image": names[i], "label": cfg.class_names[labels[i]], "engine": cfg.class_names[pred[i]],
              "torch": cfg.class_names[tpred[i]], "torch_top2_margin": float(top2[i, 1] - top2[i, 0]),
              "max_logit_diff": float(np.abs(logits[i] - torch_logits[i]).max())}
             for i in diff
@@ -149,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"# {weights_name}, {args.engine} engine, CIFAR-10 {args.split}: {len(data)} images")
+    print(f"# {weights_name}, {args.engine} engine, {what}: {len(labels)} images")
     print(f"top-1 accuracy: {result['accuracy']:.4f}   ({result['images_per_s']:.0f} images/s)")
     width = max(len(c) for c in cfg.class_names)
     print("\nper class" + " " * (width - 3) + "acc   confusion (rows: label, columns: predicted)")

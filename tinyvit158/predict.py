@@ -11,9 +11,8 @@ import numpy as np
 
 from tinyvit158.cli import prog
 from tinyvit158.errors import TinyViTError
+from tinyvit158.folders import IMAGE_SUFFIXES  # noqa: E402  (the suffixes a folder argument takes)
 from tinyvit158.weights import Checkpoint, default_weights_path, load_weights
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".tga"}
 
 EPILOG = """\
 Images (PNG, JPEG, BMP, GIF (first frame), WebP, TIFF, ...) are converted to RGB (EXIF

@@ -1,0 +1,98 @@
+"""evaluate on labelled image folders (ROOT/<class>/<image>), decoded in worker processes."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_module
+from PIL import Image
+
+from tinyvit158.config import get_preset
+from tinyvit158.folders import FolderError, is_labelled_folder, load_labelled_folder, stream
+
+CFG = get_preset("cifar10-tiny")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Three classes, mixed formats and sizes, a few images each."""
+    root = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["cat", "ship", "truck"]):
+        (root / name).mkdir()
+        for i, (fmt, size) in enumerate([("png", (32, 32)), ("jpg", (48, 40)), ("bmp", (64, 64)), ("jpg", (20, 36))]):
+            rgb = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            rgb[..., c] = 255  # each class tinted its own way
+            Image.fromarray(rgb).save(root / name / f"{i}.{fmt}")
+    return root
+
+
+def test_folder_paths_labels_and_order(folder):
+    data = load_labelled_folder(folder, CFG)
+    assert len(data.paths) == 12 and is_labelled_folder(folder)
+    assert data.labels.tolist() == [3] * 4 + [8] * 4 + [9] * 4  # cat, ship, truck in the model's classes
+    assert data.names[0] == "cat/0.png"
+
+
+def test_worker_processes_give_the_same_images_in_order(folder):
+    data = load_labelled_folder(folder, CFG)
+    one = [(i, x) for i, x, _ in stream(data.paths, CFG, batch=5, workers=1)]
+    two = [(i, x) for i, x, _ in stream(data.paths, CFG, batch=5, workers=2)]
+    assert [i for i, _ in one] == [i for i, _ in two] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(one, two, strict=True))
+
+
+def test_evaluate_local_and_worker_pool_agree(folder, weights):
+    results = []
+    for workers in ("1", "2"):
+        out = run_module("tinyvit158.evaluate", "--data", folder, "--weights", weights, "--workers", workers, "--json",
+                         "--batch", "5")  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        results.append(json.loads(out.stdout))
+    a, b = results
+    assert a["images"] == 12 and a["accuracy"] == b["accuracy"] and a["confusion"] == b["confusion"]
+    assert a["predictions"] == b["predictions"] and a["predictions"][0]["image"] == "cat/0.png"
+
+
+def test_class_map(tmp_path, folder, weights):
+    import shutil
+
+    root = tmp_path / "renamed"
+    shutil.copytree(folder, root)
+    (root / "cat").rename(root / "n02123045")
+    (tmp_path / "map.json").write_text(json.dumps({"n02123045": "cat"}))
+    out = run_module("tinyvit158.evaluate", "--data", root, "--weights", weights, "--json", "--class-map",
+                     tmp_path / "map.json")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["images"] == 12
+
+
+@pytest.mark.parametrize(
+    "layout, match",
+    [
+        ("empty class", "class folder holds no images"),
+        ("unknown class", "is not one of the model's classes (airplane, automobile"),
+        ("no class folders", "no class folders"),
+        ("file instead of folder", "a file where a class folder belongs"),
+    ],
+)
+def test_wrong_layouts_fail_in_one_line(tmp_path, weights, layout, match):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "cat").mkdir()
+    Image.new("RGB", (32, 32)).save(root / "cat" / "a.png")
+    if layout == "empty class":
+        (root / "dog").mkdir()
+    elif layout == "unknown class":
+        (root / "zebra").mkdir()
+        Image.new("RGB", (32, 32)).save(root / "zebra" / "z.png")
+    elif layout == "no class folders":
+        (root / "cat" / "a.png").unlink()
+        (root / "cat").rmdir()
+    else:
+        (root / "stray.jpg").write_bytes(b"x")
+    out = run_module("tinyvit158.evaluate", "--data", root, "--weights", weights)
+    assert out.returncode == 1 and match in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    with pytest.raises(FolderError):
+        load_labelled_folder(root, CFG)
