@@ -120,7 +120,9 @@ def test_top_k_out_of_range_is_a_usage_error(weights, k):
 def test_good_images_are_classified_despite_bad_ones(bad_files, weights):
     out = run(EXAMPLES / "cat.jpg", bad_files[0] / "text.png", EXAMPLES / "dog.jpg", "--weights", weights, "--json")
     assert out.returncode == 1
-    assert [json.loads(line)["file"].split("/")[-1] for line in out.stdout.splitlines()] == ["cat.jpg", "dog.jpg"]
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["file"].split("/")[-1] for r in records] == ["cat.jpg", "text.png", "dog.jpg"]
+    assert "top_k" in records[0] and "error" in records[1] and "top_k" in records[2]
     assert "text.png" in out.stderr and "Traceback" not in out.stderr
 
 
