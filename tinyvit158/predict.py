@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--explain", action="store_true",
         help="also print the arithmetic ledger of the run: operations, bytes and energy, float32 vs ternary",
     )  # fmt: skip
+    p.add_argument("--batch", type=int, default=64, metavar="B", help="images per engine call (default 64)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="decode images in N processes (default 1)")
     p.add_argument(
         "--engine", choices=("fast", "oracle"), default="fast",
         help="fast: the Numba integer engine (default); oracle: the float64 reference model",
@@ -96,10 +99,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader went away (``predict ... | head``): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from tinyvit158.image import load_image
-
+    if args.batch < 1 or args.workers < 1:
+        parser.error("--batch and --workers must be at least 1")
     try:
         ckpt, weights_name = load_model(args.weights)
         cfg = ckpt.config
@@ -109,67 +120,58 @@ def main(argv: list[str] | None = None) -> int:
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-
-    images, good, failed, status = [], [], {}, 0
-    for f in files:
-        try:
-            images.append(load_image(f, cfg))
-            good.append(f)
-        except TinyViTError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed[str(f)] = str(e)
-            status = 1
-    if not images:
-        if args.json:  # a record for every file, in order
-            for f in files:
-                print(json.dumps({"file": str(f), "error": failed[str(f)]}))
-        return status
+    from tinyvit158.engine import first_run_notice
+    from tinyvit158.folders import stream
 
     if args.engine == "fast":
         from tinyvit158.engine import Engine
 
         model = Engine(ckpt)
         if args.explain:
-            model.record = {}
+            model.record = {}  # the first batch's codes, for the ledger
     else:
         from tinyvit158.oracle import Oracle
 
         model = Oracle(ckpt)
-    from tinyvit158.engine import first_run_notice
-
-    with first_run_notice():
-        logits = model(np.stack(images))
-    probs = softmax(np.asarray(logits, dtype=np.float64))
-
-    rows = []
-    for f, p in zip(good, probs, strict=False):
-        top = np.argsort(-p, kind="stable")[: args.top_k]
-        rows.append((str(f), [(cfg.class_names[i], float(p[i])) for i in top]))
-    if args.json:  # a record for every file, in order: its top-k or its error
-        results = dict(rows)
-        for f in map(str, files):
-            if f in failed:
-                print(json.dumps({"file": f, "error": failed[f]}))
-            else:
-                top = results[f]
-                print(json.dumps({"file": f, "top_k": [{"label": lab, "probability": round(q, 6)} for lab, q in top]}))
-    else:
-        width = max(len(f) for f, _ in rows)
-        print(f"# weights: {weights_name} ({args.engine} engine)")
-        print(f"{'file':<{width}}  {'label':<12} {'prob':>6}  next best")
-        for f, top in rows:
+    status, first_good, header = 0, None, args.json
+    width = max(len(str(f)) for f in files)
+    # images are decoded (in --workers processes) and classified a batch at a time, and each
+    # line is printed as its batch is done: memory stays flat however many files there are
+    for idx, images, errors in stream(files, cfg, args.batch, args.workers):
+        probs = iter(())
+        if len(images):
+            with first_run_notice():
+                probs = iter(softmax(np.asarray(model(images), dtype=np.float64)))
+            if getattr(model, "record", None) is not None and first_good is None:
+                record, model.record = model.record, None
+        for i in idx:
+            f = str(files[i])
+            if i in errors:
+                print(f"error: {errors[i]}", file=sys.stderr)
+                status = 1
+                if args.json:  # a record for every file, in order: its top-k or its error
+                    print(json.dumps({"file": f, "error": errors[i]}), flush=True)
+                continue
+            first_good = first_good or f
+            p = next(probs)
+            top = [(cfg.class_names[k], float(p[k])) for k in np.argsort(-p, kind="stable")[: args.top_k]]
+            if args.json:
+                print(json.dumps({"file": f, "top_k": [{"label": lab, "probability": round(q, 6)} for lab, q in top]}),
+                      flush=True)  # fmt: skip
+                continue
+            if not header:
+                print(f"# weights: {weights_name} ({args.engine} engine)")
+                print(f"{'file':<{width}}  {'label':<12} {'prob':>6}  next best")
+                header = True
             (lab, q), rest = top[0], top[1:]
             nxt = ", ".join(f"{lab2} {q2:.3f}" for lab2, q2 in rest)
-            print(f"{f:<{width}}  {lab:<12} {q:6.3f}  {nxt}")
-    if args.explain:
+            print(f"{f:<{width}}  {lab:<12} {q:6.3f}  {nxt}", flush=True)
+    if args.explain and first_good is not None:
         from tinyvit158.ledger import count, format_ledger
 
-        record = getattr(model, "record", None)
-        print(
-            f"\n# arithmetic ledger, per image ({good[0]}; blocks summed)",
-            file=sys.stdout if not args.json else sys.stderr,
-        )
-        print(format_ledger(count(ckpt, record)), file=sys.stdout if not args.json else sys.stderr)
+        out = sys.stdout if not args.json else sys.stderr
+        print(f"\n# arithmetic ledger, per image ({first_good}; blocks summed)", file=out)
+        print(format_ledger(count(ckpt, record if args.engine == "fast" else None)), file=out)
     return status
 
 
