@@ -7,14 +7,15 @@ layer; attention runs per image. Each quantizer is fused into the step that prod
 input (LayerNorm -> int8, GELU -> int8, attention -> int8), so a block is:
 
     qkv = linear(x_q, s, qkv)                                          (T, 3D)
-    o_q, s = attention_quantize(qkv)
+    o_q, s = attn[i].quantize(qkv)       (float64 or int8 attention, as the config says)
     x += linear(o_q, s, proj);    h_q, s = layernorm_quantize(x, norm2)
     g_q, s = gelu_quantize(linear(h_q, s, fc1))                        (T, hidden)
     x += linear(g_q, s, fc2);     x_q, s = layernorm_quantize(x, next block's norm1)
 
 where ``x_q`` came from the previous block (the first block's from ``norm1``). When every
 layer of the blocks is ternary and the VNNI path runs, each line is one kernel (one
-parallel region): ``kernels.attention_quantize``, ``kernels.linear_add_norm_quantize``
+parallel region): the block's attention object (``kernels.attention_op``: float64, or the
+integer ``kernels.qattn``), ``kernels.linear_add_norm_quantize``
 and ``kernels.linear_gelu_quantize`` compute whole output rows and finish them in cache
 (bit-identical to the steps one after the other). Other models (float layers, BitLinear
 norms) run the steps one by one.
