@@ -173,12 +173,18 @@ def build(variant: str, ckpt: Checkpoint, args=None):
     return run, nbytes, desc
 
 
+def bench_weights(model: str, weights: str | None) -> str:
+    """``weights`` (a file, or "random"), by default the shipped file for ``cifar10-tiny``
+    and random weights of the preset's shapes otherwise."""
+    if weights is not None:
+        return weights
+    shipped = default_weights_path()
+    return str(shipped) if model == "cifar10-tiny" and shipped is not None else "random"
+
+
 def bench_checkpoint(model: str, weights: str | None) -> Checkpoint:
-    """The weights every variant runs: ``weights`` (a file, or "random"), by default the
-    shipped file for ``cifar10-tiny`` and random weights of the preset's shapes otherwise."""
-    if weights is None:
-        shipped = default_weights_path()
-        weights = str(shipped) if model == "cifar10-tiny" and shipped is not None else "random"
+    """The weights every variant runs (:func:`bench_weights`)."""
+    weights = bench_weights(model, weights)
     if weights == "random":
         return random_checkpoint(get_preset(model), seed=0)
     return load_weights(weights)
@@ -434,9 +440,7 @@ def _prepare_inputs(args, variants: list[str]):
     CIFAR-10) calibration and agreement images as .npy files. Returns the temporary folder."""
     import tempfile
 
-    if args.weights is None:
-        shipped = default_weights_path()
-        args.weights = str(shipped) if args.model == "cifar10-tiny" and shipped is not None else "random"
+    args.weights = bench_weights(args.model, args.weights)
     args.onnx = args.calib = args.agree = None
     cfg = get_preset(args.model)
     from tinyvit158.data import data_dir_from_env

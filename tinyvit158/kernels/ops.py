@@ -109,22 +109,16 @@ def _quantize_row(row, q):
 @_jit
 def _quantize_with(row, q, absmax):
     """:func:`_quantize_row` given the row's largest magnitude (from the pass that wrote it)."""
-    return _quantize_to(row, q, absmax, _QMAX32)
-
-
-@_jit
-def _quantize_to(row, q, absmax, qmax):
-    """Codes in [-qmax, qmax] (float32 ``qmax``: 127 for int8, fewer for narrower codes)."""
-    s = max(absmax, _EPS32) / qmax
+    s = max(absmax, _EPS32) / _QMAX32
     n = row.shape[0]
     n16 = 0 if _PYTHON else n - n % 16
     if n16:
-        s_v, qmax_v = _fsplat(s), _fsplat(qmax)
+        s_v, qmax_v = _fsplat(s), _fsplat(_QMAX32)
         for k in range(0, n16, 16):
             _fquantize_store(q, k, _fload(row, k), s_v, qmax_v)
     for k in range(n16, n):
         r = np.rint(row[k] / s)
-        q[k] = np.int8(min(max(r, -qmax), qmax))
+        q[k] = np.int8(min(max(r, -_QMAX32), _QMAX32))
     return s
 
 

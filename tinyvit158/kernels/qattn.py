@@ -346,6 +346,16 @@ def pv_accumulate(p_codes: np.ndarray, v_codes: np.ndarray, path: str | None = N
 
 # -- the fused kernel ---------------------------------------------------------------------------
 @_ijit
+def _normed_max(src, norm_w, norm_b, eps, has_norm, tmp):
+    """A token's q or k slice (after the qk LayerNorm, into ``tmp``, when ``has_norm``) and
+    its largest magnitude, at least 1e-5: what its codes and scale are made from."""
+    if has_norm:
+        _layernorm_row(src, norm_w, norm_b, eps, tmp)
+        src = tmp
+    return src, max(_absmax(src), _EPS32)
+
+
+@_ijit
 def _norm_quantize(src, norm_w, norm_b, eps, has_norm, tmp, codes, qmax):
     """Codes of one token's q or k slice (after the qk LayerNorm when ``has_norm``); its scale."""
     if has_norm:
@@ -370,11 +380,7 @@ def _prepare_image(flat, b, N, C, heads, qmax, levels, kn_w, kn_b, eps, has_norm
             base = (b * N + j) * C3 + C + h * hd
             at = _key_at(h, j, 0, NB, G)
             if hd % 16 == 0 and not _PYTHON:  # codes straight into the layout, 4 bytes a group
-                src = flat[base : base + hd]
-                if has_norm:
-                    _layernorm_row(src, kn_w, kn_b, eps, tmp)
-                    src = tmp
-                m = max(_absmax(src), _EPS32)
+                src, m = _normed_max(flat[base : base + hd], kn_w, kn_b, eps, has_norm, tmp)
                 sk[h * Np16 + j] = m / fq
                 inv_v, qmax_v = _fsplat(fq / m), _fsplat(fq)
                 total = np.int32(0)
@@ -518,11 +524,7 @@ def _attention_int8(qkv, heads, qmax, levels, scale, qn_w, qn_b, kn_w, kn_b, eps
                 for r in range(rows):
                     base = (b * N + i0 + r) * C3 + h * hd
                     if hd % 16 == 0 and not _PYTHON:  # codes + 128 straight into the tile's rows
-                        src = flat[base : base + hd]
-                        if has_norm:
-                            _layernorm_row(src, qn_w, qn_b, eps, tmp)
-                            src = tmp
-                        m = max(_absmax(src), _EPS32)
+                        src, m = _normed_max(flat[base : base + hd], qn_w, qn_b, eps, has_norm, tmp)
                         sq[r] = m / fq
                         inv_v, qmax_v = _fsplat(fq / m), _fsplat(fq)
                         for c in range(0, hd, 16):
