@@ -46,8 +46,14 @@ CONFIGS = {
         depth=2, ternary_patch_embed=False, qkv_bias=False
     ),
     "cifar10-tiny-int8-attention": get_preset("cifar10-tiny").replace(depth=2, attention="int8"),
-    "deit-tiny-depth1-attn4-qk-norm-head-dim-40": get_preset("deit-tiny").replace(
-        depth=1, dim=120, attention="int8", attention_bits=4, attention_prob_bits=4, qk_norm=True
+    "deit-tiny-depth1-attn4-clip-qk-norm-head-dim-40": get_preset("deit-tiny").replace(
+        depth=1,
+        dim=120,
+        attention="int8",
+        attention_bits=4,
+        attention_prob_bits=4,
+        attention_prob_clip=0.25,
+        qk_norm=True,
     ),
 }
 
@@ -115,9 +121,9 @@ class TieReplay:
         x_q, s_x = quantize_activations(x, qmax)
         return self._replay(site, x_q, x / s_x[..., None]), s_x
 
-    def probs(self, p, site, bits):
-        p_q, levels = quantize_probabilities(p, bits)
-        return self._replay(site, p_q, p * levels), levels
+    def probs(self, p, site, bits, clip):
+        p_q, mult = quantize_probabilities(p, bits, clip)
+        return self._replay(site, p_q, p * mult), mult
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -74,24 +74,27 @@ def test_accumulators_check_their_input():
         pv_accumulate(np.zeros((2, 3), np.int8), np.zeros((3, 4), np.int8))
 
 
-def _op(heads, hd, bits, prob_bits, qk_norm, rng):
+def _op(heads, hd, bits, prob_bits, qk_norm, rng, clip=1.0):
     if not qk_norm:
-        return Int8Attention(heads, bits, prob_bits)
+        return Int8Attention(heads, bits, prob_bits, prob_clip=clip)
     norm = [(1 + 0.2 * rng.standard_normal(hd).astype(np.float32), 0.1 * rng.standard_normal(hd).astype(np.float32),
              1e-6) for _ in "qk"]  # fmt: skip
-    return Int8Attention(heads, bits, prob_bits, *norm)
+    return Int8Attention(heads, bits, prob_bits, *norm, prob_clip=clip)
 
 
-@pytest.mark.parametrize("bits, prob_bits", [(8, 8), (4, 4), (4, 8), (8, 4), (6, 6)])
+@pytest.mark.parametrize(
+    "bits, prob_bits, clip",
+    [(8, 8, 1.0), (4, 4, 1.0), (4, 8, 1.0), (8, 4, 1.0), (6, 6, 1.0), (4, 4, 0.25), (8, 8, 2**-7)],
+)
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("B, N, heads, hd", [(2, 65, 3, 64), (1, 197, 2, 40), (3, 5, 1, 3)])
-def test_fused_kernel_equals_its_reference_on_every_path(bits, prob_bits, qk_norm, B, N, heads, hd, monkeypatch):
+def test_fused_kernel_equals_its_reference_on_every_path(bits, prob_bits, clip, qk_norm, B, N, heads, hd, monkeypatch):
     """Codes (q, k, v, p) and outputs as the NumPy twin computes them; the two kernel paths
     give the same bits. (np.exp and the kernel's exp differ in the last float64 bits, so
     a probability code could flip at a float64-level tie: none on these inputs.)"""
     rng = np.random.default_rng(B * N + hd)
     qkv = (rng.standard_normal((B, N, 3 * heads * hd)) * rng.uniform(0.5, 3)).astype(np.float32)
-    op = _op(heads, hd, bits, prob_bits, qk_norm, rng)
+    op = _op(heads, hd, bits, prob_bits, qk_norm, rng, clip)
     want = {}
     expected = op.reference(qkv, want)
     outs = {}
@@ -131,17 +134,46 @@ def test_uniform_and_one_hot_attention():
     np.testing.assert_allclose(out[0], np.broadcast_to(v_c[:, 3] * s_v, (N, hd)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["generic", "vnni"])
+def test_probability_clip_saturates_and_rescales(path, monkeypatch):
+    """attention_prob_clip c: codes min(rint(p * L / c), L), dequantized by c / L. Uniform
+    scores over 8 keys with c = 1/4: p = 1/8 -> rint(15 * 4 / 8) = rint(7.5) = 8 (half to
+    even), and P V is the mean of v's codes times 8 / 60; a dominant key saturates at L = 15
+    and P V returns v's quantized row times 15 / 60 = c."""
+    if path == "vnni" and not cpu_has_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    monkeypatch.setenv("TINYVIT158_KERNEL", path)
+    heads, hd, N = 1, 16, 8
+    qkv = np.zeros((1, N, 3 * hd), np.float32)
+    qkv[0, :, 2 * hd :] = np.random.default_rng(1).standard_normal((N, hd))
+    op = Int8Attention(heads, 8, 4, prob_clip=0.25)
+    rec = {}
+    out = op(qkv, heads, record=rec)
+    v_c, s_v = rec["v"][0, 0].astype(np.float64), np.abs(qkv[0, :, 2 * hd :]).max(0) / 127  # (hd, N), (hd,)
+    assert np.all(rec["p"] == 8)
+    np.testing.assert_allclose(out[0], np.broadcast_to(v_c.sum(1) * 8 * s_v / 60, (N, hd)), rtol=1e-6)
+    qkv[0, :, :hd] = 10.0
+    qkv[0, 3, hd : 2 * hd] = 10.0
+    rec = {}
+    out = op(qkv, heads, record=rec)
+    assert np.all(rec["p"][0, 0, :, 3] == 15) and rec["p"].sum() == 15 * N
+    np.testing.assert_allclose(out[0], np.broadcast_to(v_c[:, 3] * s_v * 0.25, (N, hd)), rtol=1e-6)
+    assert np.array_equal(out, op.reference(qkv))
+
+
 def test_attention_op_follows_the_config():
-    cfg = get_preset("cifar10-tiny").replace(depth=1, attention="int8", attention_bits=4, qk_norm=True)
+    cfg = get_preset("cifar10-tiny").replace(
+        depth=1, attention="int8", attention_bits=4, qk_norm=True, attention_prob_clip=0.5
+    )
     ckpt = random_checkpoint(cfg, seed=1)
     op = attention_op(cfg, ckpt.tensors, 0)
-    assert isinstance(op, Int8Attention) and (op.bits, op.prob_bits) == (4, 8)
+    assert isinstance(op, Int8Attention) and (op.bits, op.prob_bits, op.prob_clip) == (4, 8, 0.5)
     assert np.array_equal(op.q_norm[0], ckpt.tensors["blocks.0.attn.q_norm.weight"])
     assert not isinstance(attention_op(get_preset("cifar10-tiny"), {}, 0), Int8Attention)
 
 
-@pytest.mark.parametrize("bits, prob_bits, qk_norm", [(8, 8, False), (4, 4, True)])
-def test_pytorch_twin_computes_the_same_bits(bits, prob_bits, qk_norm):
+@pytest.mark.parametrize("bits, prob_bits, qk_norm, clip", [(8, 8, False, 1.0), (4, 4, True, 1.0), (4, 4, False, 0.25)])
+def test_pytorch_twin_computes_the_same_bits(bits, prob_bits, qk_norm, clip):
     """``train/model.int8_attention`` (inference) equals the NumPy reference bit for bit on
     ~1 M q/k/v values: every float32 operation in the same order (a scalar / tensor
     division in PyTorch is a reciprocal and a product, which once flipped a code here)."""
@@ -152,7 +184,7 @@ def test_pytorch_twin_computes_the_same_bits(bits, prob_bits, qk_norm):
     for seed in range(20):
         rng = np.random.default_rng(seed)
         qkv = (rng.standard_normal((B, N, 3 * H * hd)) * rng.uniform(0.3, 3)).astype(np.float32)
-        op = _op(H, hd, bits, prob_bits, qk_norm, rng)
+        op = _op(H, hd, bits, prob_bits, qk_norm, rng, clip)
         q, k, v = torch.from_numpy(qkv).reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4)
         with torch.no_grad():
             if qk_norm:
@@ -163,6 +195,6 @@ def test_pytorch_twin_computes_the_same_bits(bits, prob_bits, qk_norm):
                     ln.bias.copy_(torch.from_numpy(b))
                     norms.append(ln)
                 q, k = norms[0](q), norms[1](k)
-            got = int8_attention(q, k, v, 2 ** (bits - 1) - 1, 2**prob_bits - 1)
+            got = int8_attention(q, k, v, 2 ** (bits - 1) - 1, 2**prob_bits - 1, clip=clip)
         got = got.transpose(1, 2).reshape(B, N, H * hd).numpy()
         np.testing.assert_array_equal(got, op.reference(qkv), err_msg=f"seed {seed}")

@@ -522,8 +522,10 @@ def print_report(info, results, kernels, skipped) -> None:
         print(f"# contended: {info['contend']} busy process(es) ran beside every variant")
     if info.get("rounds", 1) > 1:
         print(f"# img/s: the median of {info['rounds']} interleaved rounds' medians; min and max over all calls")
-    print(f"# weights: {info.get('weights', 'random')}" + (
-        "; agree: top-1 agreement with the engine on 256 CIFAR-10 test images" if info.get("data") else ""))
+    print(
+        f"# weights: {info.get('weights', 'random')}"
+        + ("; agree: top-1 agreement with the engine on 256 CIFAR-10 test images" if info.get("data") else "")
+    )
     for v, why in skipped.items():
         print(f"# {v}: skipped ({why})")
     cols = ["variant", "batch", "img/s", "(min", "max)", "x numpy", "weights", "peak RSS", "load s", "threads", "agree"]

@@ -19,6 +19,7 @@ PACKINGS = ("ternary2", "ternary3")
 GRANULARITIES = ("tensor", "channel")
 ATTENTION_MODES = ("float", "int8")
 ATTENTION_BITS = range(2, 9)  # code widths of q, k, v and of the probabilities
+PROB_CLIPS = tuple(2.0**-k for k in range(9))  # attention_prob_clip: 1, 1/2, ..., 1/256
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -60,6 +61,13 @@ class ViTConfig:
         (``kernels/qattn.py`` gives the exact rules).
     attention_bits, attention_prob_bits : int
         Code widths (2..8) of q, k, v and of the attention probabilities in ``"int8"`` mode.
+    attention_prob_clip : float
+        The top of the probability codes' range, a power of two from 1 down to 2**-8: codes
+        ``min(rint(p * L / clip), L)``, scale ``clip / L`` (``L = 2**attention_prob_bits - 1``).
+        1 is Q-ViT's uniform map; with 4-bit codes most probabilities of 65 tokens fall
+        below 1/(2 L) and round to 0, and a clip of 1/4 keeps them (Q-ViT learns this range
+        as an LSQ step size; here it is a calibrated constant). A power of two keeps
+        ``L / clip`` exact, so every implementation rounds the same products.
     qk_norm : bool
         Q-ViT's information rectification: a learnable LayerNorm over head_dim on q and on
         k (timm's ``attn.q_norm``/``attn.k_norm``, shared by the heads) before they are
@@ -90,6 +98,7 @@ class ViTConfig:
     attention: str = "float"
     attention_bits: int = 8
     attention_prob_bits: int = 8
+    attention_prob_clip: float = 1.0
     qk_norm: bool = False
     bitlinear_norm: bool = False
     qkv_bias: bool = True
@@ -194,6 +203,12 @@ class ViTConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value not in ATTENTION_BITS:
                 raise bad(f"{name} must be an integer from 2 to 8, found {value!r}", "use 8 or 4")
+        clip = self.attention_prob_clip
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip not in PROB_CLIPS:
+            raise bad(
+                f"attention_prob_clip must be a power of two from 1 down to 2**-8, found {clip!r}",
+                "use 1, 0.5, 0.25 or 0.125",
+            )
         if self.qk_norm and self.attention != "int8":
             raise bad("qk_norm needs attention='int8'", "set attention to 'int8' or qk_norm to false")
         for name in ("mean", "std"):

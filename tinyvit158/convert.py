@@ -15,9 +15,9 @@ Sources:
   missing or misshapen tensor, a NaN, an integer tensor) is refused in one line naming it.
 - a tinyvit158 weight file, with ``--set KEY=VALUE`` changes to the numerics that leave
   its tensors as they are: the attention mode and code widths (``attention``,
-  ``attention_bits``, ``attention_prob_bits``: post-training quantized attention), the
-  packing (the codes are re-packed), the name and class names. Anything that changes
-  shapes or needs new tensors (``qk_norm``) is refused in one line: that needs training
+  ``attention_bits``, ``attention_prob_bits``, ``attention_prob_clip``: post-training
+  quantized attention), the packing (the codes are re-packed), the name and class names.
+  Anything that changes shapes or needs new tensors (``qk_norm``) is refused in one line: that needs training
   (``python -m tinyvit158.train --init FILE ...``).
 
 The result is validated and written atomically, and its ``source`` metadata records the
@@ -40,7 +40,15 @@ from tinyvit158.packing import pack
 from tinyvit158.weights import FORMAT_NAME, Checkpoint, load_weights, save_weights
 
 # config fields a weight file can change without new or reshaped tensors
-NUMERICS = ("name", "class_names", "attention", "attention_bits", "attention_prob_bits", "packing")
+NUMERICS = (
+    "name",
+    "class_names",
+    "attention",
+    "attention_bits",
+    "attention_prob_bits",
+    "attention_prob_clip",
+    "packing",
+)
 
 
 def change_numerics(ckpt: Checkpoint, changes: dict, source_name: str = "") -> Checkpoint:

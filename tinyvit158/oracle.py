@@ -67,9 +67,9 @@ def default_quantizer(x: np.ndarray, site: str, qmax: int = ACT_QMAX):
     return quantize_activations(x, qmax)
 
 
-def default_prob_quantizer(p: np.ndarray, site: str, bits: int):
+def default_prob_quantizer(p: np.ndarray, site: str, bits: int, clip: float = 1.0):
     """Attention probabilities to unsigned codes (``quant.quantize_probabilities``)."""
-    return quantize_probabilities(p, bits)
+    return quantize_probabilities(p, bits, clip)
 
 
 class Oracle:
@@ -81,8 +81,8 @@ class Oracle:
     quantizer : callable (x, site, qmax) -> (x_q, s_x), optional
         Replaces the activation quantizer at every site; tests use it to replay the
         engine's int8 codes where the two legitimately round a tie differently.
-    prob_quantizer : callable (p, site, bits) -> (p_q, levels), optional
-        Likewise for the probabilities of int8 attention.
+    prob_quantizer : callable (p, site, bits, clip) -> (p_q, mult), optional
+        Likewise for the probabilities of int8 attention (codes of ``p * mult``).
     """
 
     def __init__(
@@ -151,7 +151,8 @@ class Oracle:
 
         q, k: absmax codes per token and head (Q K^T sums over hd, so a token's scale
         factors out); v: per head and channel over the image's tokens (P V sums over tokens,
-        so v's scale must not vary by token); probabilities: rint(p * L), L = 2**bits - 1.
+        so v's scale must not vary by token); probabilities: min(rint(p * L / clip), L),
+        L = 2**bits - 1, clip = ``attention_prob_clip``.
         """
         cfg, site = self.cfg, f"blocks.{i}.attn"
         if cfg.qk_norm:  # Q-ViT's information rectification: LayerNorm over hd, shared by the heads
@@ -163,9 +164,10 @@ class Oracle:
         acc = q_q.astype(F64) @ k_q.astype(F64).transpose(0, 1, 3, 2)  # (B, H, N, N), exact integers
         attn = softmax(acc * s_q[..., :, None] * s_k[..., None, :] * cfg.head_dim**-0.5)
         self._keep(site, attn)
-        p_q, levels = self.prob_quantizer(attn, f"{site}.p", cfg.attention_prob_bits)  # uint8 (B, H, N, N)
+        # uint8 (B, H, N, N), codes of p * mult (mult = L / attention_prob_clip)
+        p_q, mult = self.prob_quantizer(attn, f"{site}.p", cfg.attention_prob_bits, cfg.attention_prob_clip)
         acc = p_q.astype(F64) @ v_q.astype(F64).transpose(0, 1, 3, 2)  # (B, H, N, hd), exact integers
-        return acc * s_v[..., None, :] / levels
+        return acc * s_v[..., None, :] / mult
 
     def mlp(self, x: np.ndarray, i: int) -> np.ndarray:
         h = self.linear(x, f"blocks.{i}.mlp.fc1")  # (B, N, hidden)

@@ -99,9 +99,7 @@ def _openvino(variant, onnx_path, threads, calibration, batch):
         if calibration is None:
             raise TinyViTError("openvino-int8 needs calibration images")
         items = [calibration[i : i + 1] for i in range(len(calibration))]
-        model = nncf.quantize(
-            model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items)
-        )
+        model = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
         desc += f" + NNCF {nncf.__version__} int8"
     best = None
     for hint in ("LATENCY", "THROUGHPUT"):

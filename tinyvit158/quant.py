@@ -102,11 +102,14 @@ def code_max(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def quantize_probabilities(p: np.ndarray, bits: int):
-    """Attention probabilities in [0, 1] to unsigned codes: ``rint(p * L)``, L = 2**bits - 1,
-    scale 1 / L (Q-ViT's uniform quantizer on the attention map). Returns (uint8 codes, L)."""
+def quantize_probabilities(p: np.ndarray, bits: int, clip: float = 1.0):
+    """Attention probabilities in [0, 1] to unsigned codes: ``min(rint(p * M), L)`` with
+    ``L = 2**bits - 1`` and ``M = L / clip`` (``clip`` = 1: Q-ViT's uniform quantizer on the
+    attention map; smaller, a power of two: probabilities above ``clip`` saturate, the
+    small ones keep more levels). The codes' scale is ``1 / M``. Returns (uint8 codes, M)."""
     levels = 2**bits - 1
-    return np.clip(np.rint(p * levels), 0, levels).astype(np.uint8), levels
+    mult = levels / clip
+    return np.clip(np.rint(p * mult), 0, levels).astype(np.uint8), mult
 
 
 def dequantize(acc: np.ndarray, s_x: np.ndarray, w_scale: np.ndarray, bias: np.ndarray | None):

@@ -61,7 +61,7 @@ def attention_op(cfg, params: dict, i: int):
     if cfg.qk_norm:
         norms = [(params[f"blocks.{i}.attn.{n}_norm.weight"], params[f"blocks.{i}.attn.{n}_norm.bias"], cfg.norm_eps)
                  for n in "qk"]  # fmt: skip
-    return Int8Attention(cfg.heads, cfg.attention_bits, cfg.attention_prob_bits, *norms)
+    return Int8Attention(cfg.heads, cfg.attention_bits, cfg.attention_prob_bits, *norms, cfg.attention_prob_clip)
 
 
 __all__ = [

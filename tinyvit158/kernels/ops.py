@@ -363,8 +363,6 @@ def attention_ref(qkv: np.ndarray, heads: int) -> np.ndarray:
     return (probs @ v).transpose(0, 2, 1, 3).reshape(B, N, C3 // 3)  # (B, N, dim)
 
 
-
-
 @_jit
 def _exp64_inplace(x, bits, n):
     """``x[:n] = exp(x[:n])`` for x <= 0, in float64, as loops LLVM vectorizes (libm's exp

@@ -5,7 +5,8 @@ The rules (``docs/FORMAT.md`` section 7.4 is the format's statement of them; the
 :meth:`~tinyvit158.oracle.Oracle.int8_attention` states them in
 float64, the PyTorch twin's ``train/model.int8_attention`` and :func:`attention_int8_ref`
 compute them exactly), for one image and head, ``qmax = 2**(attention_bits - 1) - 1``,
-``L = 2**attention_prob_bits - 1``:
+``L = 2**attention_prob_bits - 1``, ``M = L / attention_prob_clip`` (clip a power of two
+from 1 to 2**-8, so M is exact):
 
     (qk_norm: q, k = LayerNorm_hd(q), LayerNorm_hd(k), as every LayerNorm: float64, rounded to float32)
     m_q[i] = max(max_d |q[i, d]|, 1e-5);  s_q = m_q / qmax;  q_c = clip(rint(q * (qmax / m_q)), -qmax, qmax)
@@ -20,8 +21,8 @@ compute them exactly), for one image and head, ``qmax = 2**(attention_bits - 1) 
       e[j] = exp32((z[j] - m) * c)          (:func:`exp32`: a fixed float32 polynomial)
       S = lane_sum(e)                       (16 lanes: lane l adds e[l], e[l + 16], ... in
                                              turn, then lanes are added as a fixed tree)
-      p_c[i, j] = rint(e[j] * (1 / S) * L)  unsigned, 0..L (round half to even)
-    out[i, d] = float32(sum_j p_c[i, j] v_c[j, d] * (s_v[d] / L))       exact sum, float64 product
+      p_c[i, j] = min(rint(e[j] * (1 / S) * M), L)  unsigned, 0..L (round half to even)
+    out[i, d] = float32(sum_j p_c[i, j] v_c[j, d] * (s_v[d] / M))       exact sum, float64 product
 
 Why float32 in a fixed order and not float64: float64 makes implementations agree except
 at ~1e-16 ties, but costs twice the lanes and a longer exp; a fixed sequence of float32
@@ -133,14 +134,18 @@ def lane_sum(e: np.ndarray) -> np.ndarray:
     return acc[..., 0]
 
 
-def probability_codes(acc: np.ndarray, s_q: np.ndarray, s_k: np.ndarray, hd: int, levels: int) -> np.ndarray:
+def probability_codes(
+    acc: np.ndarray, s_q: np.ndarray, s_k: np.ndarray, hd: int, levels: int, mult: float | None = None
+) -> np.ndarray:
     """The probability codes of integer scores ``acc`` (..., Nq, Nk), float32 scales s_q
-    (..., Nq) and s_k (..., Nk): the module docstring's float32 softmax, in NumPy."""
+    (..., Nq) and s_k (..., Nk): the module docstring's float32 softmax, in NumPy
+    (``mult``: ``M = L / clip``, L by default)."""
     z = acc.astype(F32) * s_k[..., None, :]
     c = s_q * F32(hd**-0.5)
     e = exp32((z - z.max(-1, keepdims=True)) * c[..., None])
     inv = F32(1.0) / lane_sum(e)
-    return np.minimum(np.rint(e * inv[..., None] * F32(levels)), F32(levels)).astype(np.uint8)
+    mult = levels if mult is None else mult
+    return np.minimum(np.rint(e * inv[..., None] * F32(mult)), F32(levels)).astype(np.uint8)
 
 
 def _layernorm_ref(x: np.ndarray, norm) -> np.ndarray:
@@ -152,7 +157,14 @@ def _layernorm_ref(x: np.ndarray, norm) -> np.ndarray:
 
 
 def attention_int8_ref(
-    qkv: np.ndarray, heads: int, bits: int = 8, prob_bits: int = 8, q_norm=None, k_norm=None, record=None
+    qkv: np.ndarray,
+    heads: int,
+    bits: int = 8,
+    prob_bits: int = 8,
+    q_norm=None,
+    k_norm=None,
+    record=None,
+    prob_clip: float = 1.0,
 ) -> np.ndarray:
     """The module docstring's rules in NumPy, from float32 qkv (B, N, 3 dim) -> float32
     (B, N, dim). ``q_norm``/``k_norm``: (weight, bias, eps) of the qk LayerNorms.
@@ -169,9 +181,10 @@ def attention_int8_ref(
     v_c, s_v = quantize_attention(v.transpose(0, 1, 3, 2), qmax)  # (B, H, hd, N)
     acc = q_c.astype(np.int64) @ k_c.astype(np.int64).transpose(0, 1, 3, 2)  # (B, H, N, N)
     levels = 2**prob_bits - 1
-    p_c = probability_codes(acc, s_q, s_k, hd, levels)
+    mult = levels / prob_clip  # exact: prob_clip is a power of two
+    p_c = probability_codes(acc, s_q, s_k, hd, levels, mult)
     acc = p_c.astype(np.int64) @ v_c.astype(np.int64).transpose(0, 1, 3, 2)  # (B, H, N, hd)
-    out = acc * (s_v.astype(np.float64) / levels)[..., None, :]
+    out = acc * (s_v.astype(np.float64) / mult)[..., None, :]
     if record is not None:
         record.update(q=q_c, k=k_c, v=v_c, p=p_c)
     return out.astype(np.float32).transpose(0, 2, 1, 3).reshape(B, N, C3 // 3)
@@ -365,7 +378,7 @@ def _norm_quantize(src, norm_w, norm_b, eps, has_norm, tmp, codes, qmax):
 
 
 @_jit
-def _prepare_image(flat, b, N, C, heads, qmax, levels, kn_w, kn_b, eps, has_norm, kl, ksum, sk, vl, sv, tmp, codes,
+def _prepare_image(flat, b, N, C, heads, qmax, mult, kn_w, kn_b, eps, has_norm, kl, ksum, sk, vl, sv, tmp, codes,
                    rec_k, rec_v, recording):  # fmt: skip
     """Keys and values of image ``b``, every head: codes in the tile layouts, 128 x each
     key's code sum (the offset's correction), and the scales (float64)."""
@@ -406,7 +419,7 @@ def _prepare_image(flat, b, N, C, heads, qmax, levels, kn_w, kn_b, eps, has_norm
                 vmax[d] = a if a > vmax[d] else vmax[d]
         for d in range(hd):
             m = max(vmax[d], _EPS32)
-            sv[h * hdp16 + d] = np.float64(m / fq) / levels  # s_v / L: dequantizes P v in one product
+            sv[h * hdp16 + d] = np.float64(m / fq) / mult  # s_v / M: dequantizes P v in one product
             vmax[d] = fq / m  # now the reciprocal that makes codes
         if hd % 16 == 0 and not _PYTHON:  # 4 tokens x 16 channels a store, in the tile layout
             zero, qmax_v = _fsplat(np.float32(0.0)), _fsplat(fq)
@@ -439,12 +452,12 @@ def _prepare_image(flat, b, N, C, heads, qmax, levels, kn_w, kn_b, eps, has_norm
 
 
 @_ijit
-def _probability_codes(si, r, Np16, ksum, sk, hoff, N, c, z, pc, Np4, levels):
+def _probability_codes(si, r, Np16, ksum, sk, hoff, N, c, z, pc, Np4, levels, mult):
     """Row r: scores from the offset sums, the float32 softmax (module docstring; 16 lanes a
-    step, lanes past N: -inf for the max, 0 for the sum), then the ``rint(p * L)`` codes."""
+    step, lanes past N: -inf for the max, 0 for the sum), then the ``min(rint(p * M), L)`` codes."""
     if _PYTHON:  # the intrinsics are compiled-only: the NumPy twin of the same operations
         acc = si[r * Np16 : r * Np16 + N] - ksum[hoff : hoff + N]
-        pc[r * Np4 : r * Np4 + N] = _codes_np(acc, sk[hoff : hoff + N], c, levels)
+        pc[r * Np4 : r * Np4 + N] = _codes_np(acc, sk[hoff : hoff + N], c, levels, mult)
         pc[r * Np4 + N : (r + 1) * Np4] = 0
         return
     last = Np16 - 16  # lanes past N: -inf for the max, 0 for the sum
@@ -467,20 +480,20 @@ def _probability_codes(si, r, Np16, ksum, sk, hoff, N, c, z, pc, Np4, levels):
     # 16 codes a store: lanes past N hold e = 0, code 0, as P V needs up to Np4; the last
     # store runs up to 12 bytes into the next row (written after this one) or the slack
     for jb in range(0, Np16, 16):
-        _fprob_store(pc, r * Np4 + jb, _fload(z, jb), inv, levels)
+        _fprob_store(pc, r * Np4 + jb, _fload(z, jb), inv, mult, levels)
 
 
-def _codes_np(acc, sk, c, levels):
+def _codes_np(acc, sk, c, levels, mult):
     """:func:`_probability_codes` under NUMBA_DISABLE_JIT: :func:`probability_codes` for one row."""
     z = acc.astype(F32) * sk
     e = exp32((z - z.max()) * F32(c))
     inv = F32(1.0) / lane_sum(e)
-    return np.minimum(np.rint(e * inv * F32(levels)), F32(levels)).astype(np.uint8)
+    return np.minimum(np.rint(e * inv * F32(mult)), F32(levels)).astype(np.uint8)
 
 
 @_pjit
-def _attention_int8(qkv, heads, qmax, levels, scale, qn_w, qn_b, kn_w, kn_b, eps, has_norm, out, P, quantize, q, s,
-                    rec_q, rec_k, rec_v, rec_p, recording, tiles):  # fmt: skip
+def _attention_int8(qkv, heads, qmax, levels, mult, scale, qn_w, qn_b, kn_w, kn_b, eps, has_norm, out, P, quantize,
+                    q, s, rec_q, rec_k, rec_v, rec_p, recording, tiles):  # fmt: skip
     """The module docstring's attention for every image and head; each thread takes an equal
     share of the (image, 4 query rows) units, preparing an image's keys and values when it
     starts one. With ``quantize`` the finished rows become the proj layer's int8 codes ``q``
@@ -514,7 +527,7 @@ def _attention_int8(qkv, heads, qmax, levels, scale, qn_w, qn_b, kn_w, kn_b, eps
         for u in range(part * U // P, (part + 1) * U // P):
             if u // quads != b:
                 b = u // quads
-                _prepare_image(flat, b, N, C, heads, qmax, levels, kn_w, kn_b, eps, has_norm, kl, ksum, sk, vl, sv, tmp,
+                _prepare_image(flat, b, N, C, heads, qmax, mult, kn_w, kn_b, eps, has_norm, kl, ksum, sk, vl, sv, tmp,
                                codes, rec_k, rec_v, recording)  # fmt: skip
             i0 = (u % quads) * 4
             rows = min(4, N - i0)
@@ -539,7 +552,7 @@ def _attention_int8(qkv, heads, qmax, levels, scale, qn_w, qn_b, kn_w, kn_b, eps
                             rec_q[b, h, i0 + r, d] = np.int8(np.int32(qu[r * hdp4 + d]) - 128)
                 _tile4(qu, hdp4, kl, h * NB, NB, si, tiles)
                 for r in range(rows):
-                    _probability_codes(si, r, Np16, ksum, sk, h * Np16, N, sq[r] * scale, z, pc, Np4, levels)
+                    _probability_codes(si, r, Np16, ksum, sk, h * Np16, N, sq[r] * scale, z, pc, Np4, levels, mult)
                     if recording:
                         for j in range(N):
                             rec_p[b, h, i0 + r, j] = pc[r * Np4 + j]
@@ -573,10 +586,12 @@ class Int8Attention:
         Heads, code widths of q/k/v and of the probabilities.
     q_norm, k_norm : (weight, bias, eps) or None
         The qk LayerNorms (``qk_norm``), float32 (head_dim,) each.
+    prob_clip : float
+        The top of the probabilities' code range (``attention_prob_clip``), a power of two.
     """
 
-    def __init__(self, heads: int, bits: int, prob_bits: int, q_norm=None, k_norm=None):
-        self.heads, self.bits, self.prob_bits = heads, bits, prob_bits
+    def __init__(self, heads: int, bits: int, prob_bits: int, q_norm=None, k_norm=None, prob_clip: float = 1.0):
+        self.heads, self.bits, self.prob_bits, self.prob_clip = heads, bits, prob_bits, float(prob_clip)
         self.q_norm, self.k_norm = q_norm, k_norm
 
     def _args(self, qkv, out, codes, path, record):
@@ -600,8 +615,9 @@ class Int8Attention:
         else:
             dest = (_NO_F32, P, True, *codes)
         scale = np.float32((C // self.heads) ** -0.5)  # in Python: the twins round the same float64 value
-        levels = np.float32(2**self.prob_bits - 1)
-        args = (qkv, int(self.heads), code_max(self.bits), levels, scale, *norms, *dest, *rec)
+        levels = 2**self.prob_bits - 1
+        mult = np.float32(levels / self.prob_clip)  # exact: L times a power of two
+        args = (qkv, int(self.heads), code_max(self.bits), np.float32(levels), mult, scale, *norms, *dest, *rec)
         return args + (_tiles(path),)
 
     def bind(self, qkv: np.ndarray, heads: int, out: np.ndarray | None = None, codes=None, record=None):
@@ -636,4 +652,6 @@ class Int8Attention:
 
     def reference(self, qkv: np.ndarray, record=None) -> np.ndarray:
         """:func:`attention_int8_ref` with this block's settings."""
-        return attention_int8_ref(qkv, self.heads, self.bits, self.prob_bits, self.q_norm, self.k_norm, record)
+        return attention_int8_ref(
+            qkv, self.heads, self.bits, self.prob_bits, self.q_norm, self.k_norm, record, self.prob_clip
+        )

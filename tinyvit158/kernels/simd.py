@@ -492,13 +492,13 @@ def _fhsum_tree(typingctx, a):
 
 
 @intrinsic
-def _fprob_store(typingctx, out, index, e, inv, levels):
-    """``out[index + i] = uint8(min(rint(e[i] * inv * L), L))`` for 16 lanes (float32
+def _fprob_store(typingctx, out, index, e, inv, mult, levels):
+    """``out[index + i] = uint8(min(rint(e[i] * inv * M), L))`` for 16 lanes (float32
     products in that order, round half to even): the int8 attention's probability codes."""
 
     def codegen(context, builder, sig, args):
-        out_a, out_i, ev, inv_s, lv = args
-        p = builder.fmul(builder.fmul(ev, _splat(builder, inv_s, _V16F)), _splat(builder, lv, _V16F))
+        out_a, out_i, ev, inv_s, mv, lv = args
+        p = builder.fmul(builder.fmul(ev, _splat(builder, inv_s, _V16F)), _splat(builder, mv, _V16F))
         p = _call(builder, "llvm.rint.v16f32", _V16F, [p])
         p = _call(builder, "llvm.minnum.v16f32", _V16F, [p, _splat(builder, lv, _V16F)])
         codes = builder.fptoui(p, ir.VectorType(ir.IntType(8), 16))
@@ -506,7 +506,7 @@ def _fprob_store(typingctx, out, index, e, inv, levels):
         builder.store(codes, builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
         return context.get_dummy_value()
 
-    return types.void(out, index, zmmf, types.float32, types.float32), codegen
+    return types.void(out, index, zmmf, types.float32, types.float32, types.float32), codegen
 
 
 @intrinsic

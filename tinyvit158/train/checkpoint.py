@@ -84,8 +84,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
             raise TinyViTError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
         raise TinyViTError(
             f"{path}: refused: loading it needs Python's full unpickler, which can run code from the file"
-            f" (it names {found.group(1)}); if you trust it, re-save it safely: "
-            + RESAVE_HINT.format(path=path)
+            f" (it names {found.group(1)}); if you trust it, re-save it safely: " + RESAVE_HINT.format(path=path)
         ) from None
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]

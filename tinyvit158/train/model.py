@@ -127,7 +127,13 @@ def lane_sum(e: torch.Tensor) -> torch.Tensor:
 
 
 def int8_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qmax: int, levels: int, keep: list | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qmax: int,
+    levels: int,
+    keep: list | None = None,
+    clip: float = 1.0,
 ) -> torch.Tensor:
     """Fully quantized attention (``kernels/qattn.py``'s rules) of q, k, v (B, H, N, hd).
 
@@ -135,18 +141,20 @@ def int8_attention(
     probabilities forward their quantized values, gradients pass as the identity).
     Inference: the engine's arithmetic, bit for bit: exact integer sums, the float32
     softmax in its specified order (:func:`exp32`, :func:`lane_sum`), the probability
-    codes, the exact P V sums times ``(s_v / L)`` in float64, rounded once to float32.
+    codes ``min(rint(p * M), L)`` (``M = L / clip``), the exact P V sums times ``(s_v / M)``
+    in float64, rounded once to float32.
     ``keep``, a list, receives the attention map (training: before its codes are rounded).
     """
     q_c, s_q = quantize_attention(q, qmax)  # (B, H, N, hd), scales (B, H, N, 1)
     k_c, s_k = quantize_attention(k, qmax)
     v_c, s_v = quantize_attention(v.transpose(-1, -2), qmax)  # per channel over tokens: (B, H, hd, N), (B, H, hd, 1)
     scale = q.shape[-1] ** -0.5
+    mult = levels / clip  # exact: clip is a power of two
     if torch.is_grad_enabled():
         attn = torch.softmax(ste(q, q_c * s_q) @ ste(k, k_c * s_k).transpose(-1, -2) * scale, dim=-1)
         if keep is not None:
             keep.append(attn)
-        p = ste(attn, torch.round(attn * levels) / levels)
+        p = ste(attn, torch.clamp_max(torch.round(attn * mult), levels) / mult)
         return p @ ste(v, (v_c * s_v).transpose(-1, -2))
     acc = q_c.double() @ k_c.double().transpose(-1, -2)  # (B, H, N, N), exact integers below 2**24
     z = acc.float() * s_k.transpose(-1, -2)
@@ -154,9 +162,9 @@ def int8_attention(
     inv = torch.tensor(1.0, dtype=torch.float32) / lane_sum(e)
     if keep is not None:
         keep.append(e * inv[..., None])
-    p_c = torch.clamp_max(torch.round(e * inv[..., None] * torch.tensor(float(levels))), levels).double()
+    p_c = torch.clamp_max(torch.round(e * inv[..., None] * torch.tensor(mult, dtype=torch.float32)), levels).double()
     acc = p_c @ v_c.double().transpose(-1, -2)  # (B, H, N, hd), exact
-    return (acc * (s_v.double().transpose(-1, -2) / levels)).float()
+    return (acc * (s_v.double().transpose(-1, -2) / mult)).float()
 
 
 def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -291,6 +299,7 @@ class Attention(nn.Module):
         self.int8 = cfg.attention == "int8" and not plain
         self.plain = plain
         self.qmax, self.levels = code_max(cfg.attention_bits), 2**cfg.attention_prob_bits - 1
+        self.prob_clip = float(cfg.attention_prob_clip)
         self.quantize = True
         self.keep: list | None = None  # a list: each forward appends its attention map (distillation)
         self.exact = True  # False: float32 attention at inference too (a teacher in training)
@@ -302,7 +311,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.int8 and self.quantize:
-            o = int8_attention(q, k, v, self.qmax, self.levels, self.keep)
+            o = int8_attention(q, k, v, self.qmax, self.levels, self.keep, self.prob_clip)
         elif self.keep is not None:  # the map itself is wanted: written out instead of the fused kernel
             attn = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
             self.keep.append(attn)

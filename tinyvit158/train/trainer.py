@@ -147,7 +147,7 @@ def load_teacher(path: str, cfg: ViTConfig, device: str) -> QATViT:
 
 
 # config fields a fine-tuning run may change from its --init weight file (new numerics to learn)
-RETRAINABLE = ("attention", "attention_bits", "attention_prob_bits", "qk_norm")
+RETRAINABLE = ("attention", "attention_bits", "attention_prob_bits", "attention_prob_clip", "qk_norm")
 
 
 def init_from(model: QATViT, path: str, device: str) -> None:
