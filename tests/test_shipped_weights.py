@@ -17,6 +17,7 @@ from tinyvit158.weights import default_weights_path, load_weights
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "weights" / "cifar10-tiny.safetensors"
 INT8_ATTENTION = ROOT / "weights" / "cifar10-tiny-int8attn.safetensors"  # the same weights, int8 attention
+ATTN4 = ROOT / "weights" / "cifar10-tiny-attn4.safetensors"  # the same weights, 4-bit attention
 DATA = data_dir_from_env()
 
 
@@ -47,6 +48,18 @@ def test_int8_attention_file_is_the_shipped_model_with_int8_attention(shipped):
     assert int8.source["engine_test_acc"] >= shipped.source["torch_test_acc"] - 0.003
 
 
+def test_attn4_file_is_the_shipped_model_with_clipped_4_bit_attention(shipped):
+    attn4 = load_weights(ATTN4)
+    assert ATTN4.stat().st_size < 1_000_000
+    changes = {"attention": "int8", "attention_bits": 4, "attention_prob_bits": 4, "attention_prob_clip": 0.25}
+    assert attn4.config == shipped.config.replace(name="cifar10-tiny-attn4", **changes)
+    assert all(np.array_equal(attn4.tensors[k], v) for k, v in shipped.tensors.items())
+    converted = attn4.source["converted_from"]
+    assert converted["file"] == SHIPPED.name and converted["changes"] == {"name": "cifar10-tiny-attn4", **changes}
+    # the bar for shipping it: within 1.5 points of the float-attention model
+    assert attn4.source["engine_test_acc"] >= shipped.source["torch_test_acc"] - 0.015
+
+
 def test_shipped_weights_classify_the_examples(shipped):
     names = list(CIFAR10_CLASSES)
     x = np.stack([load_image(ROOT / "examples" / f"{c}.jpg", shipped.config) for c in names])
@@ -64,7 +77,7 @@ def test_predict_uses_the_shipped_weights_by_default():
 
 
 @pytest.mark.skipif(DATA is None, reason="TINYVIT158_DATA is not set (CI sets it)")
-@pytest.mark.parametrize("path", [SHIPPED, INT8_ATTENTION], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [SHIPPED, INT8_ATTENTION, ATTN4], ids=lambda p: p.stem)
 def test_engine_agrees_with_its_pytorch_twin_on_real_test_images(path):
     torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
     shipped = load_weights(path)

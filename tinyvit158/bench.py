@@ -7,7 +7,8 @@ inputs:
   path this CPU selects, weights kept 2 bits each; ``engine-bytes``: the same with one byte
   per weight; ``engine-generic``: the portable kernel, for comparison; ``engine-int8attn``:
   the same weights with fully quantized attention (``attention="int8"``, 8-bit q, k, v and
-  probabilities: ``kernels/qattn.py``) in place of the float64 one;
+  probabilities: ``kernels/qattn.py``) in place of the float64 one; ``engine-attn4``: with
+  4-bit q, k, v and probabilities (clipped at 1/4: ``weights/cifar10-tiny-attn4``'s numerics);
 - ``numpy-fp32``: the same model in NumPy float32: weights dequantized (codes x gamma),
   BLAS matmuls, no activation quantization, every op vectorized over the batch;
 - ``torch-fp32``: the same in PyTorch float32 on the CPU as a PyTorch user writes it
@@ -53,8 +54,13 @@ from tinyvit158.peers import PEERS
 from tinyvit158.weights import Checkpoint, default_weights_path, load_weights, random_checkpoint
 
 VARIANTS = (
-    "engine", "engine-int8attn", "engine-bytes", "engine-generic", "numpy-fp32", "torch-fp32", "torch-int8", *PEERS,
+    "engine", "engine-int8attn", "engine-attn4", "engine-bytes", "engine-generic", "numpy-fp32", "torch-fp32",
+    "torch-int8", *PEERS,
 )  # fmt: skip
+QUANTIZED_ATTENTION = {  # the engine variants with quantized attention: their config changes
+    "engine-int8attn": {"attention": "int8"},
+    "engine-attn4": {"attention": "int8", "attention_bits": 4, "attention_prob_bits": 4, "attention_prob_clip": 0.25},
+}
 
 
 # -- the NumPy float32 baseline -----------------------------------------------------------
@@ -139,12 +145,13 @@ def build(variant: str, ckpt: Checkpoint, args=None):
         from tinyvit158.engine import Engine
         from tinyvit158.kernels import kernel_path
 
-        if variant == "engine-int8attn":
-            ckpt = Checkpoint(ckpt.config.replace(attention="int8"), ckpt.tensors, ckpt.source)
+        if variant in QUANTIZED_ATTENTION:
+            ckpt = Checkpoint(ckpt.config.replace(**QUANTIZED_ATTENTION[variant]), ckpt.tensors, ckpt.source)
         engine = Engine(ckpt, packed=variant != "engine-bytes")
         path = kernel_path()
         layout = ", 2-bit weights" if path == "vnni" and engine.packed else ", 1-byte weights" if path == "vnni" else ""
-        attn = ", int8 attention" if ckpt.config.attention == "int8" else ""
+        cfg = ckpt.config
+        attn = f", {cfg.attention_bits}-bit attention" if cfg.attention == "int8" else ""
         return engine, engine.weight_bytes, f"{path} kernels{layout}{attn}"
     if variant == "numpy-fp32":
         model = NumpyFloatViT(ckpt)
