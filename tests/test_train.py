@@ -271,7 +271,8 @@ def test_progressive_and_activation_first_recipes(tmp_path, tarball):
                      "feature_distill": 1.0, "init": float_run})  # fmt: skip
     record = train(gplq, str(tarball), tmp_path / "gplq", progress=False)
     assert record["stage"] == "act-only" and np.isfinite(record["train_loss"])
-    assert not (tmp_path / "gplq" / "best.pt").exists()  # best.pt is for ternary epochs
+    # best.pt: the best epoch of the run's final stage (a float run's float epochs; here act-only)
+    assert (tmp_path / "float" / "best.pt").exists() and (tmp_path / "gplq" / "best.pt").exists()
     out = tmp_path / "gplq.safetensors"
     assert convert([str(tmp_path / "gplq" / "last.pt"), "--out", str(out), "--granularity", "channel"]) == 0
     assert load_weights(out).config.scale_granularity == "channel"

@@ -369,8 +369,9 @@ def train(
                 )
         loss_sum, correct = loss_sum.item(), correct.item()
         val = evaluate(model, data, val_idx, device)
-        best_now = stage == "ternary" and val["acc"] > best  # best.pt: the best model of the final numerics
-        best = max(best, val["acc"]) if stage == "ternary" else best
+        final = stage == stage_of(recipe.epochs - 1, recipe)  # best.pt: the best model of the final numerics
+        best_now = final and val["acc"] > best  # (a float run's: its float epochs)
+        best = max(best, val["acc"]) if final else best
         record = {
             "epoch": epoch + 1, "quantized": quantize, "stage": stage, "lr": opt.param_groups[0]["lr"],
             "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
