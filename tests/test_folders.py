@@ -120,3 +120,57 @@ def test_predict_streams_with_flat_memory(tmp_path, weights):
         assert out.returncode == 0, out.stderr
         peaks[n] = int(out.stderr.strip().splitlines()[-1])
     assert peaks[2000] < 1.5 * peaks[200], peaks
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance with 2 CPUs for this module's Ray tests (the CLI reuses it)."""
+    pytest.importorskip("ray.data", reason="ray is not installed (pip install -e '.[cluster]'): Ray mode untested")
+    from tinyvit158.cluster import connect
+
+    ray, started = connect(None, num_cpus=2)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def test_evaluate_local_worker_pool_and_ray_agree(folder, weights, local_ray, capsys):
+    """The same accuracy and per-image predictions whether the images are decoded here, in
+    worker processes, or by Ray Data tasks for two engine actors (``--ray``)."""
+    from tinyvit158.evaluate import main as evaluate
+
+    results = []
+    for extra in ([], ["--workers", "2"], ["--ray", "--actors", "2"]):
+        assert evaluate(["--data", str(folder), "--weights", str(weights), "--json", "--batch", "5", *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    local, pool, ray = results
+    assert local["images"] == 12
+    for other in (pool, ray):
+        assert other["accuracy"] == local["accuracy"] and other["confusion"] == local["confusion"]
+        assert other["predictions"] == local["predictions"]
+
+
+def test_predict_on_ray_matches_the_local_run(tmp_path, folder, weights, local_ray, capsys):
+    """File order, probabilities and the error record of an unreadable file, as locally."""
+    from tinyvit158.predict import main as predict
+
+    files = [str(p) for p in sorted(folder.glob("*/*"))]
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    files.insert(3, str(tmp_path / "broken.png"))
+    outs = []
+    for extra in ([], ["--ray"]):
+        assert predict([*files, "--json", "--weights", str(weights), "--batch", "4", *extra]) == 1  # the broken file
+        outs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
+    assert outs[0] == outs[1] and len(outs[0]) == 13 and "error" in outs[0][3]
+
+
+def test_ray_refusals_are_one_line(folder, weights, local_ray, capsys):
+    from tinyvit158.evaluate import main as evaluate
+
+    assert evaluate(["--data", str(folder), "--weights", str(weights), "--ray", "--actors", "3"]) == 1
+    err = capsys.readouterr().err
+    assert "error: --actors 3: the Ray cluster has 2 CPUs" in err  # one line (after the progress bar's)
+    assert err.count("error") == 1 and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        evaluate(["--data", str(folder), "--ray", "--engine", "oracle"])
+    assert e.value.code == 2

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from tinyvit158.cli import prog
+from tinyvit158.cluster import add_arguments as add_ray_arguments
 from tinyvit158.errors import TinyViTError
 
 EPILOG = """\
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare-torch", metavar="CHECKPOINT",
         help="also run the PyTorch model (a trainer .pt, or the weight file's torch twin) and report agreement",
     )  # fmt: skip
+    add_ray_arguments(p)
     return p
 
 
@@ -92,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--limit must be at least 1, got {args.limit}")
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.actors < 1:
+        parser.error(f"--actors must be at least 1, got {args.actors}")
+    if args.ray is not None and (args.engine != "fast" or args.compare_torch):
+        parser.error("--ray runs the fast engine, without --compare-torch")
     from tinyvit158.data import data_dir_from_env, load_cifar10
     from tinyvit158.predict import load_model
 
@@ -108,12 +114,16 @@ def main(argv: list[str] | None = None) -> int:
             if twin is not None:
                 raise TinyViTError("--compare-torch takes CIFAR-10 data, not a labelled folder")
             return _evaluate_folder(args, data_path, ckpt, weights_name)
+        if args.ray is not None:
+            raise TinyViTError("--ray takes a labelled folder (ROOT/<class>/<image>), not the CIFAR-10 archives")
         data = load_cifar10(data_path, args.split, limit=args.limit, progress=True)
         if cfg.image_size != 32 or cfg.num_classes != 10:
             raise TinyViTError(
                 f"{weights_name}: a {cfg.image_size}px, {cfg.num_classes}-class model cannot be scored on CIFAR-10"
             )
-        model = _make_model(ckpt, args.engine)
+        from tinyvit158.folders import make_model
+
+        model = make_model(ckpt, args.engine)
         from tinyvit158.engine import first_run_notice
         from tinyvit158.image import normalize
 
@@ -133,22 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                   torch_logits)  # fmt: skip
 
 
-def _make_model(ckpt, engine: str):
-    if engine == "fast":
-        from tinyvit158.engine import Engine
-
-        return Engine(ckpt)
-    from tinyvit158.oracle import Oracle
-
-    return Oracle(ckpt)
-
-
 def _evaluate_folder(args, root, ckpt, weights_name) -> int:
-    """Accuracy on ``root/<class>/<image>``, the images decoded in worker processes, streamed."""
+    """Accuracy on ``root/<class>/<image>``, the images decoded in worker processes, streamed
+    (or on Ray: ``--ray``)."""
     from tqdm import tqdm
 
-    from tinyvit158.engine import first_run_notice
-    from tinyvit158.folders import load_labelled_folder, stream
+    from tinyvit158.folders import classify, load_labelled_folder
 
     cfg = ckpt.config
     try:
@@ -157,15 +157,15 @@ def _evaluate_folder(args, root, ckpt, weights_name) -> int:
         if args.limit is not None and args.limit < len(keep):
             keep = np.linspace(0, len(keep) - 1, args.limit).astype(int)  # every class (folders are sorted)
         paths = [folder.paths[i] for i in keep]
-        model = _make_model(ckpt, args.engine)
         out = []
         t0 = time.perf_counter()
         with tqdm(total=len(paths), desc=f"{args.engine} engine", unit="img", file=sys.stderr, leave=False) as bar:
-            for idx, images, errors in stream(paths, cfg, args.batch, args.workers):
+            for idx, logits, errors, _ in classify(
+                paths, ckpt, args.batch, args.workers, args.engine, args.ray, args.actors
+            ):
                 if errors:
                     raise TinyViTError(next(iter(errors.values())))
-                with first_run_notice():
-                    out.append(model(images))
+                out.append(logits)
                 bar.update(len(idx))
         seconds = time.perf_counter() - t0
     except TinyViTError as e:

@@ -9,6 +9,7 @@ belongs, or no class folders at all are refused in one line.
 :func:`stream` decodes (``image.load_image``: draft-mode JPEG, resize, normalize) in a pool
 of worker processes and yields batches in file order. At most two windows of
 ``workers x 4`` batches are in flight, so memory stays flat however many files there are.
+:func:`classify` runs the engine on them, or hands the whole job to Ray (``cluster.py``).
 """
 
 from __future__ import annotations
@@ -133,6 +134,54 @@ def stream(paths: list, cfg: ViTConfig, batch: int, workers: int = 1) -> Iterato
             pending = (s, job)
         if pending is not None:
             yield from _batches(pending[0], pending[1].get(), batch, cfg)
+
+
+def make_model(ckpt, engine: str = "fast"):
+    """The fast ``Engine`` or the float64 ``Oracle`` of a checkpoint."""
+    if engine == "fast":
+        from tinyvit158.engine import Engine
+
+        return Engine(ckpt)
+    from tinyvit158.oracle import Oracle
+
+    return Oracle(ckpt)
+
+
+def classify(
+    paths: list,
+    ckpt,
+    batch: int,
+    workers: int = 1,
+    engine: str = "fast",
+    ray: str | None = None,
+    actors: int = 1,
+    explain: bool = False,
+) -> Iterator[tuple[list[int], np.ndarray, dict, dict | None]]:
+    """Batches ``(indices, logits of the good images, {index: error}, record)`` in file order:
+    decoded in ``workers`` processes (:func:`stream`) and run here by the ``engine`` ("fast"
+    or "oracle"), or all of it on Ray (``ray``: "" a local instance, else a cluster address;
+    ``actors`` engines; ``cluster.py``). ``record``: with ``explain``, the codes of the first
+    batch that holds an image (for the ledger), else None."""
+    if ray is not None:
+        from tinyvit158.cluster import ray_stream
+
+        for idx, logits, errors in ray_stream(paths, ckpt, batch, actors, ray or None):
+            yield idx, logits, errors, None
+        return
+    from tinyvit158.engine import first_run_notice
+
+    model = make_model(ckpt, engine)
+    if explain and engine == "fast":
+        model.record = {}  # the first batch's codes, for the ledger
+    for idx, images, errors in stream(paths, ckpt.config, batch, workers):
+        record = None
+        logits = np.zeros((0, ckpt.config.num_classes), np.float32)
+        if len(images):
+            with first_run_notice():
+                logits = model(images)
+            if getattr(model, "record", None) is not None:
+                record, model.record = model.record, None
+        yield idx, logits, errors, record
 
 
 def _batches(start: int, decoded: list, batch: int, cfg: ViTConfig):

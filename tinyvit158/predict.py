@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyvit158.cli import prog
+from tinyvit158.cluster import add_arguments as add_ray_arguments
 from tinyvit158.errors import TinyViTError
 from tinyvit158.folders import IMAGE_SUFFIXES  # noqa: E402  (the suffixes a folder argument takes)
 from tinyvit158.weights import Checkpoint, default_weights_path, load_weights
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", choices=("fast", "oracle"), default="fast",
         help="fast: the Numba integer engine (default); oracle: the float64 reference model",
     )  # fmt: skip
+    add_ray_arguments(p)
     return p
 
 
@@ -109,8 +111,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.workers < 1:
-        parser.error("--batch and --workers must be at least 1")
+    if args.batch < 1 or args.workers < 1 or args.actors < 1:
+        parser.error("--batch, --workers and --actors must be at least 1")
+    if args.ray and Path(args.ray).exists():  # ``--ray IMAGE ...``: an image, not a cluster address
+        args.images.insert(0, args.ray)
+        args.ray = ""
+    if args.ray is not None and (args.explain or args.engine != "fast"):
+        parser.error("--ray runs the fast engine without --explain")
     try:
         ckpt, weights_name = load_model(args.weights)
         cfg = ckpt.config
@@ -120,30 +127,23 @@ def _main(argv: list[str] | None) -> int:
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from tinyvit158.engine import first_run_notice
-    from tinyvit158.folders import stream
-
-    if args.engine == "fast":
-        from tinyvit158.engine import Engine
-
-        model = Engine(ckpt)
-        if args.explain:
-            model.record = {}  # the first batch's codes, for the ledger
-    else:
-        from tinyvit158.oracle import Oracle
-
-        model = Oracle(ckpt)
-    status, first_good, header = 0, None, args.json
+    status, first_good, header, record = 0, None, args.json, None
     width = max(len(str(f)) for f in files)
     # images are decoded (in --workers processes) and classified a batch at a time, and each
     # line is printed as its batch is done: memory stays flat however many files there are
-    for idx, images, errors in stream(files, cfg, args.batch, args.workers):
-        probs = iter(())
-        if len(images):
-            with first_run_notice():
-                probs = iter(softmax(np.asarray(model(images), dtype=np.float64)))
-            if getattr(model, "record", None) is not None and first_good is None:
-                record, model.record = model.record, None
+    from tinyvit158.folders import classify
+
+    results = classify(files, ckpt, args.batch, args.workers, args.engine, args.ray, args.actors, args.explain)
+    while True:
+        try:
+            idx, logits, errors, batch_record = next(results)
+        except StopIteration:
+            break
+        except TinyViTError as e:  # Ray could not start or reach its cluster
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        record = record if record is not None else batch_record
+        probs = iter(softmax(np.asarray(logits, dtype=np.float64)))
         for i in idx:
             f = str(files[i])
             if i in errors:

@@ -1,0 +1,180 @@
+"""Scale-out on Ray: ``evaluate --ray [ADDRESS]`` and ``predict --ray [ADDRESS]``.
+
+The same work as :func:`tinyvit158.folders.stream` plus the engine, through Ray Data (the
+``cluster`` extra installs ``ray[data]``):
+
+1. a dataset of the file paths (``ray.data.from_items``), in file order;
+2. ``map_batches(decode)``: tasks decode, resize and normalize the images
+   (``image.load_image``); an unreadable file becomes its one-line error, not a failure;
+3. ``map_batches(EngineActor, concurrency=actors)``: actors that each hold one ``Engine``,
+   built from the weight file's bytes (put in the object store once, so no node reads a
+   shared disk), run the batches;
+4. the rows come back in file order (``preserve_order``), and are yielded as
+   :func:`~tinyvit158.folders.stream` yields batches, with the logits.
+
+With no ADDRESS a local Ray instance is started (and stopped at the end); with one, the
+driver connects to that cluster (``ray.init(address=...)``: ``auto``, or ``ray://host:10001``).
+Results are those of the local run, bit for bit: every actor runs the same engine on the
+same decoded images, and the engine computes each image independently of its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from tinyvit158.config import ViTConfig
+from tinyvit158.errors import TinyViTError
+from tinyvit158.weights import Checkpoint, load_weights, serialize
+
+DECODE_CPUS = 0.25  # the logical CPUs a decoding task asks of Ray
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise TinyViTError("--ray needs Ray Data: pip install -e '.[cluster]'") from None
+    return ray
+
+
+def _decode_batch(batch: dict, cfg: ViTConfig) -> dict:
+    """A Ray Data batch of paths -> images (n, C, S, S) float32 and errors ('' where none)."""
+    from tinyvit158.image import load_image
+
+    shape = (cfg.in_chans, cfg.image_size, cfg.image_size)
+    images, errors = [], []
+    for path in batch["path"]:
+        try:
+            images.append(load_image(str(path), cfg))
+            errors.append("")
+        except TinyViTError as e:
+            images.append(np.zeros(shape, np.float32))
+            errors.append(str(e))
+    return {"index": batch["index"], "image": np.stack(images), "error": np.array(errors, dtype=object)}
+
+
+class EngineActor:
+    """One ``Engine`` a Ray actor, built from a weight file's bytes; ``threads``: Numba threads."""
+
+    def __init__(self, weights, threads: int):
+        import numba
+
+        from tinyvit158.engine import Engine
+
+        if not isinstance(weights, bytes):  # [object reference]: fetched from the object store
+            import ray
+
+            weights = ray.get(weights[0])
+
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        with tempfile.TemporaryDirectory() as tmp:  # load_weights validates, as for any file
+            path = Path(tmp) / "weights.safetensors"
+            path.write_bytes(weights)
+            self.engine = Engine(load_weights(path))
+
+    def __call__(self, batch: dict) -> dict:
+        good = np.array([e == "" for e in batch["error"]], dtype=bool)
+        logits = np.zeros((len(good), self.engine.cfg.num_classes), np.float32)
+        if good.any():
+            logits[good] = self.engine(np.ascontiguousarray(batch["image"][good]))
+        return {"index": batch["index"], "logits": logits, "error": batch["error"]}
+
+
+def connect(address: str | None, num_cpus: int | None = None):
+    """Ray, initialized: a local instance (``address`` None) or a running cluster.
+    Returns (ray, started): ``started`` when this call started it (the caller shuts it down)."""
+    ray = _ray()
+    for name in ("ray", "ray.data"):  # Ray Data's plan, timing and progress-bar notices
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if ray.is_initialized():
+        return ray, False
+    kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    try:
+        if address is None:
+            ray.init(num_cpus=num_cpus, **kwargs)
+        else:
+            ray.init(address=address, **kwargs)
+    except Exception as e:  # ConnectionError, RuntimeError, ...: one line, not Ray's traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise TinyViTError(f"could not start or reach {where}: {msg}") from None
+    return ray, True
+
+
+def ray_stream(
+    paths: list, ckpt: Checkpoint, batch: int, actors: int = 1, address: str | None = None
+) -> Iterator[tuple[list[int], np.ndarray, dict]]:
+    """Batches ``(indices, logits (n, classes) float32 of the good images, {index: error})``
+    in file order, computed on Ray (the module docstring)."""
+    ray, started = connect(address)
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        cfg = ckpt.config
+        # once into the object store; each actor fetches the bytes (a reference in a list, so
+        # that Ray passes the reference and the actor fetches them itself)
+        weights = [ray.put(serialize(ckpt))]
+        total_cpus = int(ray.cluster_resources().get("CPU", 1))
+        if not 1 <= actors <= total_cpus:
+            raise TinyViTError(f"--actors {actors}: the Ray cluster has {total_cpus} CPUs; ask for 1 to {total_cpus}")
+        threads = max(1, total_cpus // actors)  # Numba threads an engine
+        ds = ray.data.from_items([{"index": i, "path": str(p)} for i, p in enumerate(paths)])
+        # Ray schedules by logical CPUs: an actor reserves 3/4 of its share and each decoding
+        # task 1/4 of a CPU, so decoding always finds room (were the actors to take every
+        # CPU, the decode tasks would wait for ever)
+        ds = ds.map_batches(
+            _decode_batch, fn_kwargs={"cfg": cfg}, batch_size=batch, batch_format="numpy", num_cpus=DECODE_CPUS
+        )
+        with warnings.catch_warnings():  # the documented way to say it (below) is deprecated from Ray 2.60
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            ds = ds.map_batches(
+                EngineActor,
+                fn_constructor_kwargs={"weights": weights, "threads": threads},
+                batch_size=batch,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=threads * (1 - DECODE_CPUS),
+                # Ray Data restarts failed actors by default, and then logs an error line on every
+                # run, as its constructor arguments live in the object store (ray-project/ray#57733;
+                # such a restart would fail anyway, ray#53727): a failure here ends the run instead
+                max_restarts=0,
+            )
+        for out in ds.iter_batches(batch_size=batch, batch_format="numpy"):
+            idx = [int(i) for i in out["index"]]
+            errors = {i: str(e) for i, e in zip(idx, out["error"], strict=True) if e}
+            good = np.array([i not in errors for i in idx], dtype=bool)
+            yield idx, np.asarray(out["logits"], np.float32)[good], errors
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def add_arguments(p) -> None:
+    """``--ray [ADDRESS]`` and ``--actors N`` on an argparse parser."""
+    p.add_argument(
+        "--ray", nargs="?", const="", metavar="ADDRESS",
+        help="run on Ray (the cluster extra): a local instance, or the cluster at ADDRESS (auto, ray://host:port)",
+    )  # fmt: skip
+    p.add_argument("--actors", type=int, default=1, metavar="N", help="--ray: engines (Ray actors) to run (default 1)")
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = ["EngineActor", "connect", "ray_available", "ray_stream"]
