@@ -14,6 +14,7 @@ of worker processes and yields batches in file order. At most two windows of
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -38,8 +39,9 @@ class LabelledFolder:
     paths: list[Path]
     labels: np.ndarray  # int64, the model's class index of each path
 
-    @property
+    @functools.cached_property
     def names(self) -> list[str]:
+        """Each image's path under the root (``cat/0001.jpg``); computed once."""
         return [str(p.relative_to(self.root)) for p in self.paths]
 
 
