@@ -79,6 +79,68 @@ def first_run_notice(after_s: float = 2.0, stream=None):
         timer.cancel()
 
 
+class ThreadGovernor:
+    """Adaptive threads: run each call with the thread count that is faster right now.
+
+    Every parallel region waits at its end for its slowest thread. When another busy
+    process takes a core, the operating system deschedules one of ours for a whole time
+    slice, and a call of ~30 regions waits for it again and again: measured at batch 1 on
+    2 cores, 918 images/s quiet fell to 294 beside one busy process, while one thread kept
+    767 there. So the governor times each call, per batch size, at the current Numba
+    thread count ``n`` and at 1, runs the faster (the median of its last three calls),
+    and every ``probe`` calls runs the other once, to notice when the load changes. The
+    first two calls of each are taken as they come (the first one warms buffers up), so
+    that a slow first call cannot decide. Results do not depend on the thread count: every
+    kernel computes each row the same way whichever thread takes it.
+    ``TINYVIT158_ADAPTIVE_THREADS=0`` turns it off (always ``n``).
+    """
+
+    def __init__(self, probe: int = 16):
+        self.probe = probe
+        self.enabled = os.environ.get("TINYVIT158_ADAPTIVE_THREADS", "1") != "0"
+        self._stats: dict[tuple[int, int], dict] = {}  # (batch, n) -> {"calls", threads -> recent seconds}
+        self._lock = threading.Lock()
+
+    def choose(self, batch: int, n: int) -> int:
+        """The thread count for the next call of ``batch`` images (``n``: the most allowed)."""
+        if not self.enabled or n <= 1:
+            return n
+        with self._lock:
+            st = self._stats.setdefault((batch, n), {"calls": 0, n: [], 1: []})
+            st["calls"] += 1
+            for c in (n, 1):
+                if len(st[c]) < 2:
+                    return c
+            best = _faster(st, n)
+            if st["calls"] % self.probe == 0:
+                return 1 if best == n else n
+            return best
+
+    def record(self, batch: int, n: int, threads: int, seconds: float) -> None:
+        if not self.enabled or n <= 1:
+            return
+        with self._lock:
+            times = self._stats[(batch, n)][threads]
+            times.append(seconds)
+            del times[:-3]
+
+    def current(self, batch: int, n: int) -> int | None:
+        """The thread count the governor now prefers for ``batch`` (None: not decided yet)."""
+        st = self._stats.get((batch, n))
+        if st is None or len(st[1]) < 2 or len(st[n]) < 2:
+            return None
+        return _faster(st, n)
+
+
+def _faster(st: dict, n: int) -> int:
+    """n or 1, by the median of each one's last three call times (the lower of two)."""
+
+    def estimate(times: list[float]) -> float:
+        return sorted(times)[1] if len(times) >= 3 else min(times)
+
+    return n if estimate(st[n]) <= estimate(st[1]) else 1
+
+
 class Engine:
     """A ternary ViT ready to run.
 
@@ -131,6 +193,7 @@ class Engine:
         blocks = [layer for layer in cfg.linear_shapes() if layer.startswith("blocks.")]
         self._fused = not cfg.bitlinear_norm and all(layer in self.ternary for layer in blocks)
         self._workspace = threading.local()
+        self.governor = ThreadGovernor()
 
     def _buf(self, key: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
         """This thread's reusable buffer ``key`` (reallocated when the shape changes)."""
@@ -398,7 +461,20 @@ class Engine:
         return logits
 
     def forward(self, images: np.ndarray) -> np.ndarray:
-        """Normalized float images [B, C, H, W] -> float32 logits [B, classes]."""
-        return self.forward_head(self._features(images))
+        """Normalized float images [B, C, H, W] -> float32 logits [B, classes]. Runs with
+        the current Numba thread count or with 1, whichever is faster now (:class:`ThreadGovernor`)."""
+        n = numba.get_num_threads()
+        batch = images.shape[0] if isinstance(images, np.ndarray) and images.ndim else 0
+        threads = self.governor.choose(batch, n)
+        if threads != n:
+            numba.set_num_threads(threads)
+        t0 = time.perf_counter()
+        try:
+            logits = self.forward_head(self._features(images))
+        finally:
+            if threads != n:
+                numba.set_num_threads(n)
+        self.governor.record(batch, n, threads, time.perf_counter() - t0)
+        return logits
 
     __call__ = forward
