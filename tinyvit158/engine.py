@@ -87,10 +87,10 @@ class ThreadGovernor:
     slice, and a call of ~30 regions waits for it again and again: measured at batch 1 on
     2 cores, 918 images/s quiet fell to 294 beside one busy process, while one thread kept
     767 there. So the governor times each call, per batch size, at the current Numba
-    thread count ``n`` and at 1, runs the faster (the median of its last three calls),
-    and every ``probe`` calls runs the other once, to notice when the load changes. The
-    first two calls of each are taken as they come (the first one warms buffers up), so
-    that a slow first call cannot decide. Results do not depend on the thread count: every
+    thread count ``n`` and at 1, runs the faster (:func:`_faster`: the best of each one's
+    last three calls, with a margin in favour of ``n``), and every ``probe`` calls runs
+    the other once, to notice when the load changes. Each is tried twice first (the very
+    first call warms buffers up). Results do not depend on the thread count: every
     kernel computes each row the same way whichever thread takes it.
     ``TINYVIT158_ADAPTIVE_THREADS=0`` turns it off (always ``n``).
     """
@@ -133,12 +133,13 @@ class ThreadGovernor:
 
 
 def _faster(st: dict, n: int) -> int:
-    """n or 1, by the median of each one's last three call times (the lower of two)."""
+    """n, unless 1 thread has been clearly faster: the fastest of each one's last three
+    calls (a call slowed by a passing hiccup does not count; a contended count is slow
+    every time), and 1 only when it beats n by ``1 / ONE_THREAD_MARGIN``."""
+    return 1 if min(st[1]) < ONE_THREAD_MARGIN * min(st[n]) else n
 
-    def estimate(times: list[float]) -> float:
-        return sorted(times)[1] if len(times) >= 3 else min(times)
 
-    return n if estimate(st[n]) <= estimate(st[1]) else 1
+ONE_THREAD_MARGIN = 0.8  # quiet, 1 thread is ~1.25-1.6x slower; beside a busy process ~0.4x
 
 
 class Engine:
