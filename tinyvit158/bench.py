@@ -410,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     runs: dict[tuple[int, str], list[dict]] = {}
     jobs = [(b, v) for _ in range(args.rounds) for b in args.batch for v in variants]
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contend)]
+    # busy loops that end with this process, even when it is killed before its finally runs
+    spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(args.contend)]
     try:
         for b, v in tqdm(jobs, desc="bench", unit="run", file=sys.stderr):
             args.batch_now = b
