@@ -20,6 +20,7 @@ same decoded images, and the engine computes each image independently of its bat
 
 from __future__ import annotations
 
+import argparse
 import logging
 import tempfile
 import warnings
@@ -46,17 +47,12 @@ def _ray():
 
 def _decode_batch(batch: dict, cfg: ViTConfig) -> dict:
     """A Ray Data batch of paths -> images (n, C, S, S) float32 and errors ('' where none)."""
-    from tinyvit158.image import load_image
+    from tinyvit158.folders import decode
 
-    shape = (cfg.in_chans, cfg.image_size, cfg.image_size)
-    images, errors = [], []
-    for path in batch["path"]:
-        try:
-            images.append(load_image(str(path), cfg))
-            errors.append("")
-        except TinyViTError as e:
-            images.append(np.zeros(shape, np.float32))
-            errors.append(str(e))
+    blank = np.zeros((cfg.in_chans, cfg.image_size, cfg.image_size), np.float32)
+    decoded = [decode(str(path), cfg) for path in batch["path"]]
+    images = [blank if isinstance(d, str) else d for d in decoded]
+    errors = [d if isinstance(d, str) else "" for d in decoded]
     return {"index": batch["index"], "image": np.stack(images), "error": np.array(errors, dtype=object)}
 
 
@@ -165,16 +161,19 @@ def add_arguments(p) -> None:
         "--ray", nargs="?", const="", metavar="ADDRESS",
         help="run on Ray (the cluster extra): a local instance, or the cluster at ADDRESS (auto, ray://host:port)",
     )  # fmt: skip
-    p.add_argument("--actors", type=int, default=1, metavar="N", help="--ray: engines (Ray actors) to run (default 1)")
+    p.add_argument(
+        "--actors", type=_at_least_one, default=1, metavar="N", help="--ray: engines (Ray actors) to run (default 1)"
+    )
 
 
-def ray_available() -> bool:
+def _at_least_one(text: str) -> int:
     try:
-        import ray  # noqa: F401
-        import ray.data  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return n
 
 
-__all__ = ["EngineActor", "connect", "ray_available", "ray_stream"]
+__all__ = ["EngineActor", "add_arguments", "connect", "ray_stream"]

@@ -94,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--limit must be at least 1, got {args.limit}")
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
-    if args.actors < 1:
-        parser.error(f"--actors must be at least 1, got {args.actors}")
     if args.ray is not None and (args.engine != "fast" or args.compare_torch):
         parser.error("--ray runs the fast engine, without --compare-torch")
     from tinyvit158.data import data_dir_from_env, load_cifar10

@@ -103,14 +103,19 @@ def _init(cfg: ViTConfig) -> None:
     _CFG = cfg
 
 
-def _decode(path) -> np.ndarray | str:
+def decode(path, cfg: ViTConfig) -> np.ndarray | str:
     """One image as the model takes it, or its one-line error."""
     from tinyvit158.image import load_image
 
     try:
-        return load_image(path, _CFG)
+        return load_image(path, cfg)
     except TinyViTError as e:
         return str(e)
+
+
+def _decode(path) -> np.ndarray | str:
+    """:func:`decode` in a worker process, for the config it was started with."""
+    return decode(path, _CFG)
 
 
 def stream(paths: list, cfg: ViTConfig, batch: int, workers: int = 1) -> Iterator[tuple[list[int], np.ndarray, dict]]:

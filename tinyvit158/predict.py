@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch < 1 or args.workers < 1 or args.actors < 1:
-        parser.error("--batch, --workers and --actors must be at least 1")
+    if args.batch < 1 or args.workers < 1:
+        parser.error("--batch and --workers must be at least 1")
     if args.ray and Path(args.ray).exists():  # ``--ray IMAGE ...``: an image, not a cluster address
         args.images.insert(0, args.ray)
         args.ray = ""

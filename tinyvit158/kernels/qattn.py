@@ -135,16 +135,15 @@ def lane_sum(e: np.ndarray) -> np.ndarray:
 
 
 def probability_codes(
-    acc: np.ndarray, s_q: np.ndarray, s_k: np.ndarray, hd: int, levels: int, mult: float | None = None
+    acc: np.ndarray, s_q: np.ndarray, s_k: np.ndarray, hd: int, levels: int, mult: float
 ) -> np.ndarray:
     """The probability codes of integer scores ``acc`` (..., Nq, Nk), float32 scales s_q
     (..., Nq) and s_k (..., Nk): the module docstring's float32 softmax, in NumPy
-    (``mult``: ``M = L / clip``, L by default)."""
+    (``levels``: L, ``mult``: ``M = L / clip``)."""
     z = acc.astype(F32) * s_k[..., None, :]
     c = s_q * F32(hd**-0.5)
     e = exp32((z - z.max(-1, keepdims=True)) * c[..., None])
     inv = F32(1.0) / lane_sum(e)
-    mult = levels if mult is None else mult
     return np.minimum(np.rint(e * inv[..., None] * F32(mult)), F32(levels)).astype(np.uint8)
 
 
