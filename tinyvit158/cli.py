@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import sys
 
-# command -> (module, what it does); train, export, average and checkpoint need the train extra
+# command -> (module, what it does); train, teacher, export, average and checkpoint need the train extra
 COMMANDS = {
     "predict": ("tinyvit158.predict", "classify images"),
     "evaluate": ("tinyvit158.evaluate", "accuracy, per-class accuracy and confusion matrix on CIFAR-10"),
     "bench": ("tinyvit158.bench", "speed and memory against NumPy, PyTorch, ONNX Runtime and OpenVINO"),
     "convert": ("tinyvit158.convert", "a weight file with other numerics (e.g. int8 attention)"),
     "train": ("tinyvit158.train.trainer", "quantization-aware training on CIFAR-10 (train extra)"),
+    "teacher": ("tinyvit158.train.teacher", "a convolutional teacher for distillation (train extra)"),
     "export": ("tinyvit158.train.export", "a trainer checkpoint to a weight file (train extra)"),
     "average": ("tinyvit158.train.average", "average the weights of a run's last epochs (train extra)"),
     "checkpoint": ("tinyvit158.train.checkpoint", "check or re-save a trainer checkpoint safely (train extra)"),

@@ -219,3 +219,13 @@ def data_dir_from_env() -> Path | None:
     """``TINYVIT158_DATA`` as a Path, or None when unset or empty."""
     value = os.environ.get("TINYVIT158_DATA", "").strip()
     return Path(value) if value else None
+
+
+def split_holdout(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val): ``holdout`` images, the same number from each class."""
+    rng = np.random.default_rng([seed, 12345])
+    classes = np.unique(labels)
+    per = holdout // len(classes)
+    val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes])
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, np.sort(val)

@@ -13,10 +13,13 @@ per-image augmentation would otherwise starve it.
 Hyperparameters are chosen on 5,000 images held out of the training split (500 per
 class, fixed by the seed); the test split is never read here.
 
-Knowledge distillation: ``--teacher RUN/last.pt --distill A [--distill-temp T]`` trains
-on ``(1 - A)`` x the usual loss plus ``A`` x the teacher's soft targets (any trained run:
-float, e.g. ``--float-epochs`` equal to ``--epochs``, or ternary; wider or deeper models
-too, as long as inputs and classes match). Not used for the shipped weights yet.
+Knowledge distillation: ``--teacher T --distill A [--distill-temp T | --distill-hard true]``
+trains on ``(1 - A)`` x the usual loss plus ``A`` x the teacher's term: its soft targets,
+or with ``--distill-hard`` the cross-entropy with its argmax (DeiT's hard variant). The
+teacher sees the same augmented batch. It may be a convolutional teacher
+(``python -m tinyvit158.train.teacher``, ``RUN/teacher.pt``) or any trained run (float,
+e.g. ``--float-epochs`` equal to ``--epochs``, or ternary; wider or deeper models too), as
+long as inputs and classes match.
 
 Speed: ``--matmul bfloat16`` takes the ternary layers' training products over the codes in
 bfloat16 (exact inputs, bfloat16-rounded sums and gradients; inference stays exact), which
@@ -43,8 +46,9 @@ import torch.nn.functional as F
 
 from tinyvit158.cli import prog
 from tinyvit158.config import ViTConfig, get_preset, parse_set
-from tinyvit158.data import Dataset, load_cifar10
+from tinyvit158.data import Dataset, load_cifar10, split_holdout  # noqa: F401 (split_holdout: re-exported)
 from tinyvit158.errors import TinyViTError
+from tinyvit158.train import teacher as conv_teacher
 from tinyvit158.train.augment import mixup_cutmix, random_crop_flip, random_erasing, trivial_augment
 from tinyvit158.train.checkpoint import load_checkpoint, load_run, save_checkpoint
 from tinyvit158.train.model import QATViT, latent_state, normalize, to_input
@@ -84,6 +88,7 @@ class Recipe:
     teacher: str = ""  # a trainer checkpoint whose model teaches this one (knowledge distillation)
     distill: float = 0.0  # weight of the teacher's soft targets in the loss (0: no distillation)
     distill_temp: float = 4.0  # softmax temperature of the distillation term
+    distill_hard: bool = False  # the teacher's term is cross-entropy with its argmax (DeiT's hard distillation)
     init: str = ""  # start from this trainer checkpoint's model weights (fine-tuning); "" : random
     matmul: str = "float32"  # dtype of the ternary layers' training products: float32 or bfloat16
 
@@ -110,15 +115,21 @@ def stage_of(epoch: int, r: Recipe) -> str:
 
 
 def distill_loss(
-    logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float, temp: float
-) -> torch.Tensor:
+    logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float, temp: float,
+    hard: bool = False, smoothing: float = 0.0,
+) -> torch.Tensor:  # fmt: skip
     """``(1 - alpha)`` x cross-entropy with the (smoothed, mixed) ``targets`` plus ``alpha`` x
     T^2 x KL(teacher || student) of the softmaxes at temperature T (Hinton, Vinyals and Dean
     2015: the T^2 keeps the soft term's gradients on the scale of the hard one's).
-    ``alpha = 0`` (or no teacher) is the plain cross-entropy."""
+    ``hard``: the teacher's term is instead the cross-entropy with the teacher's argmax,
+    label-smoothed by ``smoothing`` (DeiT's hard-label distillation, Touvron et al. 2021,
+    which beat the soft term there). ``alpha = 0`` (or no teacher) is the plain cross-entropy."""
     ce = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
     if teacher_logits is None or alpha == 0:
         return ce
+    if hard:
+        hard_ce = F.cross_entropy(logits, teacher_logits.argmax(1), label_smoothing=smoothing)
+        return (1 - alpha) * ce + alpha * hard_ce
     kl = F.kl_div(
         F.log_softmax(logits / temp, dim=1), F.log_softmax(teacher_logits / temp, dim=1),
         reduction="batchmean", log_target=True,
@@ -126,13 +137,22 @@ def distill_loss(
     return (1 - alpha) * ce + alpha * temp * temp * kl
 
 
-def load_teacher(path: str, cfg: ViTConfig, device: str) -> QATViT:
-    """A trained run's model (``last.pt`` or ``best.pt``) or a weight file's (its exact
-    codes, ``QATViT.from_checkpoint``) as a fixed teacher: eval mode, no gradients, ternary
-    or float as its run ended (a float teacher: ``--float-epochs`` equal to ``--epochs``).
-    Its architecture may differ from the student's; its inputs may not."""
+def load_teacher(path: str, cfg: ViTConfig, device: str) -> torch.nn.Module:
+    """A fixed teacher (eval mode, no gradients): a convolutional teacher
+    (``python -m tinyvit158.train.teacher``, its ``teacher.pt``), a trained run's model
+    (``last.pt`` or ``best.pt``; ternary or float as its run ended, a float teacher being
+    ``--float-epochs`` equal to ``--epochs``) or a weight file's (its exact codes,
+    ``QATViT.from_checkpoint``). Its architecture may differ from the student's; its
+    inputs (size, channels, normalisation) and classes may not."""
+    state = {} if str(path).endswith(".safetensors") else load_checkpoint(path, device)
+    if state.get("kind") == conv_teacher.KIND:
+        keys = ("image_size", "in_chans", "num_classes", "mean", "std")
+        theirs = tuple(tuple(state[k]) if k in ("mean", "std") else state[k] for k in keys)
+        if theirs != tuple(tuple(getattr(cfg, k)) if k in ("mean", "std") else getattr(cfg, k) for k in keys):
+            raise TinyViTError(f"teacher {path} takes other inputs or classes than the student ({cfg.name})")
+        return conv_teacher.load_teacher_model(state, path, device)
     if str(path).endswith(".safetensors"):
-        model, state = QATViT.from_checkpoint(load_weights(path)).to(device), {}
+        model = QATViT.from_checkpoint(load_weights(path)).to(device)
     else:
         model, state = load_run(path, device)
     t = model.cfg
@@ -175,16 +195,6 @@ def init_from(model: QATViT, path: str, device: str) -> None:
         raise TinyViTError(f"--init {path}: its model is {source.cfg.name} with other fields than this run's")
     model.load_state_dict(source.state_dict())
     print(f"starting from the weights of {path}", file=sys.stderr)
-
-
-def split_holdout(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val): ``holdout`` images, the same number from each class."""
-    rng = np.random.default_rng([seed, 12345])
-    classes = np.unique(labels)
-    per = holdout // len(classes)
-    val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes])
-    train = np.setdiff1d(np.arange(len(labels)), val)
-    return train, np.sort(val)
 
 
 def lr_at(step: int, total: int, warmup: int, r: Recipe) -> float:
@@ -294,6 +304,8 @@ def train(
 
     distilling = recipe.teacher and (recipe.distill or recipe.feature_distill or recipe.attn_distill)
     teacher = load_teacher(recipe.teacher, cfg, device) if distilling else None
+    if isinstance(teacher, conv_teacher.ConvTeacher) and (recipe.feature_distill or recipe.attn_distill):
+        raise TinyViTError("--feature-distill and --attn-distill need a ViT teacher; a conv teacher gives logits only")
     data = load_cifar10(data_path, "train", progress=progress)
     train_idx, val_idx = split_holdout(data.labels, recipe.holdout, recipe.seed)
     if recipe.limit_train:
@@ -345,7 +357,9 @@ def train(
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(x)
-            loss = distill_loss(logits, t, teacher_logits, recipe.distill, recipe.distill_temp)
+            loss = distill_loss(
+                logits, t, teacher_logits, recipe.distill, recipe.distill_temp, recipe.distill_hard, recipe.smoothing
+            )
             if recipe.feature_distill:
                 loss = loss + recipe.feature_distill * F.mse_loss(feats, teacher_feats)
             if recipe.attn_distill:
@@ -461,9 +475,10 @@ RECIPE_HELP = {
     "holdout": "training images held out for validation (the choice criterion)",
     "limit_train": "use only this many training images (smoke tests; 0: all)",
     "seed": "seed of the split, the order and the augmentations",
-    "teacher": "knowledge distillation: a trained run (RUN/last.pt) or a weight file whose model teaches",
+    "teacher": "knowledge distillation: a conv teacher (RUN/teacher.pt), a trained run (RUN/last.pt) or a weight file",
     "distill": "weight of the teacher's soft targets in the loss (0: no distillation)",
     "distill_temp": "softmax temperature of the distillation term",
+    "distill_hard": "the teacher's term is cross-entropy with its argmax (DeiT's hard-label distillation)",
     "act_only_epochs": "after the float epochs: int8 activations, float weights (GPLQ's stage 1; then convert)",
     "int8_epochs": "then int8 weights per output channel (TerViT's 8-bit stage) before ternary",
     "feature_distill": "weight of an MSE between the final features and the teacher's (GPLQ's feature mimicking)",
