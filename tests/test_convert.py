@@ -249,3 +249,23 @@ def test_compensate_from_the_command_line(tmp_path):
     assert load_weights(tmp_path / "c.safetensors").source["converted_from"]["compensated_on"] == (
         "8 CIFAR-10 training images"
     )
+
+
+def test_compare_torch_runs_a_float_run_in_float(tmp_path, capsys):
+    """evaluate --compare-torch with a float run (the source of a conversion) compares with
+    that float model as it is, not with its on-the-fly ternarization."""
+    pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
+    from tinyvit158.evaluate import load_torch_twin
+    from tinyvit158.train.checkpoint import save_checkpoint
+    from tinyvit158.train.model import BitLinear, QATViT
+
+    cfg = get_preset("cifar10-tiny").replace(depth=1)
+    model = QATViT(cfg)
+    state = {"config": cfg.to_dict(), "model": model.state_dict(), "epoch": 1}
+    save_checkpoint({**state, "log": {"quantized": False}}, tmp_path / "float.pt")
+    save_checkpoint({**state, "log": {"quantized": True}}, tmp_path / "qat.pt")
+    floats = [m.quantize for m in load_torch_twin(str(tmp_path / "float.pt")).modules() if isinstance(m, BitLinear)]
+    assert floats and not any(floats)
+    assert "a float model" in capsys.readouterr().err
+    qat = [m.quantize for m in load_torch_twin(str(tmp_path / "qat.pt")).modules() if isinstance(m, BitLinear)]
+    assert all(qat)

@@ -302,3 +302,21 @@ def test_attention_map_distillation(tmp_path, tarball):
     plain = train(Recipe(**{**base, "distill": 0.5}), str(tarball), tmp_path / "plain", progress=False)
     dgd = train(Recipe(**{**base, "distill": 0.5, "attn_distill": 1.0}), str(tarball), tmp_path / "dgd", progress=False)
     assert np.isfinite(dgd["train_loss"]) and dgd["train_loss"] != plain["train_loss"]
+
+
+def test_fine_tuning_a_float_run_into_channel_scales(tmp_path, tarball):
+    """TerViT's route from a float model: --init a float run into per-channel ternary scales
+    (scale_granularity may change, like the attention's numerics); a run of other shapes is refused."""
+    float_run = Recipe(**{**RECIPE.__dict__, "epochs": 1, "float_epochs": 1})
+    train(float_run, str(tarball), tmp_path / "float", progress=False)
+    src = str(tmp_path / "float" / "last.pt")
+    channel = RECIPE.config_overrides[:-1] + ', "scale_granularity": "channel"}'
+    tuned = Recipe(**{**RECIPE.__dict__, "epochs": 1, "config_overrides": channel, "init": src, "int8_epochs": 1})
+    train(tuned, str(tarball), tmp_path / "tervit", progress=False)
+    model, _ = load_run(tmp_path / "tervit" / "last.pt")
+    assert model.cfg.scale_granularity == "channel"
+    wider = Recipe(
+        **{**RECIPE.__dict__, "epochs": 1, "init": src, "config_overrides": '{"depth": 1, "dim": 64, "heads": 2}'}
+    )
+    with pytest.raises(TinyViTError, match="other fields"):
+        train(wider, str(tarball), tmp_path / "wider", progress=False)

@@ -84,7 +84,11 @@ def load_torch_twin(checkpoint: str):
 
     if checkpoint.endswith(".safetensors"):
         return QATViT.from_checkpoint(load_weights(checkpoint))
-    return load_run(checkpoint)[0]
+    model, state = load_run(checkpoint)
+    if not state.get("log", {}).get("quantized", True):  # a float run (or its float stage): compared in float
+        model.set_quantize(False)
+        print(f"{checkpoint}: a float model (its run ended in float): compared as it is, in float32", file=sys.stderr)
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,8 +166,10 @@ def load_teacher(path: str, cfg: ViTConfig, device: str) -> torch.nn.Module:
     return model
 
 
-# config fields a fine-tuning run may change from its --init weight file (new numerics to learn)
-RETRAINABLE = ("attention", "attention_bits", "attention_prob_bits", "attention_prob_clip", "qk_norm")
+# config fields a fine-tuning run may change from its --init weights (new numerics to learn)
+RETRAINABLE = (
+    "attention", "attention_bits", "attention_prob_bits", "attention_prob_clip", "qk_norm", "scale_granularity",
+)  # fmt: skip
 
 
 def init_from(model: QATViT, path: str, device: str) -> None:
@@ -177,7 +179,9 @@ def init_from(model: QATViT, path: str, device: str) -> None:
     over the group's fraction of non-zero codes (``model.latent_weights``), whose absmean
     ternarization gives back exactly the file's codes and (to float rounding) its gamma,
     so fine-tuning starts from the file's function. The run may change the attention's
-    numerics (:data:`RETRAINABLE`); new tensors (the qk norms) keep their initialization.
+    numerics and the weight scales' granularity (:data:`RETRAINABLE`; e.g. TerViT's
+    per-channel scales from a float run); new tensors (the qk norms) keep their
+    initialization.
     """
     if str(path).endswith(".safetensors"):
         ckpt = load_weights(path)
@@ -191,9 +195,11 @@ def init_from(model: QATViT, path: str, device: str) -> None:
         print(f"starting from the weights of {path}", file=sys.stderr)
         return
     source, _ = load_run(path, device)
-    if source.cfg != model.cfg:
+    if any(getattr(source.cfg, k) != getattr(model.cfg, k) for k in source.cfg.to_dict() if k not in RETRAINABLE):
         raise TinyViTError(f"--init {path}: its model is {source.cfg.name} with other fields than this run's")
-    model.load_state_dict(source.state_dict())
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    if unexpected or any(not k.split(".")[-2].endswith(("q_norm", "k_norm")) for k in missing):
+        raise TinyViTError(f"--init {path}: tensors do not fit: missing {missing}, unexpected {unexpected}")
     print(f"starting from the weights of {path}", file=sys.stderr)
 
 
