@@ -177,6 +177,13 @@ def test_layernorm_quantize(seed, t, d):
     y = layernorm(x, g, b, 1e-6)
     expected = oracle.layer_norm(x.astype(np.float64), g.astype(np.float64), b.astype(np.float64), 1e-6)
     np.testing.assert_allclose(y, expected, rtol=F32_RTOL, atol=F32_RTOL * np.abs(expected).max())
+    # bit for bit the PyTorch twin's float64 formula, rounded once: the sums' order (8 lanes
+    # when d is a multiple of 8, else one at a time) moves the float64 values by ~1e-16, which
+    # changes a float32 rounding only within ~1e-8 of a tie (never seen in these sizes)
+    xd = x.astype(np.float64)
+    mean = xd.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((xd - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+    assert np.array_equal(y, ((xd - mean) * rstd * g.astype(np.float64) + b.astype(np.float64)).astype(np.float32))
     q, s = layernorm_quantize(x, g, b, 1e-6)
     q2, s2 = quantize_activations(y)
     assert np.array_equal(q, q2) and np.array_equal(s, s2)  # fusion changes nothing

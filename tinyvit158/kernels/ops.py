@@ -29,12 +29,19 @@ from tinyvit158.kernels.simd import (  # noqa: I001
     _INV_LN2_64,
     _LN2_HI_64,
     _LN2_LO_64,
+    _dadd,
     _dbcast,
     _dbcast32,
     _dfma,
+    _dhsum,
     _dload,
+    _dload32,
+    _dmul,
+    _dsplat,
     _dstore,
+    _dstore32,
     _dstore32_scaled,
+    _dsub,
     _dzero,
     _fabs,
     _fadd,
@@ -185,11 +192,30 @@ def _sumsq64(row, mean):
 
 @_jit
 def _layernorm_row(row, gamma, beta, eps, out):
+    """One row's LayerNorm: float64 statistics, then each output ``((x - mean) * rstd) *
+    gamma + beta`` in float64 (no fused multiply-add), rounded once to float32. With 8
+    float64 lanes in a zmm register when the row length allows (the sums then add in another
+    order, within ~1e-16 as before: the same float32 outputs), else one element at a time."""
     n = row.shape[0]
-    mean = _sum64(row, 0.0) / n
-    rstd = 1.0 / math.sqrt(_sumsq64(row, mean) / n + eps)
-    for k in range(n):
-        out[k] = np.float32((row[k] - mean) * rstd * gamma[k] + beta[k])
+    if _PYTHON or n % 8:
+        mean = _sum64(row, 0.0) / n
+        rstd = 1.0 / math.sqrt(_sumsq64(row, mean) / n + eps)
+        for k in range(n):
+            out[k] = np.float32((row[k] - mean) * rstd * gamma[k] + beta[k])
+        return
+    acc = _dzero()
+    for k in range(0, n, 8):
+        acc = _dadd(acc, _dload32(row, k))
+    mean = _dhsum(acc) / n
+    mean_v = _dsplat(mean)
+    acc = _dzero()
+    for k in range(0, n, 8):
+        d = _dsub(_dload32(row, k), mean_v)
+        acc = _dfma(d, d, acc)
+    rstd_v = _dsplat(1.0 / math.sqrt(_dhsum(acc) / n + eps))
+    for k in range(0, n, 8):
+        y = _dmul(_dmul(_dsub(_dload32(row, k), mean_v), rstd_v), _dload32(gamma, k))
+        _dstore32(out, k, _dadd(y, _dload32(beta, k)))
 
 
 @_pjit

@@ -427,6 +427,67 @@ def _dstore32_scaled(typingctx, arr, index, vec, scale):
     return types.void(arr, index, zmmd, types.float64), codegen
 
 
+@intrinsic
+def _dload32(typingctx, arr, index):
+    """8 float32 elements of ``arr`` from ``index``, each widened exactly to float64."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.fpext(builder.load(builder.bitcast(ptr, _V8F.as_pointer()), align=4), _V8D)
+
+    return zmmd(arr, index), codegen
+
+
+@intrinsic
+def _dstore32(typingctx, arr, index, vec):
+    """Store 8 float64 lanes, each rounded once to float32, into a float32 array from ``index``."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store(builder.fptrunc(args[2], _V8F), builder.bitcast(ptr, _V8F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, index, zmmd), codegen
+
+
+@intrinsic
+def _dsplat(typingctx, value):
+    """A float64 copied to 8 lanes."""
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[0], _V8D)
+
+    return zmmd(types.float64), codegen
+
+
+def _dbinary(name: str):
+    """An intrinsic applying one LLVM float instruction to 8 float64 lanes (one rounding each)."""
+
+    @intrinsic
+    def op(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            return getattr(builder, name)(args[0], args[1])
+
+        return zmmd(zmmd, zmmd), codegen
+
+    return op
+
+
+_dadd = _dbinary("fadd")
+_dsub = _dbinary("fsub")
+_dmul = _dbinary("fmul")
+
+
+@intrinsic
+def _dhsum(typingctx, a):
+    """The sum of the 8 lanes, added in lane order (an ordered reduction: the same on every run)."""
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.vector.reduce.fadd.v8f64", _F64, [ir.Constant(_F64, -0.0), args[0]])
+
+    return types.float64(zmmd), codegen
+
+
 # exp(x) for x <= 0 in float64: ``ops._exp64_inplace`` (the float attention's softmax)
 _INV_LN2_64 = 1.4426950408889634
 _LN2_HI_64 = 6.93147180369123816490e-01  # ln 2 split so that n * _LN2_HI_64 is exact (fdlibm)
