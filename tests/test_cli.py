@@ -47,3 +47,10 @@ def test_train_without_data_says_how_to_give_it(tmp_path):
     out = tinyvit158("train", "--out", str(tmp_path / "run"), env=env)
     assert out.returncode == 2 and "TINYVIT158_DATA" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_predict_says_every_image_gets_one_of_the_classes():
+    from tinyvit158.predict import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "Every image gets one of the model's classes" in text and "none of these" in text

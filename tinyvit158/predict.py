@@ -36,7 +36,9 @@ exit status:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog("tinyvit158.predict"),
-        description="Classify images with a ternary (1.58-bit) Vision Transformer.",
+        description="Classify images with a ternary (1.58-bit) Vision Transformer. Every image gets one of the "
+        "model's classes (the 10 CIFAR-10 labels for the shipped weights), whatever it shows: there is no "
+        "'none of these' answer.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
