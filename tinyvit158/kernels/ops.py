@@ -32,10 +32,13 @@ from tinyvit158.kernels.simd import (  # noqa: I001
     _dadd,
     _dbcast,
     _dbcast32,
+    _dexp,
     _dfma,
+    _dhmax,
     _dhsum,
     _dload,
     _dload32,
+    _dmax,
     _dmul,
     _dsplat,
     _dstore,
@@ -412,6 +415,35 @@ def _exp64_inplace(x, bits, n):
 
 
 @_jit
+def _softmax_numerators(sc, base, n, scale, bits):
+    """``sc[base:base + n] = exp((x - max) * scale)`` in place; returns their sum. Eight lanes
+    at a time (``_dexp``: the same bits as ``_exp64_inplace``, which takes the tail); the
+    maximum is exact in any order, and the float64 sum's order moves it by ~1e-16."""
+    n8 = n - n % 8
+    m = sc[base]
+    if n8:
+        mv = _dload(sc, base)
+        for j in range(base + 8, base + n8, 8):
+            mv = _dmax(mv, _dload(sc, j))
+        m = max(m, _dhmax(mv))
+    for j in range(base + n8, base + n):
+        m = max(m, sc[j])
+    m_v, scale_v, total_v = _dsplat(m), _dsplat(scale), _dzero()
+    for j in range(base, base + n8, 8):
+        e = _dexp(_dmul(_dsub(_dload(sc, j), m_v), scale_v))
+        _dstore(sc, j, e)
+        total_v = _dadd(total_v, e)
+    tail = sc[base + n8 : base + n]
+    for j in range(n - n8):
+        tail[j] = (tail[j] - m) * scale
+    _exp64_inplace(tail, bits, n - n8)
+    total = _dhsum(total_v) if n8 else 0.0
+    for j in range(n - n8):
+        total += tail[j]
+    return total
+
+
+@_jit
 def _store_scaled(ob, o, C, rows, a0, a1, a2, a3, inv):
     """Rows 0..rows-1 of a unit's output, 8 channels from ``o``: ``a_r / total_r``."""
     _dstore32_scaled(ob, o, a0, inv[0])
@@ -496,17 +528,7 @@ def _attention(qkv, heads, out, P, quantize, q, s):
                     _dstore(sc, 3 * Np + jc, a3)
                     _dstore(sc, 3 * Np + jc + 8, c3)
                 for r in range(rows):  # softmax numerators in place; 1 / their sums (only the stored rows)
-                    row = sc[r * Np : r * Np + N]
-                    m = row[0]
-                    for j in range(1, N):
-                        m = max(m, row[j])
-                    for j in range(N):
-                        row[j] = (row[j] - m) * scale
-                    _exp64_inplace(row, bits, N)
-                    total = 0.0
-                    for j in range(N):
-                        total += row[j]
-                    inv[r] = 1.0 / total
+                    inv[r] = 1.0 / _softmax_numerators(sc, r * Np, N, scale, bits)
                 for dc in range(0, hd, 16):  # p x V: 4 rows x 16 channels in 8 registers
                     a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _dzero()
                     for j in range(N):

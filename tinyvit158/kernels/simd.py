@@ -495,6 +495,53 @@ _LN2_LO_64 = 1.90821492927058770002e-10
 _INV_FACT = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))  # 1/13!, ..., 1/1!, 1/0!
 
 
+_V8I64 = ir.VectorType(ir.IntType(64), 8)
+
+
+@intrinsic
+def _dmax(typingctx, a, b):
+    """Lane-wise maximum of 8 float64 lanes (``llvm.maxnum``)."""
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.maxnum.v8f64", _V8D, args)
+
+    return zmmd(zmmd, zmmd), codegen
+
+
+@intrinsic
+def _dhmax(typingctx, a):
+    """The largest of 8 float64 lanes (exact in any order; the lanes hold no NaN)."""
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "llvm.vector.reduce.fmax.v8f64", _F64, args, fastmath=("nnan",))
+
+    return types.float64(zmmd), codegen
+
+
+@intrinsic
+def _dexp(typingctx, v):
+    """exp of 8 float64 lanes x <= 0: ``ops._exp64_inplace``'s operations lane by lane, each
+    rounded as written (no fused multiply-adds), so the same bits: x = max(x, -708);
+    k = floor(x / ln2 + 1/2); r = (x - k HI) - k LO; Taylor to degree 13 by Horner; times 2**k
+    built from its exponent bits."""
+
+    def codegen(context, builder, sig, args):
+        def c(value):
+            return _splat(builder, ir.Constant(_F64, value), _V8D)
+
+        x = _call(builder, "llvm.maxnum.v8f64", _V8D, [args[0], c(-708.0)])
+        k = _call(builder, "llvm.floor.v8f64", _V8D, [builder.fadd(builder.fmul(x, c(_INV_LN2_64)), c(0.5))])
+        r = builder.fsub(builder.fsub(x, builder.fmul(k, c(_LN2_HI_64))), builder.fmul(k, c(_LN2_LO_64)))
+        p = c(_INV_FACT[0])
+        for coef in _INV_FACT[1:]:
+            p = builder.fadd(builder.fmul(p, r), c(coef))
+        e = builder.add(builder.fptosi(k, _V8I64), _splat(builder, ir.Constant(ir.IntType(64), 1023), _V8I64))
+        pow2 = builder.bitcast(builder.shl(e, _splat(builder, ir.Constant(ir.IntType(64), 52), _V8I64)), _V8D)
+        return builder.fmul(p, pow2)
+
+    return zmmd(zmmd), codegen
+
+
 # -- the int8 attention's float32 softmax (``qattn``): every operation IEEE, in a fixed order ------
 # exp(x) for x <= 0 in float32 (Cephes expf): x = k ln2 + r, |r| <= ln2 / 2, exp(r) = 1 + r +
 # r^2 P(r); ln 2 = _LN2_HI_32 + _LN2_LO_32 with k * _LN2_HI_32 exact. |error| <= 2 ulps.
