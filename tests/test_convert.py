@@ -269,3 +269,38 @@ def test_compare_torch_runs_a_float_run_in_float(tmp_path, capsys):
     assert "a float model" in capsys.readouterr().err
     qat = [m.quantize for m in load_torch_twin(str(tmp_path / "qat.pt")).modules() if isinstance(m, BitLinear)]
     assert all(qat)
+
+
+def test_a_float_run_whose_ternarization_is_exact_agrees_with_its_conversion(tmp_path):
+    """The project's own float model, saved by the trainer, with every ternary layer's weights
+    already +-g (so absmean ternarization is exact: gamma = g, codes = signs): converted, the
+    engine computes the float model's function up to its int8 activations."""
+    torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
+    from tinyvit158.evaluate import load_torch_twin
+    from tinyvit158.image import normalize
+    from tinyvit158.train.checkpoint import save_checkpoint
+    from tinyvit158.train.export import torch_logits
+    from tinyvit158.train.model import BitLinear, QATViT
+
+    cfg = get_preset("cifar10-tiny").replace(depth=2)
+    model = QATViT(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, BitLinear):
+                g = float(m.weight.abs().mean())
+                m.weight.copy_(torch.where(m.weight >= 0, g, -g))
+    run = tmp_path / "float.pt"
+    save_checkpoint(
+        {"config": cfg.to_dict(), "model": model.state_dict(), "epoch": 1, "log": {"quantized": False}}, run
+    )
+    proc = run_module("tinyvit158.convert", run, "--out", tmp_path / "c.safetensors")
+    assert proc.returncode == 0, proc.stderr
+    got = load_weights(tmp_path / "c.safetensors")
+    images = np.random.default_rng(6).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    float_logits = torch_logits(load_torch_twin(str(run)), images)  # the float model, not ternarized
+    engine = Engine(got)(np.stack([normalize(im, cfg) for im in images]))
+    scale = np.abs(float_logits).max()
+    assert np.abs(engine - float_logits).max() < 0.05 * scale  # only the int8 rounding of activations
+    margin = np.diff(np.sort(float_logits, axis=1)[:, -2:], axis=1)[:, 0]
+    clear = margin > 0.1 * scale
+    assert clear.any() and np.array_equal(engine.argmax(1)[clear], float_logits.argmax(1)[clear])
