@@ -46,3 +46,23 @@ def weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
     save_weights(path, random_checkpoint(get_preset("cifar10-tiny").replace(depth=1), seed=2))
     return path
+
+
+@pytest.fixture(scope="session")
+def cifar_tarball(tmp_path_factory):
+    """A tiny CIFAR-10 look-alike in the official python layout (10 + 6 images a class)."""
+    from fake_cifar import make_images, write_tarball
+
+    root = tmp_path_factory.mktemp("cifar")
+    return write_tarball(root / "cifar-10-python.tar.gz", make_images(10, 0), make_images(6, 1))
+
+
+@pytest.fixture
+def torch_one_thread():
+    """torch on one thread for the test (its CPU kernels are deterministic for a fixed count)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
 
-from fake_cifar import make_images, write_tarball  # noqa: E402
 
 from tinyvit158.errors import TinyViTError  # noqa: E402
 from tinyvit158.train import teacher as T  # noqa: E402
@@ -15,18 +14,12 @@ from tinyvit158.train.trainer import Recipe, distill_loss, load_teacher, train  
 SMALL = T.TeacherRecipe(widths=[8, 16, 16], epochs=6, batch=25, lr=50.0, holdout=20, ema_start=1, ema_every=2)
 
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # deterministic CPU kernels
+
+
 @pytest.fixture(scope="module")
-def tarball(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    return write_tarball(root / "cifar-10-python.tar.gz", make_images(10, 0), make_images(6, 1))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # CPU kernels are deterministic for a fixed thread count
-    yield
-    torch.set_num_threads(threads)
+def tarball(cifar_tarball):
+    return cifar_tarball
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
 
-from fake_cifar import make_images, write_tarball  # noqa: E402
+from fake_cifar import make_images  # noqa: E402
 
 from tinyvit158.engine import Engine  # noqa: E402
 from tinyvit158.errors import TinyViTError  # noqa: E402
@@ -21,18 +21,12 @@ RECIPE = Recipe(
 )  # fmt: skip
 
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # deterministic CPU kernels
+
+
 @pytest.fixture(scope="module")
-def tarball(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cifar")
-    return write_tarball(root / "cifar-10-python.tar.gz", make_images(10, 0), make_images(6, 1))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # CPU kernels are deterministic for a fixed thread count
-    yield
-    torch.set_num_threads(threads)
+def tarball(cifar_tarball):
+    return cifar_tarball
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tarball):

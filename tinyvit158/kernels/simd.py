@@ -227,52 +227,65 @@ _fstore = _store_of(zmmf, 4)
 _ffma = _fma_of(zmmf, "llvm.fma.v16f32")
 
 
-@intrinsic
-def _fsplat(typingctx, value):
-    """A float32 scalar copied to 16 lanes."""
+def _splat_of(vty, scalar):
+    """A ``scalar`` (a Numba type) copied to every lane."""
 
-    def codegen(context, builder, sig, args):
-        return _splat(builder, args[0], _V16F)
+    @intrinsic
+    def splat(typingctx, value):
+        def codegen(context, builder, sig, args):
+            return _splat(builder, args[0], _LLVM_TYPES[type(vty)])
 
-    return zmmf(types.float32), codegen
+        return vty(scalar), codegen
+
+    return splat
 
 
-def _binary(name: str):
-    """An intrinsic applying one LLVM float instruction lane by lane."""
+def _binary(name: str, vty=zmmf):
+    """An intrinsic applying one LLVM float instruction lane by lane (one rounding each)."""
 
     @intrinsic
     def op(typingctx, a, b):
         def codegen(context, builder, sig, args):
             return getattr(builder, name)(args[0], args[1])
 
-        return zmmf(zmmf, zmmf), codegen
+        return vty(vty, vty), codegen
 
     return op
 
 
+def _lanewise_of(vty, llvm_name: str):
+    """An LLVM intrinsic of two vectors, lane by lane (``llvm.maxnum``, ``llvm.minnum``)."""
+
+    @intrinsic
+    def op(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            return _call(builder, llvm_name, _LLVM_TYPES[type(vty)], args)
+
+        return vty(vty, vty), codegen
+
+    return op
+
+
+def _hmax_of(vty, scalar, llvm_name: str):
+    """The largest lane (exact in any order; the lanes hold no NaN)."""
+
+    @intrinsic
+    def hmax(typingctx, a):
+        def codegen(context, builder, sig, args):
+            return _call(builder, llvm_name, context.get_value_type(scalar), args, fastmath=("nnan",))
+
+        return scalar(vty), codegen
+
+    return hmax
+
+
+_fsplat = _splat_of(zmmf, types.float32)
 _fadd = _binary("fadd")
 _fsub = _binary("fsub")
 _fmul = _binary("fmul")
-
-
-@intrinsic
-def _fmax(typingctx, a, b):
-    """Lane-wise maximum (``llvm.maxnum``)."""
-
-    def codegen(context, builder, sig, args):
-        return _call(builder, "llvm.maxnum.v16f32", _V16F, args)
-
-    return zmmf(zmmf, zmmf), codegen
-
-
-@intrinsic
-def _fhmax(typingctx, a):
-    """The largest of the 16 lanes (a tree of 4 vector maxima: the lanes hold no NaN)."""
-
-    def codegen(context, builder, sig, args):
-        return _call(builder, "llvm.vector.reduce.fmax.v16f32", _F32, args, fastmath=("nnan",))
-
-    return types.float32(zmmf), codegen
+_fmax = _lanewise_of(zmmf, "llvm.maxnum.v16f32")
+_fmin = _lanewise_of(zmmf, "llvm.minnum.v16f32")
+_fhmax = _hmax_of(zmmf, types.float32, "llvm.vector.reduce.fmax.v16f32")
 
 
 @intrinsic
@@ -286,16 +299,6 @@ def _fabs(typingctx, a):
 
 
 _fdiv = _binary("fdiv")
-
-
-@intrinsic
-def _fmin(typingctx, a, b):
-    """Lane-wise minimum (``llvm.minnum``)."""
-
-    def codegen(context, builder, sig, args):
-        return _call(builder, "llvm.minnum.v16f32", _V16F, args)
-
-    return zmmf(zmmf, zmmf), codegen
 
 
 @intrinsic
@@ -450,32 +453,12 @@ def _dstore32(typingctx, arr, index, vec):
     return types.void(arr, index, zmmd), codegen
 
 
-@intrinsic
-def _dsplat(typingctx, value):
-    """A float64 copied to 8 lanes."""
-
-    def codegen(context, builder, sig, args):
-        return _splat(builder, args[0], _V8D)
-
-    return zmmd(types.float64), codegen
-
-
-def _dbinary(name: str):
-    """An intrinsic applying one LLVM float instruction to 8 float64 lanes (one rounding each)."""
-
-    @intrinsic
-    def op(typingctx, a, b):
-        def codegen(context, builder, sig, args):
-            return getattr(builder, name)(args[0], args[1])
-
-        return zmmd(zmmd, zmmd), codegen
-
-    return op
-
-
-_dadd = _dbinary("fadd")
-_dsub = _dbinary("fsub")
-_dmul = _dbinary("fmul")
+_dsplat = _splat_of(zmmd, types.float64)
+_dadd = _binary("fadd", zmmd)
+_dsub = _binary("fsub", zmmd)
+_dmul = _binary("fmul", zmmd)
+_dmax = _lanewise_of(zmmd, "llvm.maxnum.v8f64")
+_dhmax = _hmax_of(zmmd, types.float64, "llvm.vector.reduce.fmax.v8f64")
 
 
 @intrinsic
@@ -496,26 +479,6 @@ _INV_FACT = tuple(1.0 / math.factorial(k) for k in range(13, -1, -1))  # 1/13!, 
 
 
 _V8I64 = ir.VectorType(ir.IntType(64), 8)
-
-
-@intrinsic
-def _dmax(typingctx, a, b):
-    """Lane-wise maximum of 8 float64 lanes (``llvm.maxnum``)."""
-
-    def codegen(context, builder, sig, args):
-        return _call(builder, "llvm.maxnum.v8f64", _V8D, args)
-
-    return zmmd(zmmd, zmmd), codegen
-
-
-@intrinsic
-def _dhmax(typingctx, a):
-    """The largest of 8 float64 lanes (exact in any order; the lanes hold no NaN)."""
-
-    def codegen(context, builder, sig, args):
-        return _call(builder, "llvm.vector.reduce.fmax.v8f64", _F64, args, fastmath=("nnan",))
-
-    return types.float64(zmmd), codegen
 
 
 @intrinsic
