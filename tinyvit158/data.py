@@ -221,6 +221,15 @@ def data_dir_from_env() -> Path | None:
     return Path(value) if value else None
 
 
+def data_arg(parser, value: str | None) -> str:
+    """A command's ``--data``, or ``TINYVIT158_DATA`` when it is not given; a usage error
+    (``parser.error``) when neither is."""
+    path = value or data_dir_from_env()
+    if not path:
+        parser.error("--data is required (or set TINYVIT158_DATA to the folder holding the CIFAR-10 zips)")
+    return str(path)
+
+
 def split_holdout(labels: np.ndarray, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val): ``holdout`` images, the same number from each class."""
     rng = np.random.default_rng([seed, 12345])

@@ -78,15 +78,14 @@ def load_torch_twin(checkpoint: str):
         import torch  # noqa: F401
     except ImportError:
         raise TinyViTError("--compare-torch needs PyTorch: pip install -e '.[train]'") from None
-    from tinyvit158.train.checkpoint import load_run
+    from tinyvit158.train.checkpoint import ended_in_float, load_run
     from tinyvit158.train.model import QATViT
     from tinyvit158.weights import load_weights
 
     if checkpoint.endswith(".safetensors"):
         return QATViT.from_checkpoint(load_weights(checkpoint))
-    model, state = load_run(checkpoint)
-    if not state.get("log", {}).get("quantized", True):  # a float run (or its float stage): compared in float
-        model.set_quantize(False)
+    model, state = load_run(checkpoint, as_trained=True)  # a float run (or its float stage): compared in float
+    if ended_in_float(state):
         print(f"{checkpoint}: a float model (its run ended in float): compared as it is, in float32", file=sys.stderr)
     return model
 
@@ -100,13 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--batch must be at least 1, got {args.batch}")
     if args.ray is not None and (args.engine != "fast" or args.compare_torch):
         parser.error("--ray runs the fast engine, without --compare-torch")
-    from tinyvit158.data import data_dir_from_env, load_cifar10
+    from tinyvit158.data import data_arg, load_cifar10
     from tinyvit158.predict import load_model
 
     try:
-        data_path = args.data or data_dir_from_env()
-        if data_path is None:
-            parser.error("--data is required (or set TINYVIT158_DATA to the folder holding the CIFAR-10 zips)")
+        data_path = data_arg(parser, args.data)
         ckpt, weights_name = load_model(args.weights)
         cfg = ckpt.config
         twin = load_torch_twin(args.compare_torch) if args.compare_torch else None  # fails before the long run

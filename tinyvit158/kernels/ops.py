@@ -43,7 +43,6 @@ from tinyvit158.kernels.simd import (  # noqa: I001
     _dsplat,
     _dstore,
     _dstore32,
-    _dstore32_scaled,
     _dsub,
     _dzero,
     _fabs,
@@ -445,14 +444,15 @@ def _softmax_numerators(sc, base, n, scale, bits):
 
 @_jit
 def _store_scaled(ob, o, C, rows, a0, a1, a2, a3, inv):
-    """Rows 0..rows-1 of a unit's output, 8 channels from ``o``: ``a_r / total_r``."""
-    _dstore32_scaled(ob, o, a0, inv[0])
+    """Rows 0..rows-1 of a unit's output, 8 channels from ``o``: ``a_r * (1 / total_r)`` in
+    float64, each rounded once to float32."""
+    _dstore32(ob, o, _dmul(a0, _dsplat(inv[0])))
     if rows > 1:
-        _dstore32_scaled(ob, C + o, a1, inv[1])
+        _dstore32(ob, C + o, _dmul(a1, _dsplat(inv[1])))
     if rows > 2:
-        _dstore32_scaled(ob, 2 * C + o, a2, inv[2])
+        _dstore32(ob, 2 * C + o, _dmul(a2, _dsplat(inv[2])))
     if rows > 3:
-        _dstore32_scaled(ob, 3 * C + o, a3, inv[3])
+        _dstore32(ob, 3 * C + o, _dmul(a3, _dsplat(inv[3])))
 
 
 @_pjit

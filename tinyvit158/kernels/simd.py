@@ -417,20 +417,6 @@ def _dbcast32(typingctx, arr, index):
 
 
 @intrinsic
-def _dstore32_scaled(typingctx, arr, index, vec, scale):
-    """Store ``vec * scale`` (float64 lanes times a float64 scalar), each rounded once to
-    float32, into a float32 array from element ``index``."""
-
-    def codegen(context, builder, sig, args):
-        v = builder.fmul(args[2], _splat(builder, args[3], _V8D))
-        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
-        builder.store(builder.fptrunc(v, _V8F), builder.bitcast(ptr, _V8F.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.void(arr, index, zmmd, types.float64), codegen
-
-
-@intrinsic
 def _dload32(typingctx, arr, index):
     """8 float32 elements of ``arr`` from ``index``, each widened exactly to float64."""
 

@@ -94,18 +94,29 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
     return state
 
 
-def load_run(path: str | Path, device: str = "cpu") -> tuple[QATViT, dict]:
-    """The QAT model of a trainer checkpoint (eval mode, quantization on) and the raw state."""
-    state = load_checkpoint(path, device)
+def ended_in_float(state: dict) -> bool:
+    """Whether a trainer checkpoint's last epoch ran in float (a float run, or its float stage)."""
+    return not state.get("log", {}).get("quantized", True)
+
+
+def model_from_state(state: dict, path: str | Path, device: str = "cpu", as_trained: bool = False) -> QATViT:
+    """The model of a loaded trainer checkpoint, in eval mode: quantization on, or with
+    ``as_trained`` as its last epoch ran (a float run stays float)."""
     try:
         cfg = ViTConfig.from_dict(state["config"])
         model = QATViT(cfg).to(device)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise TinyViTError(f"{path}: not a tinyvit158 training checkpoint ({str(e).splitlines()[0]})") from None
-    model.set_quantize(True)
+    model.set_quantize(not (as_trained and ended_in_float(state)))
     model.eval()
-    return model, state
+    return model
+
+
+def load_run(path: str | Path, device: str = "cpu", as_trained: bool = False) -> tuple[QATViT, dict]:
+    """The model of a trainer checkpoint (:func:`model_from_state`) and the raw state."""
+    state = load_checkpoint(path, device)
+    return model_from_state(state, path, device, as_trained), state
 
 
 def resave_trusted(src: str | Path, dst: str | Path) -> None:

@@ -50,7 +50,7 @@ from torch import nn
 
 from tinyvit158.cli import prog
 from tinyvit158.config import get_preset
-from tinyvit158.data import DataError, load_cifar10, split_holdout
+from tinyvit158.data import DataError, data_arg, load_cifar10, split_holdout
 from tinyvit158.errors import TinyViTError
 from tinyvit158.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -129,13 +129,13 @@ class ConvTeacher(nn.Module):
 def predict_tta(model: ConvTeacher, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
     """Logits with test-time augmentation: (image + mirror)/2, averaged half and half with the
     same for the image shifted one pixel up-left and one down-right (reflect padding)."""
+
+    def mirror(v):
+        return 0.5 * (model(v).float() + model(v.flip(-1)).float())
+
     out = []
     for xb in x.split(batch):
         with autocast(xb.device):
-
-            def mirror(v):
-                return 0.5 * (model(v).float() + model(v.flip(-1)).float())
-
             padded = F.pad(xb, (1, 1, 1, 1), mode="reflect")
             H, W = xb.shape[-2:]
             shifted = 0.5 * (mirror(padded[..., :H, :W]) + mirror(padded[..., 2 : H + 2, 2 : W + 2]))
@@ -190,6 +190,8 @@ def accuracy(model: ConvTeacher, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def load_teacher_model(state: dict, path, device: str = "cpu") -> ConvTeacher:
     """The model of a ``teacher.pt`` state (eval mode, no gradients)."""
+    if state.get("kind") != KIND:
+        raise TinyViTError(f"{path}: not a teacher checkpoint (no kind {KIND!r})")
     try:
         model = ConvTeacher(state["widths"], state["num_classes"], state["in_chans"])
         model.load_state_dict(state["model"])
@@ -247,6 +249,7 @@ def train_teacher(
         print(f"resuming {last} after epoch {start_epoch}", file=sys.stderr)
     else:
         model.init_whitening(x_train[:5000].float())
+    base_flip = torch.rand(len(x_train), generator=torch.Generator().manual_seed(r.seed)).to(dev) < 0.5
     t_start = time.time()
     for epoch in range(start_epoch, r.epochs):
         if max_minutes and epoch > start_epoch and (time.time() - t_start) / 60 >= max_minutes:
@@ -255,8 +258,7 @@ def train_teacher(
         t0 = time.time()
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([r.seed, epoch]).generate_state(1)[0]))
         model.whiten.bias.requires_grad_(epoch < r.whiten_bias_epochs)
-        base_flip = torch.rand(len(x_train), generator=torch.Generator().manual_seed(r.seed)).to(dev) < 0.5
-        flip = base_flip ^ bool(epoch % 2)  # alternating flip
+        flip = base_flip ^ bool(epoch % 2)  # alternating flip: each image's random flip, then all flipped on odd epochs
         x = torch.where(flip.view(-1, 1, 1, 1), x_train.flip(-1), x_train)
         x = translate(x, r.translate, g)
         order = torch.randperm(len(x), generator=g).to(dev)
@@ -326,8 +328,6 @@ def train_teacher(
 def evaluate_teacher(path: str, data_path: str, device: str = "cpu") -> dict:
     """Test accuracy of a ``teacher.pt``, with and without test-time augmentation."""
     state = load_checkpoint(path, device)
-    if state.get("kind") != KIND:
-        raise TinyViTError(f"{path}: not a teacher checkpoint (no kind {KIND!r})")
     model = load_teacher_model(state, path, device)
     test = load_cifar10(data_path, "test", progress=False)
     x = to_tensor(test.images, state["mean"], state["std"], device)
@@ -376,23 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tinyvit158.data import data_dir_from_env
-
-    data = str(args.data or data_dir_from_env() or "") or None
-    if data is None:
-        p.error("--data is required (or set TINYVIT158_DATA to the folder holding the CIFAR-10 zips)")
-    if args.evaluate:
-        try:
-            print(json.dumps(evaluate_teacher(args.evaluate, data, args.device)))
-        except TinyViTError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
-    if args.out is None:
+    data = data_arg(p, args.data)
+    if args.out is None and not args.evaluate:
         p.error("--out is required (the run folder), unless --evaluate")
     recipe = TeacherRecipe(preset=args.preset, widths=args.widths, epochs=args.epochs, batch=args.batch, lr=args.lr,
                            limit_train=args.limit_train, seed=args.seed)  # fmt: skip
     try:
+        if args.evaluate:
+            print(json.dumps(evaluate_teacher(args.evaluate, data, args.device)))
+            return 0
         if len(recipe.widths) < 1 or min(recipe.widths) < 1:
             raise TinyViTError(f"--widths {args.widths}: give positive channel counts, e.g. 64,256,256")
         train_teacher(recipe, data, args.out, args.device, progress=not args.no_progress, max_minutes=args.max_minutes)

@@ -50,7 +50,7 @@ from tinyvit158.data import Dataset, load_cifar10, split_holdout  # noqa: F401 (
 from tinyvit158.errors import TinyViTError
 from tinyvit158.train import teacher as conv_teacher
 from tinyvit158.train.augment import mixup_cutmix, random_crop_flip, random_erasing, trivial_augment
-from tinyvit158.train.checkpoint import load_checkpoint, load_run, save_checkpoint
+from tinyvit158.train.checkpoint import load_checkpoint, load_run, model_from_state, save_checkpoint
 from tinyvit158.train.model import QATViT, latent_state, normalize, to_input
 from tinyvit158.weights import load_weights
 
@@ -146,24 +146,24 @@ def load_teacher(path: str, cfg: ViTConfig, device: str) -> torch.nn.Module:
     inputs (size, channels, normalisation) and classes may not."""
     state = {} if str(path).endswith(".safetensors") else load_checkpoint(path, device)
     if state.get("kind") == conv_teacher.KIND:
-        keys = ("image_size", "in_chans", "num_classes", "mean", "std")
-        theirs = tuple(tuple(state[k]) if k in ("mean", "std") else state[k] for k in keys)
-        if theirs != tuple(tuple(getattr(cfg, k)) if k in ("mean", "std") else getattr(cfg, k) for k in keys):
-            raise TinyViTError(f"teacher {path} takes other inputs or classes than the student ({cfg.name})")
-        return conv_teacher.load_teacher_model(state, path, device)
-    if str(path).endswith(".safetensors"):
-        model = QATViT.from_checkpoint(load_weights(path)).to(device)
+        model, theirs = conv_teacher.load_teacher_model(state, path, device), _inputs(state)
     else:
-        model, state = load_run(path, device)
-    t = model.cfg
-    if (t.image_size, t.in_chans, t.num_classes, t.mean, t.std) != (
-        cfg.image_size, cfg.in_chans, cfg.num_classes, cfg.mean, cfg.std,
-    ):  # fmt: skip
-        raise TinyViTError(f"teacher {path} takes other inputs or classes than the student ({t.name} vs {cfg.name})")
-    model.set_quantize(bool(state.get("log", {}).get("quantized", True)))
-    model.set_exact(False)  # its soft targets need no bit-exactness: the float32 path is 2-3x faster
-    model.requires_grad_(False)
+        if str(path).endswith(".safetensors"):
+            model = QATViT.from_checkpoint(load_weights(path)).to(device)
+        else:
+            model = model_from_state(state, path, device, as_trained=True)  # ternary or float as it ended
+        model.set_exact(False)  # its soft targets need no bit-exactness: the float32 path is 2-3x faster
+        model.requires_grad_(False)
+        theirs = _inputs(model.cfg.to_dict())
+    if theirs != _inputs(cfg.to_dict()):
+        raise TinyViTError(f"teacher {path} takes other inputs or classes than the student ({cfg.name})")
     return model
+
+
+def _inputs(fields: dict) -> tuple:
+    """What a teacher must share with its student: input size, channels, normalisation, classes."""
+    values = (fields[k] for k in ("image_size", "in_chans", "num_classes", "mean", "std"))
+    return tuple(tuple(v) if isinstance(v, (list, tuple)) else v for v in values)
 
 
 # config fields a fine-tuning run may change from its --init weights (new numerics to learn)
@@ -185,19 +185,15 @@ def init_from(model: QATViT, path: str, device: str) -> None:
     """
     if str(path).endswith(".safetensors"):
         ckpt = load_weights(path)
-        other = {k: v for k, v in ckpt.config.to_dict().items() if k not in RETRAINABLE}
-        if other != {k: v for k, v in model.cfg.to_dict().items() if k not in RETRAINABLE}:
-            raise TinyViTError(f"--init {path}: its model has other fields than this run's (beyond {RETRAINABLE})")
-        state = latent_state(ckpt)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or any(not k.split(".")[-2].endswith(("q_norm", "k_norm")) for k in missing):
-            raise TinyViTError(f"--init {path}: tensors do not fit: missing {missing}, unexpected {unexpected}")
-        print(f"starting from the weights of {path}", file=sys.stderr)
-        return
-    source, _ = load_run(path, device)
-    if any(getattr(source.cfg, k) != getattr(model.cfg, k) for k in source.cfg.to_dict() if k not in RETRAINABLE):
-        raise TinyViTError(f"--init {path}: its model is {source.cfg.name} with other fields than this run's")
-    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+        source_cfg, state = ckpt.config, latent_state(ckpt)
+    else:
+        source, _ = load_run(path, device)
+        source_cfg, state = source.cfg, source.state_dict()
+    fixed = [k for k in source_cfg.to_dict() if k not in RETRAINABLE]
+    if any(getattr(source_cfg, k) != getattr(model.cfg, k) for k in fixed):
+        raise TinyViTError(f"--init {path}: its model ({source_cfg.name}) has other fields than this run's "
+                           f"(beyond {RETRAINABLE})")  # fmt: skip
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.split(".")[-2].endswith(("q_norm", "k_norm")) for k in missing):
         raise TinyViTError(f"--init {path}: tensors do not fit: missing {missing}, unexpected {unexpected}")
     print(f"starting from the weights of {path}", file=sys.stderr)
@@ -499,11 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     fields = {k: getattr(args, k) for k in asdict(Recipe()) if k != "config_overrides"}
-    from tinyvit158.data import data_dir_from_env
+    from tinyvit158.data import data_arg
 
-    args.data = str(args.data or data_dir_from_env() or "") or None
-    if args.data is None:
-        build_parser().error("--data is required (or set TINYVIT158_DATA to the folder holding the CIFAR-10 zips)")
+    args.data = data_arg(build_parser(), args.data)
     try:
         overrides = parse_set(args.set)
         recipe = Recipe(**fields, config_overrides=json.dumps(overrides, sort_keys=True))
