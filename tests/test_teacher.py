@@ -1,6 +1,7 @@
 """The convolutional teacher and distillation from it (needs the train extra)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from tinyvit158.errors import TinyViTError  # noqa: E402
 from tinyvit158.train import teacher as T  # noqa: E402
 from tinyvit158.train.trainer import Recipe, distill_loss, load_teacher, train  # noqa: E402
 
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "cifar10-tiny.safetensors"
 SMALL = T.TeacherRecipe(widths=[8, 16, 16], epochs=6, batch=25, lr=50.0, holdout=20, ema_start=1, ema_every=2)
 
 
@@ -97,8 +99,26 @@ def test_a_conv_teacher_teaches_the_vit(teacher_run, tarball, tmp_path):
     taught = Recipe(**base, teacher=str(out / "teacher.pt"), distill=0.5, distill_hard=True)
     hard = train(taught, str(tarball), tmp_path / "hard", progress=False)
     assert hard["train_loss"] != plain["train_loss"]
-    with pytest.raises(TinyViTError, match="need a ViT teacher"):
+    with pytest.raises(TinyViTError, match="need one ViT teacher"):
         train(Recipe(**{**taught.__dict__, "attn_distill": 1.0}), str(tarball), tmp_path / "attn", progress=False)
     other = Recipe(**{**base, "config_overrides": '{"depth": 1, "dim": 32, "heads": 2, "mean": [0.5, 0.5, 0.5]}'})
     with pytest.raises(TinyViTError, match="other inputs"):
         load_teacher(str(out / "teacher.pt"), other.config(), "cpu")
+
+
+def test_an_ensemble_teacher_averages_its_members_logits(teacher_run, tarball, tmp_path):
+    out, _ = teacher_run
+    base = dict(config_overrides='{"depth": 1, "dim": 32, "heads": 2}', epochs=1, batch=20, holdout=20, seed=1)
+    cfg = Recipe(**base).config()
+    paths = [str(out / "teacher.pt"), str(SHIPPED)]
+    ensemble = load_teacher(",".join(paths), cfg, "cpu")
+    assert not ensemble.training
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        members = [load_teacher(p, cfg, "cpu")(x) for p in paths]
+        got = ensemble(x)
+    assert not torch.allclose(members[0], members[1], atol=1e-2)
+    assert torch.allclose(got, (members[0] + members[1]) / 2, atol=1e-5)
+    taught = Recipe(**base, teacher=",".join(paths), distill=0.5, distill_hard=True, feature_distill=1.0)
+    with pytest.raises(TinyViTError, match="need one ViT teacher"):
+        train(taught, str(tarball), tmp_path / "feat", progress=False)

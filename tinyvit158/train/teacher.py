@@ -22,14 +22,16 @@ single GPU", 2024), itself grown from hlb-CIFAR10 and Page's "How to train your 
   mirror, and both shifted one pixel up-left and down-right (6 views, weighted as
   airbench does).
 
-It trains on the same 45,000 images as the ViT (the 5,000 held-out images, fixed by the
-seed, are never trained on, so the student's choices on them stay honest) and reports
-held-out accuracy each epoch and test accuracy at the end when the test split is found
-next to the training data. Resumable like the ViT trainer: ``RUN/last.pt`` is replaced
-atomically after every epoch, and epoch e's shuffling and augmentation come from a
-generator seeded with (seed, e), so a resumed run repeats the same draws. The taught
-model is ``RUN/teacher.pt`` (plain values and tensors only: it loads with
-``weights_only=True``); pass it to the ViT trainer as ``--teacher RUN/teacher.pt``.
+It trains on the same 45,000 images as the ViT (the 5,000 held-out images, fixed by
+``split_seed``, the student's ``--seed``, are never trained on, so the student's choices
+on them stay honest; members of an ensemble differ in ``seed``) and reports held-out
+accuracy each epoch and test accuracy at the end when the test split is found next to the
+training data. Resumable like the ViT trainer: ``RUN/last.pt`` is replaced atomically
+after every epoch, and epoch e's shuffling and augmentation come from a generator seeded
+with (seed, e), so a resumed run repeats the same draws. The taught model is
+``RUN/teacher.pt`` (plain values and tensors only: it loads with ``weights_only=True``);
+pass it to the ViT trainer as ``--teacher RUN/teacher.pt`` (several, comma-separated: an
+ensemble).
 
 On a GPU the convolutions run in bfloat16 (autocast); on a CPU in float32.
 """
@@ -78,7 +80,8 @@ class TeacherRecipe:
     whiten_bias_epochs: int = 3
     holdout: int = 5000
     limit_train: int = 0  # use only this many training images (smoke tests); 0: all
-    seed: int = 0
+    seed: int = 0  # initialisation, order and augmentations (members of an ensemble differ here)
+    split_seed: int = 0  # the held-out split: the student's --seed
 
 
 class ConvGroup(nn.Module):
@@ -214,7 +217,7 @@ def train_teacher(
     torch.manual_seed(r.seed)
     model = ConvTeacher(r.widths, cfg.num_classes, cfg.in_chans).to(dev).to(memory_format=torch.channels_last)
     data = load_cifar10(data_path, "train", progress=progress)
-    train_idx, val_idx = split_holdout(data.labels, r.holdout, r.seed)
+    train_idx, val_idx = split_holdout(data.labels, r.holdout, r.split_seed)
     if r.limit_train:
         train_idx, val_idx = train_idx[: r.limit_train], val_idx[: max(r.limit_train // 4, 10)]
     x_train = to_tensor(data.images[train_idx], cfg.mean, cfg.std, device)
@@ -371,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=defaults.batch, help="images a step (default: 1024)")
     p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate per 1024 images (default: 11.5)")
     p.add_argument("--limit-train", type=int, default=0, help="use only this many training images (smoke tests)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, order and augmentations")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, order and augmentations")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the held-out split: the student's --seed")
     p.add_argument("--evaluate", metavar="TEACHER", help="measure a teacher.pt's test accuracy instead of training")
     args = p.parse_args(argv)
     if args.threads:
@@ -380,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None and not args.evaluate:
         p.error("--out is required (the run folder), unless --evaluate")
     recipe = TeacherRecipe(preset=args.preset, widths=args.widths, epochs=args.epochs, batch=args.batch, lr=args.lr,
-                           limit_train=args.limit_train, seed=args.seed)  # fmt: skip
+                           limit_train=args.limit_train, seed=args.seed, split_seed=args.split_seed)  # fmt: skip
     try:
         if args.evaluate:
             print(json.dumps(evaluate_teacher(args.evaluate, data, args.device)))

@@ -137,7 +137,27 @@ def distill_loss(
     return (1 - alpha) * ce + alpha * temp * temp * kl
 
 
+class Ensemble(torch.nn.Module):
+    """Several fixed teachers as one: the mean of their logits (``--teacher a.pt,b.pt``)."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
 def load_teacher(path: str, cfg: ViTConfig, device: str) -> torch.nn.Module:
+    """The teacher of ``--teacher``: one path, or several separated by commas, whose logits
+    are averaged (an ensemble, stronger than each member; logits only)."""
+    paths = [p for p in str(path).split(",") if p]
+    if len(paths) > 1:
+        return Ensemble([load_one_teacher(p, cfg, device) for p in paths]).eval()
+    return load_one_teacher(path, cfg, device)
+
+
+def load_one_teacher(path: str, cfg: ViTConfig, device: str) -> torch.nn.Module:
     """A fixed teacher (eval mode, no gradients): a convolutional teacher
     (``python -m tinyvit158.train.teacher``, its ``teacher.pt``), a trained run's model
     (``last.pt`` or ``best.pt``; ternary or float as its run ended, a float teacher being
@@ -306,8 +326,10 @@ def train(
 
     distilling = recipe.teacher and (recipe.distill or recipe.feature_distill or recipe.attn_distill)
     teacher = load_teacher(recipe.teacher, cfg, device) if distilling else None
-    if isinstance(teacher, conv_teacher.ConvTeacher) and (recipe.feature_distill or recipe.attn_distill):
-        raise TinyViTError("--feature-distill and --attn-distill need a ViT teacher; a conv teacher gives logits only")
+    if isinstance(teacher, (conv_teacher.ConvTeacher, Ensemble)) and (recipe.feature_distill or recipe.attn_distill):
+        raise TinyViTError(
+            "--feature-distill and --attn-distill need one ViT teacher; a conv teacher or an ensemble gives logits only"
+        )
     data = load_cifar10(data_path, "train", progress=progress)
     train_idx, val_idx = split_holdout(data.labels, recipe.holdout, recipe.seed)
     if recipe.limit_train:
@@ -477,7 +499,8 @@ RECIPE_HELP = {
     "holdout": "training images held out for validation (the choice criterion)",
     "limit_train": "use only this many training images (smoke tests; 0: all)",
     "seed": "seed of the split, the order and the augmentations",
-    "teacher": "knowledge distillation: a conv teacher (RUN/teacher.pt), a trained run (RUN/last.pt) or a weight file",
+    "teacher": "knowledge distillation: a conv teacher (RUN/teacher.pt), a trained run (RUN/last.pt) or a weight "
+    "file; several, comma-separated: the mean of their logits",
     "distill": "weight of the teacher's soft targets in the loss (0: no distillation)",
     "distill_temp": "softmax temperature of the distillation term",
     "distill_hard": "the teacher's term is cross-entropy with its argmax (DeiT's hard-label distillation)",
