@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoints", nargs="+", help="trainer checkpoints of one run (RUN/epoch-NNN.pt)")
     p.add_argument("--out", required=True, type=Path, help="the averaged checkpoint to write")
     p.add_argument("--data", help="CIFAR-10 location: held-out accuracy of the inputs and the average")
+    p.add_argument("--device", default="cpu", help="where to measure the held-out accuracy: cpu or cuda")
     args = p.parse_args(argv)
     try:
         states = load_states(args.checkpoints)
@@ -69,12 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             data = load_cifar10(args.data, "train", progress=True)
             recipe = state["recipe"]
             _, val_idx = split_holdout(data.labels, recipe["holdout"], recipe["seed"])
-            model = QATViT(ViTConfig.from_dict(state["config"])).eval()  # one model, each input's weights in turn
+            model = QATViT(ViTConfig.from_dict(state["config"])).to(args.device).eval()  # each input's weights in turn
             for path, one in zip(args.checkpoints, states, strict=True):
                 model.load_state_dict(one["model"])
-                print(f"{path}: held-out accuracy {evaluate(model, data, val_idx, 'cpu')['acc']:.4f}")
+                print(f"{path}: held-out accuracy {evaluate(model, data, val_idx, args.device)['acc']:.4f}")
             model.load_state_dict(state["model"])
-            state["log"]["val_acc"] = evaluate(model, data, val_idx, "cpu")["acc"]
+            state["log"]["val_acc"] = evaluate(model, data, val_idx, args.device)["acc"]
             print(f"average of {len(args.checkpoints)}: held-out accuracy {state['log']['val_acc']:.4f}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(state, args.out)

@@ -19,7 +19,8 @@ or with ``--distill-hard`` the cross-entropy with its argmax (DeiT's hard varian
 teacher sees the same augmented batch. It may be a convolutional teacher
 (``python -m tinyvit158.train.teacher``, ``RUN/teacher.pt``) or any trained run (float,
 e.g. ``--float-epochs`` equal to ``--epochs``, or ternary; wider or deeper models too), as
-long as inputs and classes match.
+long as inputs and classes match; or several, comma-separated, whose mean logits teach
+(an ensemble).
 
 Speed: ``--matmul bfloat16`` takes the ternary layers' training products over the codes in
 bfloat16 (exact inputs, bfloat16-rounded sums and gradients; inference stays exact), which
