@@ -122,3 +122,17 @@ def test_an_ensemble_teacher_averages_its_members_logits(teacher_run, tarball, t
     taught = Recipe(**base, teacher=",".join(paths), distill=0.5, distill_hard=True, feature_distill=1.0)
     with pytest.raises(TinyViTError, match="need one ViT teacher"):
         train(taught, str(tarball), tmp_path / "feat", progress=False)
+
+
+def test_the_held_out_split_follows_split_seed_not_seed(tarball, tmp_path, monkeypatch):
+    seeds = []
+    real = T.split_holdout
+
+    def spy(labels, holdout, seed):
+        seeds.append(seed)
+        return real(labels, holdout, seed)
+
+    monkeypatch.setattr(T, "split_holdout", spy)
+    member = T.TeacherRecipe(**{**SMALL.__dict__, "seed": 3, "split_seed": 0})
+    T.train_teacher(member, str(tarball), tmp_path, progress=False, max_minutes=1e-9)
+    assert seeds == [0]  # an ensemble member (seed 3) keeps the student's held-out images unseen
