@@ -236,8 +236,8 @@ def test_plan_follows_the_kernel_path(monkeypatch):
     monkeypatch.setenv("TINYVIT158_KERNEL", "vnni")
     vnni_logits = engine(images)
     monkeypatch.setenv("TINYVIT158_KERNEL", "generic")
-    stepwise = engine_module.linear_add_norm_quantize  # what the step-by-step blocks call
-    with mock.patch.object(engine_module, "linear_add_norm_quantize", wraps=stepwise) as steps:
+    stepwise = engine_module.linear_gelu_quantize  # what the step-by-step blocks call
+    with mock.patch.object(engine_module, "linear_gelu_quantize", wraps=stepwise) as steps:
         generic_logits = engine(images)
-    assert steps.call_count == 3  # proj twice, fc2 once (the last block's fc2 only adds)
+    assert steps.call_count == 2  # fc1 of each block
     assert np.array_equal(generic_logits, vnni_logits)  # the two paths are bit-identical

@@ -13,12 +13,15 @@ input (LayerNorm -> int8, GELU -> int8, attention -> int8), so a block is:
     x += linear(g_q, s, fc2);     x_q, s = layernorm_quantize(x, next block's norm1)
 
 where ``x_q`` came from the previous block (the first block's from ``norm1``). When every
-layer of the blocks is ternary and the VNNI path runs, each line is one kernel (one
-parallel region): the block's attention object (``kernels.attention_op``: float64, or the
-integer ``kernels.qattn``), ``kernels.linear_add_norm_quantize``
-and ``kernels.linear_gelu_quantize`` compute whole output rows and finish them in cache
-(bit-identical to the steps one after the other). Other models (float layers, BitLinear
-norms) run the steps one by one.
+layer of the blocks is ternary and the VNNI path runs, each call is one kernel (one
+parallel region), seven a block: qkv; the block's attention object
+(``kernels.attention_op``: float64, or the integer ``kernels.qattn``), which also makes
+its rows' codes; proj into the residual stream, then LayerNorm 2 and its codes; fc1, GELU
+and codes in one pass (``kernels.linear_gelu_quantize``: whole output rows finished in
+cache, bit-identical to the steps one after the other); fc2 into the residual stream,
+then the next LayerNorm and its codes (residual + LayerNorm as one pass measured slower:
+``kernels/fused.py``). Other models (float layers, BitLinear norms) run the steps one by
+one.
 
 On the VNNI path those calls are bound to their buffers once per batch size (``_plan``)
 and then run back to back, with no Python checks or argument building between them: at
@@ -48,15 +51,14 @@ from tinyvit158.kernels import (
     layernorm,
     layernorm_quantize,
     linear,
-    linear_add_norm_quantize,
     linear_gelu_quantize,
     quantize_rows,
 )
+from tinyvit158.kernels.ops import bind_layernorm_quantize
 from tinyvit158.kernels.ternary import bind_linear, fits_vnni_tiles
 from tinyvit158.oracle import patchify
 from tinyvit158.weights import Checkpoint, load_weights
 
-_NONE = np.empty(0, dtype=np.float32)
 PACKED_DEFAULT = True  # 2-bit weights, spread to bytes per job in cache: as fast as 1-byte ones in bench
 
 
@@ -327,7 +329,6 @@ class Engine:
         attn = self._buf("attn_codes", (T, D), np.int8), self._buf("attn_scales", (T,))
         hidden = self._buf("hidden_codes", (T, cfg.hidden_dim), np.int8), self._buf("hidden_scales", (T,))
         qkv = self._buf("qkv", (T, 3 * D))
-        flat = x.reshape(-1)
         plan, eps = [], cfg.norm_eps
         for i in range(cfg.depth):
             blk = f"blocks.{i}"
@@ -341,28 +342,25 @@ class Engine:
                 ("qkv", *bind_linear(*codes, w["attn.qkv"], qkv, False), (f"{blk}.attn.qkv", codes[0]), None, {}),
                 ("attention+quant", *self.attn[i].bind(qkv.reshape(B, -1, 3 * D), cfg.heads, codes=attn,
                  record=codes_made), None, None, {f"{blk}.attn.{k}": v for k, v in (codes_made or {}).items()}),
-                ("proj+norm+quant", *fused.bind(*attn, w["attn.proj"], fused.ADD_NORM, flat, *norm2, *codes),
-                 (f"{blk}.attn.proj", attn[0]), None, {}),
-                ("fc1+gelu+quant", *fused.bind(*codes, w["mlp.fc1"], fused.GELU, _NONE, _NONE, _NONE, 0.0, *hidden),
+                ("proj", *bind_linear(*attn, w["attn.proj"], x, True), (f"{blk}.attn.proj", attn[0]), None, {}),
+                ("norm+quant", *bind_layernorm_quantize(x, *norm2, *codes), None, None, {}),
+                ("fc1+gelu+quant", *fused.bind(*codes, w["mlp.fc1"], *hidden),
                  (f"{blk}.mlp.fc1", codes[0]), None, {}),
             ]  # fmt: skip
+            plan.append(("fc2", *bind_linear(*hidden, w["mlp.fc2"], x, True), (f"{blk}.mlp.fc2", hidden[0]), blk, {}))
             if i + 1 < cfg.depth:
                 norm1 = p[f"blocks.{i + 1}.norm1.weight"], p[f"blocks.{i + 1}.norm1.bias"], eps
-                fc2 = ("fc2+norm+quant", *fused.bind(*hidden, w["mlp.fc2"], fused.ADD_NORM, flat, *norm1, *codes))
-            else:
-                fc2 = ("fc2", *bind_linear(*hidden, w["mlp.fc2"], x, True))
-            plan.append((*fc2, (f"{blk}.mlp.fc2", hidden[0]), blk, {}))
+                plan.append(("norm+quant", *bind_layernorm_quantize(x, *norm1, *codes), None, None, {}))
         bufs[key] = plan
         return plan
 
     def _blocks_stepwise(self, x: np.ndarray, B: int, x_q: np.ndarray, s_x: np.ndarray) -> None:
         """:meth:`_blocks_fused` through the checked kernel functions, step by step (the
         generic path; each fused function runs its steps where it has no one-pass kernel)."""
-        cfg, p, tern = self.cfg, self.p, self.ternary
+        cfg, tern = self.cfg, self.ternary
         T, D = x.shape
         timing, record = self.timings is not None, self.record
         t0 = time.perf_counter() if timing else 0.0
-        codes = self._codes_buf(x)  # each block's qkv input, then its fc1 input
         attn_codes = self._buf("attn_codes", (T, D), np.int8), self._buf("attn_scales", (T,))
         hidden_codes = self._buf("hidden_codes", (T, cfg.hidden_dim), np.int8), self._buf("hidden_scales", (T,))
         for i in range(cfg.depth):
@@ -379,26 +377,27 @@ class Engine:
                 record[f"{blk}.attn.proj"] = o_q.copy()
             if timing:
                 t0 = self._toc("attention+quant", t0)
-            norm2 = p[f"{blk}.norm2.weight"], p[f"{blk}.norm2.bias"], cfg.norm_eps
-            h_q, h_s = linear_add_norm_quantize(o_q, o_s, tern[f"{blk}.attn.proj"], x, *norm2, codes)
+            linear(o_q, o_s, tern[f"{blk}.attn.proj"], residual=x)
+            if timing:
+                t0 = self._toc("proj", t0)
+            h_q, h_s = self._ln_quantize(x, f"{blk}.norm2")
             if record is not None:
                 record[f"{blk}.mlp.fc1"] = h_q.copy()
             if timing:
-                t0 = self._toc("proj+norm+quant", t0)
+                t0 = self._toc("norm+quant", t0)
             g_q, g_s = linear_gelu_quantize(h_q, h_s, tern[f"{blk}.mlp.fc1"], hidden_codes)
             if record is not None:
                 record[f"{blk}.mlp.fc2"] = g_q.copy()
             if timing:
                 t0 = self._toc("fc1+gelu+quant", t0)
-            fc2 = tern[f"{blk}.mlp.fc2"]
-            if i + 1 < cfg.depth:
-                norm1 = p[f"blocks.{i + 1}.norm1.weight"], p[f"blocks.{i + 1}.norm1.bias"], cfg.norm_eps
-                x_q, s_x = linear_add_norm_quantize(g_q, g_s, fc2, x, *norm1, codes)
-            else:
-                linear(g_q, g_s, fc2, residual=x)
+            linear(g_q, g_s, tern[f"{blk}.mlp.fc2"], residual=x)
             if timing:
-                t0 = self._toc("fc2+norm+quant" if i + 1 < cfg.depth else "fc2", t0)
+                t0 = self._toc("fc2", t0)
             self._keep(blk, x.reshape(B, T // B, D))
+            if i + 1 < cfg.depth:
+                x_q, s_x = self._ln_quantize(x, f"blocks.{i + 1}.norm1")
+                if timing:
+                    t0 = self._toc("norm+quant", t0)
 
     # -- model ---------------------------------------------------------------------------
     def check_images(self, images: np.ndarray) -> np.ndarray:

@@ -3,13 +3,13 @@
 - ``ternary``: int8 activations x ternary weights -> exact int32 accumulators, and the
   fused ``linear`` that dequantizes in the store.
 - ``ops``: the float32 steps between the matmuls (LayerNorm, GELU, quantizers, attention).
-- ``fused``: a linear layer and the step after it (GELU or residual + LayerNorm, then the
-  quantizer) in one pass over whole output rows.
+- ``fused``: fc1, GELU and their codes in one pass over whole output rows (and residual +
+  LayerNorm + codes after proj and fc2, as two kernels: measured faster than one pass).
 
 The jitted functions are private (``_name``) and run as plain Python under
 ``NUMBA_DISABLE_JIT=1``; the public wrappers check dtypes and shapes first.
 
-Threads under contention: a forward pass is some 30 parallel regions; between them
+Threads under contention: a forward pass is some 40 parallel regions; between them
 Numba's OpenMP threads (GNU libgomp) wait at a barrier, spinning for about 300,000
 iterations by default before they sleep. With another busy process on the cores, a
 spinning thread burns the time slices its partner needs, and each region waits for the

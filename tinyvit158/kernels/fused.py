@@ -1,19 +1,21 @@
-"""Kernels that own whole output rows: a ternary linear layer and the step after it, in one pass.
+"""fc1 and the step after it in one pass over whole output rows; residual + LayerNorm as two.
 
-Each job takes an equal share of the row tiles (one job per thread) and, 64 rows at a
-time, computes every output channel of those rows with the VNNI tile (``vnni._tile``),
-then finishes the rows while they are in cache:
+:func:`linear_gelu_quantize`: each job takes an equal share of the row tiles (one job per
+thread) and, 64 rows at a time, computes every output channel of those rows with the VNNI
+tile (``vnni._tile``), then their GELU and the int8 codes fc2 takes while they are in
+cache: the float32 hidden layer of the MLP never goes to memory (at batch 64 of
+cifar10-tiny, 12.8 MB written and read back per block). Bit-identical to its steps run one
+after the other (tests); on the generic path, and for widths that are not a multiple of
+48, it runs those steps.
 
-- :func:`linear_gelu_quantize`: fc1, GELU, and the int8 codes fc2 takes; the float32
-  hidden layer of the MLP never goes to memory (at batch 64 of cifar10-tiny, 12.8 MB
-  written and read back per block);
-- :func:`linear_add_norm_quantize`: proj or fc2 added to the residual stream in place,
-  then the next LayerNorm and its quantizer: the codes of the next linear layer.
-
-With :func:`ops.attention_quantize` a transformer block is 5 parallel regions instead of
-9 (batch 1: each region costs ~3 us to start, plus a Python call). Each kernel is
-bit-identical to its steps run one after the other (tests); on the generic path, and for
-widths that are not a multiple of 48, the wrappers run those steps.
+:func:`linear_add_norm_quantize` (proj or fc2 added to the residual stream in place, then
+the next LayerNorm and its codes) is the two kernels ``linear(..., residual=)`` and
+``layernorm_quantize``. It was one pass too, like the GELU one, until measured: the fused
+pass took 0.97-1.01x the two kernels' time at 65 rows and 1.10-1.32x from 197 rows up
+(cifar10-tiny's proj and fc2, DeiT-Small's; 2 threads, this project's 2-core EPYC). Its
+matmul part alone ran 8% faster than ``linear``, but the LayerNorm rows inside it ran
+about 1.7x slower than the same row function in ``layernorm_quantize``; the engine's
+batch-64 forward gained 4-7% from the split (README, "Speed").
 """
 
 from __future__ import annotations
@@ -24,12 +26,9 @@ import numpy as np
 from tinyvit158.kernels import vnni
 from tinyvit158.kernels.ops import (
     _PYTHON,
-    _check_norm,
     _codes_out,
     _gelu_row,
-    _layernorm_row,
     _pjit,
-    _quantize_row,
     _quantize_with,
     gelu_quantize,
     layernorm_quantize,
@@ -37,14 +36,11 @@ from tinyvit158.kernels.ops import (
 from tinyvit158.kernels.simd import _dequant_store
 from tinyvit158.kernels.ternary import PreparedTernary, _check_sx, _check_x, check_out, kernel_path, linear
 
-GELU, ADD_NORM = 1, 2  # what a job does with its rows once they are computed
-
 
 @_pjit
-def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, mode, res, gamma, beta, eps, q, s):
-    """Rows of ``linear(x)`` (T, N), then per row: GELU (``mode == GELU``, rows in a job
-    buffer) or add to ``res`` (flat T * N, in place) and LayerNorm (``ADD_NORM``); then
-    int8 codes into ``q`` (T, N) and scales into ``s``. Needs N % 48 == 0."""
+def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s):
+    """Rows of ``linear(x)`` (T, N) into a job buffer, then per row GELU and the int8 codes
+    into ``q`` (T, N) and scales into ``s``. Needs N % 48 == 0."""
     MR, NV, NC = vnni.MR, vnni.NV, vnni.NC
     G = K // 4
     NB = N // NC
@@ -53,8 +49,7 @@ def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, mode
     for p in numba.prange(parts):
         w = vnni._all_weights(wl, NB, G, packed)  # every block, spread to bytes once a job
         sums = np.empty(RG, dtype=np.int32)
-        buf = np.empty(RG * N if mode == GELU else 0, dtype=np.float32)
-        row = np.empty(N, dtype=np.float32)
+        buf = np.empty(RG * N, dtype=np.float32)
         b0, b1 = p * RB // parts, (p + 1) * RB // parts
         for c0 in range(b0, b1, vnni.RT):
             r0, r1 = c0 * MR, min(min(c0 + vnni.RT, b1) * MR, T)
@@ -66,41 +61,24 @@ def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, mode
                         t = t0 + r
                         for v in range(NV):
                             n = nb * NC + 16 * v
-                            a = tile[r * NV + v]
-                            if mode == GELU:
-                                o = (t - r0) * N + n
-                                _dequant_store(buf, o, a, sums[t - r0], s_x[t], scale, n, bias, has_bias, False)
-                            else:
-                                _dequant_store(res, t * N + n, a, sums[t - r0], s_x[t], scale, n, bias, has_bias, True)
+                            o = (t - r0) * N + n
+                            _dequant_store(buf, o, tile[r * NV + v], sums[t - r0], s_x[t], scale, n, bias, has_bias,
+                                           False)  # fmt: skip
             for t in range(r0, r1):
-                if mode == GELU:
-                    h = buf[(t - r0) * N : (t - r0 + 1) * N]
-                    s[t] = _quantize_with(h, q[t], _gelu_row(h, h))
-                else:
-                    _layernorm_row(res[t * N : (t + 1) * N], gamma, beta, eps, row)
-                    s[t] = _quantize_row(row, q[t])
-
-
-_NONE = np.empty(0, dtype=np.float32)
+                h = buf[(t - r0) * N : (t - r0 + 1) * N]
+                s[t] = _quantize_with(h, q[t], _gelu_row(h, h))
 
 
 def _fused(w: PreparedTernary) -> bool:
     return kernel_path() == "vnni" and w.out_features % vnni.NC == 0 and not _PYTHON
 
 
-def bind(x_q, s_x, w: PreparedTernary, mode, res, gamma, beta, eps, q, s):
-    """``(kernel, args)`` of the one-pass kernel (``mode`` GELU or ADD_NORM), bound to these
-    arrays, for a caller that repeats it (the engine's plan; see ``vnni.bind_linear``)."""
+def bind(x_q, s_x, w: PreparedTernary, q, s):
+    """``(kernel, args)`` of the one-pass fc1 + GELU + codes kernel, bound to these arrays,
+    for a caller that repeats it (the engine's plan; see ``vnni.bind_linear``)."""
     x, K = vnni._prepared(x_q, w.vnni)
     T, N, parts = x_q.shape[0], w.out_features, numba.get_num_threads()
-    args = (x, w.vnni.wl, K, T, N, w.vnni.packed, parts, s_x, w.scale, *w.bias_args, mode, res, gamma, beta, eps, q, s)
-    return _linear_rows, args
-
-
-def _run(x_q, s_x, w: PreparedTernary, mode, res, gamma, beta, eps, q, s):
-    fn, args = bind(x_q, s_x, w, mode, res, gamma, beta, eps, q, s)
-    fn(*args)
-    return q, s
+    return _linear_rows, (x, w.vnni.wl, K, T, N, w.vnni.packed, parts, s_x, w.scale, *w.bias_args, q, s)
 
 
 def linear_gelu_quantize(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, out=None):
@@ -111,7 +89,9 @@ def linear_gelu_quantize(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, o
     q, s = _codes_out((x_q.shape[0], w.out_features), out)
     if not _fused(w):
         return gelu_quantize(linear(x_q, s_x, w), (q, s))
-    return _run(x_q, s_x, w, GELU, _NONE, _NONE, _NONE, 0.0, q, s)
+    fn, args = bind(x_q, s_x, w, q, s)
+    fn(*args)
+    return q, s
 
 
 def linear_add_norm_quantize(
@@ -125,17 +105,12 @@ def linear_add_norm_quantize(
     out=None,
 ):
     """``residual += linear(x_q, s_x, w)`` in place, then ``layernorm_quantize(residual,
-    gamma, beta, eps)``: bit-identical to the two calls, in one pass on the VNNI path.
+    gamma, beta, eps)`` (two kernels: the module docstring says why).
 
     Returns int8 codes and float32 scales of the normalized rows (into ``out`` when given);
     ``residual`` (C-contiguous float32 (T, N)) holds the sum afterwards."""
     x_q = _check_x(x_q, w)
     s_x = _check_sx(s_x, x_q)
-    shape = (x_q.shape[0], w.out_features)
-    residual = check_out(residual, shape, np.float32, "residual")
-    residual, gamma, beta = _check_norm(residual, gamma, beta)
-    q, s = _codes_out(shape, out)
-    if not _fused(w):
-        linear(x_q, s_x, w, residual=residual)
-        return layernorm_quantize(residual, gamma, beta, eps, (q, s))
-    return _run(x_q, s_x, w, ADD_NORM, residual.reshape(-1), gamma, beta, float(eps), q, s)
+    residual = check_out(residual, (x_q.shape[0], w.out_features), np.float32, "residual")
+    linear(x_q, s_x, w, residual=residual)
+    return layernorm_quantize(residual, gamma, beta, eps, out)

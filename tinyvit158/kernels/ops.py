@@ -263,6 +263,14 @@ def layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: 
     return _layernorm_quantize(x, gamma, beta, float(eps), *_codes_out(x.shape, out), _parts(x.shape[0]))
 
 
+def bind_layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, q, s):
+    """``(kernel, args)``: the call :func:`layernorm_quantize` makes for these (checked)
+    arrays, bound once for a caller that repeats it (the engine's plan)."""
+    x, gamma, beta = _check_norm(x, gamma, beta)
+    q, s = _codes_out(x.shape, (q, s))
+    return _layernorm_quantize, (x, gamma, beta, float(eps), q, s, _parts(x.shape[0]))
+
+
 _ERF_P = (
     -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
     -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02,
