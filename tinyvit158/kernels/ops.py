@@ -418,7 +418,8 @@ def attention_ref(qkv: np.ndarray, heads: int) -> np.ndarray:
 @_jit
 def _exp64_inplace(x, bits, n):
     """``x[:n] = exp(x[:n])`` for x <= 0, in float64, as loops LLVM vectorizes (libm's exp
-    is a call per value: 40% of the attention's time). x = k ln2 + r, |r| <= ln2 / 2;
+    is a call per value: 40% of the attention's time); the scalar statement of
+    ``simd._dexp``, which the attention runs (tests check the two give the same bits). x = k ln2 + r, |r| <= ln2 / 2;
     exp(r) by its Taylor polynomial to degree 13 (truncation < 5e-18), times 2**k built
     from its exponent bits in ``bits`` (int64 scratch, at least n long). Relative error
     about 2e-16 (tests compare with np.exp); below -708 the result is clamped to about
@@ -438,10 +439,13 @@ def _exp64_inplace(x, bits, n):
 
 
 @_jit
-def _softmax_numerators(sc, base, n, scale, bits):
+def _softmax_numerators(sc, base, n, scale):
     """``sc[base:base + n] = exp((x - max) * scale)`` in place; returns their sum. Eight lanes
-    at a time (``_dexp``: the same bits as ``_exp64_inplace``, which takes the tail); the
-    maximum is exact in any order, and the float64 sum's order moves it by ~1e-16."""
+    at a time (``_dexp``: the same bits as ``_exp64_inplace``), the last partial group as a
+    whole vector: the row's padding up to the next multiple of 8 is overwritten (the
+    attention's score rows have it; those values are never read). The maximum is exact in
+    any order; the sum adds the lanes, then the tail one by one (the float64 sum's order
+    moves it by ~1e-16)."""
     n8 = n - n % 8
     m = sc[base]
     if n8:
@@ -456,13 +460,11 @@ def _softmax_numerators(sc, base, n, scale, bits):
         e = _dexp(_dmul(_dsub(_dload(sc, j), m_v), scale_v))
         _dstore(sc, j, e)
         total_v = _dadd(total_v, e)
-    tail = sc[base + n8 : base + n]
-    for j in range(n - n8):
-        tail[j] = (tail[j] - m) * scale
-    _exp64_inplace(tail, bits, n - n8)
+    if n8 < n:  # one scalar exp a row cost two thirds of the vector part (65 keys: 1 + 8 x 8)
+        _dstore(sc, base + n8, _dexp(_dmul(_dsub(_dload(sc, base + n8), m_v), scale_v)))
     total = _dhsum(total_v) if n8 else 0.0
-    for j in range(n - n8):
-        total += tail[j]
+    for j in range(base + n8, base + n):
+        total += sc[j]
     return total
 
 
@@ -495,7 +497,7 @@ def _attention(qkv, heads, out, P, quantize, q, s):
     ``kt[c, j]`` (key count padded to 16 with zeros), and the values in float64, so that
     scores for 4 rows x 16 keys accumulate in 8 zmm registers (8 float64 lanes each) over
     the head dimension, and probabilities x V for 4 rows x 16 channels likewise over the
-    keys. Softmax runs on the score rows in between (``_exp64_inplace``). With ``quantize``
+    keys. Softmax runs on the score rows in between (``_softmax_numerators``). With ``quantize``
     the unit's rows become int8 codes ``q`` and scales ``s`` (``quantize_rows``) as soon as
     its last head is done; else they go to ``out`` (flat, (B * N * dim,)). Needs a head
     dimension that is a multiple of 16 (the wrappers check).
@@ -512,7 +514,6 @@ def _attention(qkv, heads, out, P, quantize, q, s):
         kt = np.zeros(C * Np, dtype=np.float64)  # padded keys stay 0 (their scores are not used)
         vv = np.empty(N * C, dtype=np.float64)
         sc = np.empty(4 * Np, dtype=np.float64)
-        bits = np.empty(Np, dtype=np.int64)
         inv = np.empty(4, dtype=np.float64)
         ob = np.empty(4 * C, dtype=np.float32)
         b = -1
@@ -552,7 +553,7 @@ def _attention(qkv, heads, out, P, quantize, q, s):
                     _dstore(sc, 3 * Np + jc, a3)
                     _dstore(sc, 3 * Np + jc + 8, c3)
                 for r in range(rows):  # softmax numerators in place; 1 / their sums (only the stored rows)
-                    inv[r] = 1.0 / _softmax_numerators(sc, r * Np, N, scale, bits)
+                    inv[r] = 1.0 / _softmax_numerators(sc, r * Np, N, scale)
                 for dc in range(0, hd, 16):  # p x V: 4 rows x 16 channels in 8 registers
                     a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _dzero()
                     for j in range(N):
