@@ -66,6 +66,7 @@ from tinyvit158.quant import ACT_EPS, ACT_QMAX
 # faster). No fastmath anywhere: every result is the IEEE one, in a documented order.
 _jit = numba.njit(cache=True, error_model="numpy")
 _pjit = numba.njit(cache=True, error_model="numpy", parallel=True)
+_ijit = numba.njit(cache=True, error_model="numpy", inline="always")  # small helpers in hot loops
 # Under NUMBA_DISABLE_JIT=1 the vector intrinsics cannot run as Python: each helper that
 # uses them takes a plain NumPy branch instead (in compiled code the branch is dead).
 _PYTHON = bool(numba.config.DISABLE_JIT)
@@ -320,7 +321,7 @@ def _erf(x):
     return x * p / q
 
 
-@_jit
+@_ijit
 def _gelu16(v):
     """GELU of 16 lanes: ``_erf`` and the scalar formula below, operation for operation."""
     x = _fmul(v, _fsplat(_INV_SQRT2_32))
@@ -439,7 +440,7 @@ def _exp64_inplace(x, bits, n):
         x[j] *= pow2[j]
 
 
-@_jit
+@_ijit
 def _softmax_numerators(sc, base, n, scale):
     """``sc[base:base + n] = exp((x - max) * scale)`` in place; returns their sum. Eight lanes
     at a time (``_dexp``: the same bits as ``_exp64_inplace``), the last partial group as a
@@ -469,7 +470,7 @@ def _softmax_numerators(sc, base, n, scale):
     return total
 
 
-@_jit
+@_ijit
 def _store_scaled(ob, o, C, rows, a0, a1, a2, a3, inv):
     """Rows 0..rows-1 of a unit's output, 8 channels from ``o``: ``a_r * (1 / total_r)`` in
     float64, each rounded once to float32."""
