@@ -343,14 +343,14 @@ class Engine:
                 ("attention+quant", *self.attn[i].bind(qkv.reshape(B, -1, 3 * D), cfg.heads, codes=attn,
                  record=codes_made), None, None, {f"{blk}.attn.{k}": v for k, v in (codes_made or {}).items()}),
                 ("proj", *bind_linear(*attn, w["attn.proj"], x, True), (f"{blk}.attn.proj", attn[0]), None, {}),
-                ("norm+quant", *bind_layernorm_quantize(x, *norm2, *codes), None, None, {}),
+                ("norm+quant", *bind_layernorm_quantize(x, *norm2, codes), None, None, {}),
                 ("fc1+gelu+quant", *fused.bind(*codes, w["mlp.fc1"], *hidden),
                  (f"{blk}.mlp.fc1", codes[0]), None, {}),
             ]  # fmt: skip
             plan.append(("fc2", *bind_linear(*hidden, w["mlp.fc2"], x, True), (f"{blk}.mlp.fc2", hidden[0]), blk, {}))
             if i + 1 < cfg.depth:
                 norm1 = p[f"blocks.{i + 1}.norm1.weight"], p[f"blocks.{i + 1}.norm1.bias"], eps
-                plan.append(("norm+quant", *bind_layernorm_quantize(x, *norm1, *codes), None, None, {}))
+                plan.append(("norm+quant", *bind_layernorm_quantize(x, *norm1, codes), None, None, {}))
         bufs[key] = plan
         return plan
 

@@ -34,7 +34,7 @@ from tinyvit158.kernels.ops import (
     layernorm_quantize,
 )
 from tinyvit158.kernels.simd import _dequant_store
-from tinyvit158.kernels.ternary import PreparedTernary, _check_sx, _check_x, check_out, kernel_path, linear
+from tinyvit158.kernels.ternary import PreparedTernary, _check_sx, _check_x, kernel_path, linear
 
 
 @_pjit
@@ -109,8 +109,5 @@ def linear_add_norm_quantize(
 
     Returns int8 codes and float32 scales of the normalized rows (into ``out`` when given);
     ``residual`` (C-contiguous float32 (T, N)) holds the sum afterwards."""
-    x_q = _check_x(x_q, w)
-    s_x = _check_sx(s_x, x_q)
-    residual = check_out(residual, (x_q.shape[0], w.out_features), np.float32, "residual")
-    linear(x_q, s_x, w, residual=residual)
+    residual = linear(x_q, s_x, w, residual=residual)  # checks the inputs and the residual
     return layernorm_quantize(residual, gamma, beta, eps, out)

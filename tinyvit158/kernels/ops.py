@@ -66,7 +66,7 @@ from tinyvit158.quant import ACT_EPS, ACT_QMAX
 # faster). No fastmath anywhere: every result is the IEEE one, in a documented order.
 _jit = numba.njit(cache=True, error_model="numpy")
 _pjit = numba.njit(cache=True, error_model="numpy", parallel=True)
-_ijit = numba.njit(cache=True, error_model="numpy", inline="always")  # small helpers in hot loops
+_ijit = numba.njit(cache=True, error_model="numpy", inline="always")  # small helpers in hot loops (and qattn's)
 # Under NUMBA_DISABLE_JIT=1 the vector intrinsics cannot run as Python: each helper that
 # uses them takes a plain NumPy branch instead (in compiled code the branch is dead).
 _PYTHON = bool(numba.config.DISABLE_JIT)
@@ -276,16 +276,15 @@ def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) ->
 def layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, out=None):
     """``quantize_rows(layernorm(x, ...))`` in one pass: int8 codes and float32 scales
     (into ``out``, a (codes, scales) pair, when given)."""
-    x, gamma, beta = _check_norm(x, gamma, beta)
-    return _layernorm_quantize(x, gamma, beta, float(eps), *_codes_out(x.shape, out), _parts(x.shape[0]))
+    fn, args = bind_layernorm_quantize(x, gamma, beta, eps, out)
+    return fn(*args)
 
 
-def bind_layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, q, s):
+def bind_layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float, out=None):
     """``(kernel, args)``: the call :func:`layernorm_quantize` makes for these (checked)
     arrays, bound once for a caller that repeats it (the engine's plan)."""
     x, gamma, beta = _check_norm(x, gamma, beta)
-    q, s = _codes_out(x.shape, (q, s))
-    return _layernorm_quantize, (x, gamma, beta, float(eps), q, s, _parts(x.shape[0]))
+    return _layernorm_quantize, (x, gamma, beta, float(eps), *_codes_out(x.shape, out), _parts(x.shape[0]))
 
 
 _ERF_P = (

@@ -48,11 +48,15 @@ import numpy as np
 
 from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels.ops import (
+    _PYTHON,
     _absmax,
     _check_qkv,
     _codes_out,
+    _ijit,
+    _jit,
     _layernorm_row,
     _parts,
+    _pjit,
     _quantize_row,
 )
 from tinyvit158.kernels.simd import (
@@ -86,10 +90,6 @@ from tinyvit158.kernels.simd import (
 )
 from tinyvit158.quant import ACT_EPS, code_max, quantize_attention
 
-_jit = numba.njit(cache=True, error_model="numpy")
-_pjit = numba.njit(cache=True, error_model="numpy", parallel=True)
-_ijit = numba.njit(cache=True, error_model="numpy", inline="always")  # small helpers called per token
-_PYTHON = bool(numba.config.DISABLE_JIT)
 _EPS32 = np.float32(ACT_EPS)
 
 

@@ -155,7 +155,7 @@ def load_teacher(path: str, cfg: ViTConfig, device: str) -> torch.nn.Module:
     paths = [p for p in str(path).split(",") if p]
     if len(paths) > 1:
         return Ensemble([load_one_teacher(p, cfg, device) for p in paths]).eval()
-    return load_one_teacher(path, cfg, device)
+    return load_one_teacher(paths[0] if paths else path, cfg, device)
 
 
 def load_one_teacher(path: str, cfg: ViTConfig, device: str) -> torch.nn.Module:
@@ -327,7 +327,7 @@ def train(
 
     distilling = recipe.teacher and (recipe.distill or recipe.feature_distill or recipe.attn_distill)
     teacher = load_teacher(recipe.teacher, cfg, device) if distilling else None
-    if isinstance(teacher, (conv_teacher.ConvTeacher, Ensemble)) and (recipe.feature_distill or recipe.attn_distill):
+    if (recipe.feature_distill or recipe.attn_distill) and not isinstance(teacher, QATViT):
         raise TinyViTError(
             "--feature-distill and --attn-distill need one ViT teacher; a conv teacher or an ensemble gives logits only"
         )
