@@ -56,6 +56,13 @@ def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s
             vnni._rowsums(x, K, r0, r1, sums)
             for nb in range(NB):
                 for t0 in range(r0, r1, MR):
+                    if T - t0 <= vnni.SHORT:  # a last tile of 1 or 2 rows: one row at a time
+                        for t in range(t0, T):
+                            a0, a1, a2 = vnni._tile1(x, w, G, K, t, nb)
+                            n = nb * NC
+                            vnni._store3(buf, (t - r0) * N + n, a0, a1, a2, sums[t - r0], s_x[t], scale, n, bias,
+                                         has_bias, False)  # fmt: skip
+                        continue
                     tile = vnni._tile(x, w, G, K, t0, T, nb)
                     for r in range(min(MR, T - t0)):
                         t = t0 + r

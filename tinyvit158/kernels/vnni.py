@@ -129,6 +129,31 @@ def _tile(x, wl, G, K, t0, T, nb):
     )
 
 
+SHORT = 2  # a last tile with this many real rows or fewer runs them one at a time (_tile1)
+
+
+@numba.njit(cache=True, inline="always")
+def _tile1(x, wl, G, K, t, nb):
+    """Row t alone against block nb: 3 accumulators, the weights read once per row."""
+    a0 = a1 = a2 = _vzero()
+    for g in range(G):
+        wo = (nb * G + g) * 192
+        b = _vbroadcast4(x, t * K + 4 * g)
+        a0 = _dpbusd(a0, _vload(wl, wo + 0), b)
+        a1 = _dpbusd(a1, _vload(wl, wo + 64), b)
+        a2 = _dpbusd(a2, _vload(wl, wo + 128), b)
+    return a0, a1, a2
+
+
+@numba.njit(cache=True, inline="always")
+def _store3(out, o, a0, a1, a2, xs, s, scale, n, bias, has_bias, accumulate):
+    """A row's 48 outputs of one block from its 3 accumulators, dequantized into ``out`` from
+    ``o`` (channels from ``n``; ``simd._dequant_store``, 16 lanes each)."""
+    _dequant_store(out, o, a0, xs, s, scale, n, bias, has_bias, accumulate)
+    _dequant_store(out, o + 16, a1, xs, s, scale, n + 16, bias, has_bias, accumulate)
+    _dequant_store(out, o + 32, a2, xs, s, scale, n + 32, bias, has_bias, accumulate)
+
+
 class VNNIWeights:
     """Ternary weights re-laid out for the tile: unsigned codes u = w + 1, blocked by 48 channels.
 
@@ -222,14 +247,22 @@ def _rowsums(x, K, t0, t1, sums):
 
 
 @numba.njit(cache=True)
-def _unit(u, RB, NB):
+def _unit(u, RB, NB, rt):
     """Work unit ``u`` -> (channel block, row group, first row of its tile). Units run over
-    row groups (RT tiles), then channel blocks, then the group's tiles, so a thread's
+    row groups (``rt`` tiles), then channel blocks, then the group's tiles, so a thread's
     consecutive units share a block's weights and a group's activations."""
-    g = u // (RT * NB)
-    tg = min(RT, RB - g * RT)  # the last group may be short
-    r = u - g * RT * NB
-    return r // tg, g, (g * RT + r % tg) * MR
+    g = u // (rt * NB)
+    tg = min(rt, RB - g * rt)  # the last group may be short
+    r = u - g * rt * NB
+    return r // tg, g, (g * rt + r % tg) * MR
+
+
+@numba.njit(cache=True)
+def _group_tiles(RB):
+    """Row tiles a group: ``RT``, or all of them when there are at most 2 RT (a few images'
+    rows): then each job takes whole channel blocks, so it spreads fewer 2-bit blocks to
+    bytes, and every job gets its share of the cheap last rows (``_tile1``)."""
+    return RB if RB <= 2 * RT else RT
 
 
 @numba.njit(parallel=True, cache=True)
@@ -242,23 +275,37 @@ def _tiles(x, wl, K, T, N, packed, parts, fused, s_x, scale, bias, has_bias, out
     NB = (N + NC - 1) // NC
     RB = (T + MR - 1) // MR
     U = RB * NB
+    rt = _group_tiles(RB)
     for p in numba.prange(parts):
         scratch = np.empty(G * 192 if packed else 0, dtype=np.uint8)
-        sums = np.empty(RT * MR, dtype=np.int32)  # the row sums of the current group
+        sums = np.empty(rt * MR, dtype=np.int32)  # the row sums of the current group
         stage = np.empty(MR * NC, dtype=np.int32)  # a tile's int32 sums (unfused stores)
         w, wnb, have_nb, have_g = wl, 0, -1, -1
         for u in range(p * U // parts, (p + 1) * U // parts):
-            nb, g, t0 = _unit(u, RB, NB)
+            nb, g, t0 = _unit(u, RB, NB, rt)
             if g != have_g:
-                _rowsums(x, K, g * RT * MR, min((g + 1) * RT * MR, T), sums)
+                _rowsums(x, K, g * rt * MR, min((g + 1) * rt * MR, T), sums)
                 have_g = g
             if nb != have_nb:
                 w, wnb = _block_weights(wl, nb, G, packed, scratch)
                 have_nb = nb
+            if T - t0 <= SHORT:  # a last tile of 1 or 2 real rows: one row at a time (_tile1)
+                for t in range(t0, T):
+                    a0, a1, a2 = _tile1(x, w, G, K, t, wnb)
+                    xs, n = sums[t - g * rt * MR], nb * NC
+                    if fused:
+                        _store3(out, t * N + n, a0, a1, a2, xs, s_x[t], scale, n, bias, has_bias, accumulate)
+                    else:
+                        _vstore(stage, 0, a0)
+                        _vstore(stage, 16, a1)
+                        _vstore(stage, 32, a2)
+                        for c in range(n, min(n + NC, N)):
+                            acc32[t, c] = stage[c - n] - xs
+                continue
             tile = _tile(x, w, G, K, t0, T, wnb)
             for r in range(min(MR, T - t0)):
                 t = t0 + r
-                xs = sums[t - g * RT * MR]
+                xs = sums[t - g * rt * MR]
                 for v in range(NV):
                     if fused:
                         n = nb * NC + 16 * v
