@@ -37,7 +37,17 @@ def test_bench_contend_runs_a_busy_process_and_stops_it():
     assert out.returncode == 0, out.stderr
     assert "# contended: 1 busy process(es)" in out.stdout
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "while True: pass" not in ps  # the busy process is gone
+    assert "os.getppid() == parent" not in ps  # the busy process is gone
+
+
+def test_a_variant_that_runs_too_long_is_reported_and_the_run_goes_on():
+    from argparse import Namespace
+
+    from tinyvit158.bench import run_child
+
+    args = Namespace(model="cifar10-tiny", batch_now=1, repeats=2, warmup=0, max_seconds=1.0, layers=False,
+                     weights="random", onnx=None, calib=None, agree=None, child_timeout=0.2)  # fmt: skip
+    assert run_child("engine", args) == {"variant": "engine", "batch": 1, "error": "timed out after 0.2 s"}
 
 
 def test_bench_rejects_bad_options():
@@ -45,6 +55,10 @@ def test_bench_rejects_bad_options():
         [sys.executable, "-m", "tinyvit158.bench", "--model", "resnet"], capture_output=True, text=True
     )
     assert out.returncode == 2 and "unknown preset" in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "tinyvit158.bench", "--child-timeout", "0"], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "--child-timeout must be positive" in out.stderr
 
 
 def test_kernel_table_rows():

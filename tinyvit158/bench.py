@@ -333,7 +333,10 @@ def run_child(variant: str, args) -> dict:
     for flag in ("weights", "onnx", "calib", "agree"):
         if getattr(args, flag):
             cmd += [f"--{flag}", str(getattr(args, flag))]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:  # one crawling variant (e.g. BLAS threads on busy cores) must not hang the run
+        return {"variant": variant, "batch": args.batch_now, "error": f"timed out after {args.child_timeout:g} s"}
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
         return {"variant": variant, "batch": args.batch_now, "error": last}
@@ -351,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=30, help="timed calls per variant (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls after the first (default 3)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a variant after this long")
+    p.add_argument(
+        "--child-timeout", type=float, default=600.0,
+        help="give up on a variant whose process (loading, calls, agreement) takes longer than this many seconds: "
+        "it is reported as failed and the run goes on (default 600)",
+    )  # fmt: skip
     p.add_argument(
         "--rounds", type=int, default=1,
         help="run every variant this many times, interleaved, and report the median of the rounds' medians "
@@ -374,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if any(b < 1 for b in args.batch) or args.repeats < 1 or args.rounds < 1 or args.warmup < 0:
         p.error("--batch, --repeats and --rounds must be at least 1, --warmup at least 0")
+    if not args.child_timeout > 0:
+        p.error("--child-timeout must be positive")
     try:
         get_preset(args.model)
     except TinyViTError as e:
