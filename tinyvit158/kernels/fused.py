@@ -33,7 +33,6 @@ from tinyvit158.kernels.ops import (
     gelu_quantize,
     layernorm_quantize,
 )
-from tinyvit158.kernels.simd import _dequant_store
 from tinyvit158.kernels.ternary import PreparedTernary, _check_sx, _check_x, kernel_path, linear
 
 
@@ -65,12 +64,10 @@ def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s
                         continue
                     tile = vnni._tile(x, w, G, K, t0, T, nb)
                     for r in range(min(MR, T - t0)):
-                        t = t0 + r
-                        for v in range(NV):
-                            n = nb * NC + 16 * v
-                            o = (t - r0) * N + n
-                            _dequant_store(buf, o, tile[r * NV + v], sums[t - r0], s_x[t], scale, n, bias, has_bias,
-                                           False)  # fmt: skip
+                        t, n = t0 + r, nb * NC
+                        a0, a1, a2 = tile[r * NV], tile[r * NV + 1], tile[r * NV + 2]
+                        vnni._store3(buf, (t - r0) * N + n, a0, a1, a2, sums[t - r0], s_x[t], scale, n, bias,
+                                     has_bias, False)  # fmt: skip
             for t in range(r0, r1):
                 h = buf[(t - r0) * N : (t - r0 + 1) * N]
                 s[t] = _quantize_with(h, q[t], _gelu_row(h, h))
