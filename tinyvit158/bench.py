@@ -392,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         args.batch = args.batch[0]
         print(json.dumps(child(args)))
         return 0
+    if args.weights not in (None, "random"):
+        try:  # a bad file is one line now, not an error row per variant after minutes of work
+            load_weights(args.weights)
+        except TinyViTError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
     from tqdm import tqdm
 

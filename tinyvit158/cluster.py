@@ -13,7 +13,11 @@ The same work as :func:`tinyvit158.folders.stream` plus the engine, through Ray 
    :func:`~tinyvit158.folders.stream` yields batches, with the logits.
 
 With no ADDRESS a local Ray instance is started (and stopped at the end); with one, the
-driver connects to that cluster (``ray.init(address=...)``: ``auto``, or ``ray://host:10001``).
+driver connects to that cluster (``ray.init(address=...)``: ``auto``, ``host:6379``, or
+``ray://host:10001`` through Ray Client, which the ``cluster`` extra installs). An address
+where nothing listens is refused at once (a TCP probe of its port), and a cluster not
+reached within ``--ray-timeout`` seconds (default 30) ends the run in one line: Ray
+itself would retry for ever.
 Results are those of the local run, bit for bit: every actor runs the same engine on the
 same decoded images, and the engine computes each image independently of its batch.
 """
@@ -22,7 +26,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
+import socket
+import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,15 +92,59 @@ class EngineActor:
         return {"index": batch["index"], "logits": logits, "error": batch["error"]}
 
 
-def connect(address: str | None, num_cpus: int | None = None):
-    """Ray, initialized: a local instance (``address`` None) or a running cluster.
-    Returns (ray, started): ``started`` when this call started it (the caller shuts it down)."""
+DEFAULT_TIMEOUT = 30.0  # seconds to reach a Ray cluster (--ray-timeout)
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``host:port`` of a Ray address (``ray://host:port`` or ``host:port``), or None (``auto``)."""
+    m = re.fullmatch(r"(?:ray://)?\[?([^\[\]]+?)\]?:(\d+)", address.strip())
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def probe(address: str, timeout: float) -> None:
+    """Refuse in one line, within ``timeout`` seconds, an address where nothing answers: a
+    TCP connection to its port, before Ray (which would retry for ever) is asked."""
+    where = _host_port(address)
+    if where is None:
+        return
+    try:
+        socket.create_connection(where, timeout=timeout).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        raise TinyViTError(f"could not reach the Ray cluster at {address}: {why} (is it running?)") from None
+
+
+def _give_up(address: str, timeout: float) -> None:
+    """The watchdog's end: Ray is still retrying inside ``ray.init`` and cannot be stopped
+    from here, so the process ends with the one line and exit status 1."""
+    print(f"error: could not reach the Ray cluster at {address} within {timeout:g} s "
+          "(is it a Ray cluster? --ray-timeout SECONDS waits longer)", file=sys.stderr, flush=True)  # fmt: skip
+    os._exit(1)
+
+
+def connect(address: str | None, num_cpus: int | None = None, timeout: float = DEFAULT_TIMEOUT):
+    """Ray, initialized: a local instance (``address`` None) or a running cluster, reached
+    within ``timeout`` seconds or given up in one line (the process then ends: Ray cannot
+    be stopped mid-connection). Returns (ray, started): ``started`` when this call started it
+    (the caller shuts it down)."""
     ray = _ray()
+    if address is not None and address.startswith("ray://"):
+        try:
+            import grpc  # noqa: F401  (what ray[client] adds)
+            import ray.util.client  # noqa: F401
+        except ImportError:
+            raise TinyViTError(f"--ray {address}: needs Ray Client: pip install 'ray[client]'") from None
     for name in ("ray", "ray.data"):  # Ray Data's plan, timing and progress-bar notices
         logging.getLogger(name).setLevel(logging.ERROR)
     if ray.is_initialized():
         return ray, False
+    if address is not None:
+        probe(address, timeout)
     kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+    watchdog = threading.Timer(timeout, _give_up, (address, timeout)) if address is not None else None
+    if watchdog is not None:  # a local instance either starts or fails: Ray does not retry it
+        watchdog.daemon = True
+        watchdog.start()
     try:
         if address is None:
             ray.init(num_cpus=num_cpus, **kwargs)
@@ -101,15 +154,23 @@ def connect(address: str | None, num_cpus: int | None = None):
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
         raise TinyViTError(f"could not start or reach {where}: {msg}") from None
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     return ray, True
 
 
 def ray_stream(
-    paths: list, ckpt: Checkpoint, batch: int, actors: int = 1, address: str | None = None
+    paths: list,
+    ckpt: Checkpoint,
+    batch: int,
+    actors: int = 1,
+    address: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> Iterator[tuple[list[int], np.ndarray, dict]]:
     """Batches ``(indices, logits (n, classes) float32 of the good images, {index: error})``
-    in file order, computed on Ray (the module docstring)."""
-    ray, started = connect(address)
+    in file order, computed on Ray (the module docstring); ``timeout``: :func:`connect`'s."""
+    ray, started = connect(address, timeout=timeout)
     try:
         from ray.data import DataContext
 
@@ -164,6 +225,20 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--actors", type=_at_least_one, default=1, metavar="N", help="--ray: engines (Ray actors) to run (default 1)"
     )
+    p.add_argument(
+        "--ray-timeout", type=_positive_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+        help=f"--ray: give up reaching the cluster after this long (default {DEFAULT_TIMEOUT:g})",
+    )  # fmt: skip
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        t = float(text)
+    except ValueError:
+        t = float("nan")
+    if not 0 < t < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return t
 
 
 def _at_least_one(text: str) -> int:

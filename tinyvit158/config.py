@@ -249,8 +249,9 @@ class ViTConfig:
         return cls.from_dict(d)
 
     def replace(self, **changes: Any) -> ViTConfig:
-        """A copy with some fields changed, validated again (e.g. ``cfg.replace(depth=2)``)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with some fields changed, validated again (e.g. ``cfg.replace(depth=2)``);
+        an unknown or malformed field is one ConfigError."""
+        return self.from_dict({**self.to_dict(), **changes})
 
 
 def _imagenet(name: str, dim: int, depth: int, heads: int) -> ViTConfig:

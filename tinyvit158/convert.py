@@ -36,6 +36,7 @@ import numpy as np
 from tinyvit158.cli import prog
 from tinyvit158.config import ViTConfig, get_preset, parse_set
 from tinyvit158.errors import TinyViTError
+from tinyvit158.files import check_input, check_output
 from tinyvit158.packing import pack
 from tinyvit158.weights import FORMAT_NAME, Checkpoint, load_weights, save_weights
 
@@ -84,8 +85,7 @@ def is_weight_file(path: Path) -> bool:
 
 def read_float_model(path: Path) -> tuple[dict[str, np.ndarray], ViTConfig | None]:
     """A float state dict as float arrays, and the config when the file is a trainer checkpoint."""
-    if not path.is_file():
-        raise TinyViTError(f"{path}: no such file")
+    check_input(path)
     if path.suffix == ".safetensors":
         import safetensors.numpy
 
@@ -175,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--data", help="CIFAR-10 location: record the engine's test accuracy in the file")
     args = p.parse_args(argv)
+    if args.calib_images < 1:
+        p.error(f"--calib-images must be at least 1, got {args.calib_images}")
     try:
         changes = parse_set(args.set)
+        check_input(args.source)
+        check_output(args.out, [args.source])
         if is_weight_file(Path(args.source)):
             ckpt = change_numerics(load_weights(args.source), changes, Path(args.source).name)
         else:

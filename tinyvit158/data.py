@@ -30,6 +30,7 @@ from PIL import Image
 
 from tinyvit158.config import CIFAR10_CLASSES
 from tinyvit158.errors import TinyViTError
+from tinyvit158.files import input_problem
 
 
 class DataError(TinyViTError):
@@ -197,6 +198,8 @@ def load_cifar10(
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    if not path.is_file() and not path.is_dir():
+        raise DataError(f"{path}: {input_problem(path)}")
     if path.is_file():
         if zipfile.is_zipfile(path):
             return _from_zip(path, split, limit, progress)

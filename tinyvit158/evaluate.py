@@ -12,6 +12,7 @@ import numpy as np
 from tinyvit158.cli import prog
 from tinyvit158.cluster import add_arguments as add_ray_arguments
 from tinyvit158.errors import TinyViTError
+from tinyvit158.files import shown
 
 EPILOG = """\
 --data accepts: the folder holding cifar10-test-jpg.zip (default: $TINYVIT158_DATA), the zip
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", metavar="FILE", help="labelled folders: JSON object, folder name -> class name")
     p.add_argument(
         "--workers", type=int, default=1, metavar="N", help="labelled folders: decode in N processes (default 1)"
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="labelled folders: an unreadable image ends the run (exit 1) instead of being skipped and counted",
     )
     p.add_argument(
         "--compare-torch", metavar="CHECKPOINT",
@@ -97,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--limit must be at least 1, got {args.limit}")
     if args.batch < 1:
         parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.ray is not None and (args.engine != "fast" or args.compare_torch):
         parser.error("--ray runs the fast engine, without --compare-torch")
     from tinyvit158.data import data_arg, load_cifar10
@@ -144,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate_folder(args, root, ckpt, weights_name) -> int:
     """Accuracy on ``root/<class>/<image>``, the images decoded in worker processes, streamed
-    (or on Ray: ``--ray``)."""
+    (or on Ray: ``--ray``). An unreadable image is skipped and counted (``--strict``: exit 1)."""
     from tqdm import tqdm
 
-    from tinyvit158.folders import classify, load_labelled_folder
+    from tinyvit158.folders import classify, load_labelled_folder, usable_workers
 
     cfg = ckpt.config
     try:
@@ -156,27 +164,44 @@ def _evaluate_folder(args, root, ckpt, weights_name) -> int:
         if args.limit is not None and args.limit < len(keep):
             keep = np.linspace(0, len(keep) - 1, args.limit).astype(int)  # every class (folders are sorted)
         paths = [folder.paths[i] for i in keep]
-        out = []
+        out, bad = [], {}
+        workers = usable_workers(args.workers)
         t0 = time.perf_counter()
-        with tqdm(total=len(paths), desc=f"{args.engine} engine", unit="img", file=sys.stderr, leave=False) as bar:
-            for idx, logits, errors, _ in classify(
-                paths, ckpt, args.batch, args.workers, args.engine, args.ray, args.actors
-            ):
-                if errors:
-                    raise TinyViTError(next(iter(errors.values())))
+        batches = classify(paths, ckpt, args.batch, workers, args.engine, args.ray, args.actors,
+                           ray_timeout=args.ray_timeout)  # fmt: skip
+        bar = None  # shown from the first batch on: an error before it (Ray unreachable) stays one line
+        try:
+            for idx, logits, errors, _ in batches:
+                if errors and args.strict:
+                    raise TinyViTError(next(iter(errors.values())) + " (--strict)")
+                bad.update(errors)
                 out.append(logits)
+                if bar is None:
+                    bar = tqdm(total=len(paths), desc=f"{args.engine} engine", unit="img", file=sys.stderr, leave=False)
                 bar.update(len(idx))
+        finally:
+            if bar is not None:
+                bar.close()
         seconds = time.perf_counter() - t0
+        if len(bad) == len(paths):
+            raise TinyViTError(f"{root}: none of its {len(paths)} images could be read (first: {bad[0]})")
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    good = np.array([i not in bad for i in range(len(paths))], dtype=bool)
     names = [folder.names[i] for i in keep]
+    skipped = [{"image": names[i], "error": bad[i]} for i in sorted(bad)]
+    for s in skipped:
+        print(f"skipped: {s['error']}", file=sys.stderr)
     logits = np.concatenate(out).astype(np.float32)
-    return report(args, cfg, weights_name, f"folder {root}", folder.labels[keep], names, logits, seconds, None)
+    names = [n for n, g in zip(names, good, strict=True) if g]
+    return report(args, cfg, weights_name, f"folder {root}", folder.labels[keep][good], names, logits, seconds, None,
+                  skipped)  # fmt: skip
 
 
-def report(args, cfg, weights_name, what, labels, names, logits, seconds, torch_logits) -> int:
-    """Accuracy, per-class accuracy, confusion matrix (and agreement with a PyTorch model)."""
+def report(args, cfg, weights_name, what, labels, names, logits, seconds, torch_logits, skipped=()) -> int:
+    """Accuracy, per-class accuracy, confusion matrix (and agreement with a PyTorch model);
+    ``skipped``: the unreadable images left out, ``{"image", "error"}`` each."""
     pred = logits.argmax(1)
     m = confusion(labels, pred, cfg.num_classes)
     per_class = np.diag(m) / np.maximum(m.sum(1), 1)
@@ -187,6 +212,7 @@ def report(args, cfg, weights_name, what, labels, names, logits, seconds, torch_
         "per_class": {c: float(a) for c, a in zip(cfg.class_names, per_class, strict=False)},
         "confusion": m.tolist(), "images_per_s": len(labels) / seconds,
         "predictions": [{"image": n, "predicted": cfg.class_names[k]} for n, k in zip(names, pred, strict=True)],
+        "skipped": list(skipped),
     }  # fmt: skip
     if torch_logits is not None:
         tpred = torch_logits.argmax(1)
@@ -203,7 +229,9 @@ def report(args, cfg, weights_name, what, labels, names, logits, seconds, torch_
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"# {weights_name}, {args.engine} engine, {what}: {len(labels)} images")
+    print(f"# {shown(weights_name)}, {args.engine} engine, {shown(what)}: {len(labels)} images")
+    if skipped:
+        print(f"# skipped {len(skipped)} unreadable image(s) (listed on stderr; --strict makes them fatal)")
     print(f"top-1 accuracy: {result['accuracy']:.4f}   ({result['images_per_s']:.0f} images/s)")
     width = max(len(c) for c in cfg.class_names)
     print("\nper class" + " " * (width - 3) + "acc   confusion (rows: label, columns: predicted)")
@@ -218,7 +246,7 @@ def report(args, cfg, weights_name, what, labels, names, logits, seconds, torch_
         )
         for d in result["disagreements"]:
             print(
-                f"  {d['image']}: engine {d['engine']}, torch {d['torch']} (label {d['label']}); "
+                f"  {shown(d['image'])}: engine {d['engine']}, torch {d['torch']} (label {d['label']}); "
                 f"torch top-2 margin {d['torch_top2_margin']:.2e}, max logit diff {d['max_logit_diff']:.2e}"
             )
     return 0

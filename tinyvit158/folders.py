@@ -1,9 +1,10 @@
 """Labelled image folders and streaming: decode many images in worker processes, in order,
 with bounded memory.
 
-A labelled folder is ``ROOT/<class name>/<image>`` (ImageNet-val style). Its folder names
-are matched to the model's ``class_names`` (or through a JSON ``--class-map`` from folder
-to class name); a folder the model does not know, an empty one, a file where a folder
+A labelled folder is ``ROOT/<class name>/<image>`` (ImageNet-val style); hidden files and
+folders (``.DS_Store``, ``.ipynb_checkpoints``) are skipped. Its folder names are matched
+to the model's ``class_names`` (or through a JSON ``--class-map`` from folder to class
+name); a folder the model does not know, an empty one, a file where a folder
 belongs, or no class folders at all are refused in one line.
 
 :func:`stream` decodes (``image.load_image``: draft-mode JPEG, resize, normalize) in a pool
@@ -17,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,20 @@ import numpy as np
 
 from tinyvit158.config import ViTConfig
 from tinyvit158.errors import TinyViTError
+from tinyvit158.files import input_problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".tga"}
+
+
+def visible_entries(folder: Path) -> list[Path]:
+    """A folder's entries, sorted, without the hidden ones (``.DS_Store``, ``.ipynb_checkpoints``,
+    macOS's ``._name`` files), as torchvision's ``ImageFolder`` skips them."""
+    return sorted(e for e in folder.iterdir() if not e.name.startswith("."))
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly inside a folder (by suffix; hidden ones skipped), sorted."""
+    return [f for f in visible_entries(folder) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()]
 
 
 class FolderError(TinyViTError):
@@ -59,7 +73,7 @@ def load_labelled_folder(root: str | os.PathLike, cfg: ViTConfig, class_map: str
     """The images under ``root``'s class folders, with the model's class index of each."""
     root = Path(root)
     mapping = _read_class_map(class_map) if class_map else {}
-    entries = sorted(root.iterdir())
+    entries = visible_entries(root)
     files = [e for e in entries if not e.is_dir()]
     if files:
         raise FolderError(
@@ -77,7 +91,7 @@ def load_labelled_folder(root: str | os.PathLike, cfg: ViTConfig, class_map: str
                 f"{folder}: class folder {folder.name!r} is not one of the model's classes ({known}); "
                 "rename it or give --class-map FILE (JSON: folder -> class)"
             )
-        images = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        images = image_files(folder)
         if not images:
             raise FolderError(f"{folder}: class folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         paths += images
@@ -86,6 +100,9 @@ def load_labelled_folder(root: str | os.PathLike, cfg: ViTConfig, class_map: str
 
 
 def _read_class_map(path: str) -> dict[str, str]:
+    problem = input_problem(path)
+    if problem:
+        raise FolderError(f"{path}: {problem} (--class-map takes a JSON file)")
     try:
         mapping = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -93,6 +110,19 @@ def _read_class_map(path: str) -> dict[str, str]:
     if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
         raise FolderError(f"{path}: a class map is a JSON object of folder name -> class name")
     return mapping
+
+
+def usable_workers(workers: int) -> int:
+    """``workers`` decoding processes, at most one a CPU this process may run on (said on
+    stderr when fewer than asked): more only add memory."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    if workers > cpus:
+        print(f"note: --workers {workers} is more than the {cpus} CPUs here; using {cpus}", file=sys.stderr)
+        return cpus
+    return workers
 
 
 _CFG: ViTConfig | None = None  # the config a worker process decodes for
@@ -163,16 +193,18 @@ def classify(
     ray: str | None = None,
     actors: int = 1,
     explain: bool = False,
+    ray_timeout: float = 30.0,
 ) -> Iterator[tuple[list[int], np.ndarray, dict, dict | None]]:
     """Batches ``(indices, logits of the good images, {index: error}, record)`` in file order:
     decoded in ``workers`` processes (:func:`stream`) and run here by the ``engine`` ("fast"
     or "oracle"), or all of it on Ray (``ray``: "" a local instance, else a cluster address;
-    ``actors`` engines; ``cluster.py``). ``record``: with ``explain``, the codes of the first
-    batch that holds an image (for the ledger), else None."""
+    ``actors`` engines, ``ray_timeout`` seconds to reach a cluster; ``cluster.py``).
+    ``record``: with ``explain``, the codes of the first batch that holds an image (for the
+    ledger), else None."""
     if ray is not None:
         from tinyvit158.cluster import ray_stream
 
-        for idx, logits, errors in ray_stream(paths, ckpt, batch, actors, ray or None):
+        for idx, logits, errors in ray_stream(paths, ckpt, batch, actors, ray or None, ray_timeout):
             yield idx, logits, errors, None
         return
     from tinyvit158.engine import first_run_notice

@@ -16,7 +16,11 @@ Pillow's decompression-bomb guard stays on: a header claiming more than twice
 images between one and two times the limit is not shown: they are decoded as any other).
 JPEGs are decoded in draft mode, at the smallest of 1/1, 1/2, 1/4 or 1/8 scale that still
 covers the model's size (fast and light for a phone photo), so a JPEG may claim up to
-64 times the limit (a 200 MP photo decodes as 3 MP). A URL is refused: download it first.
+64 times the limit (a 200 MP photo decodes as 3 MP). Whatever the format, an image
+whose decoded size is over ``MAX_DECODED_PIXELS`` (40 MP) is refused before it is
+decoded, so that memory stays bounded (with ``--workers N``, N times that at most); one
+full-size copy is held while it is decoded, resized and cropped. A URL is refused:
+download it first.
 """
 
 from __future__ import annotations
@@ -32,8 +36,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tinyvit158.config import ViTConfig
 from tinyvit158.errors import ImageError
+from tinyvit158.files import input_problem
 
 MIN_SIDE = 8  # pixels: smaller images hold too little to classify (a 1x1 image is one colour)
+# an image decoded at full size (all but JPEG) may hold this many pixels: a 40 MP RGB image
+# peaks at ~0.2 GB while it is decoded (RGBA, composited, ~0.6 GB), and so each worker
+MAX_DECODED_PIXELS = 40_000_000
 JPEG_DRAFT_FACTOR = 64  # the largest pixel-count reduction of JPEG draft decoding (1/8 a side)
 _LIMIT_LOCK = threading.Lock()  # Image.MAX_IMAGE_PIXELS is process-wide
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # scheme://...: refused, never fetched
@@ -60,7 +68,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (128, 128, 128))
     if img.mode == "RGBA":
         base = Image.new("RGBA", img.size, (*background, 255))
         return Image.alpha_composite(base, img).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -108,22 +116,29 @@ def _orient_convert(img: Image.Image, path: Path, background, size: int) -> Imag
     img.seek(0)  # first frame of an animation
     if img.format == "JPEG":
         img.draft(None, (size, size))  # decode at 1/2, 1/4 or 1/8 scale when that still covers the size
-    img = ImageOps.exif_transpose(img)
+    w, h = img.size
+    if w * h > MAX_DECODED_PIXELS:
+        raise ImageError(
+            f"{path}: refused, {w}x{h} pixels decoded at full size is over the {MAX_DECODED_PIXELS // 10**6} MP "
+            "that an image may take (to bound memory); downscale it first"
+        )
+    ImageOps.exif_transpose(img, in_place=True)
     if min(img.size) < MIN_SIDE:
         w, h = img.size
         raise ImageError(f"{path}: image is {w}x{h} pixels; at least {MIN_SIDE}x{MIN_SIDE} is needed")
     return to_rgb(img, background)
 
 
-def open_rgb(path: str | os.PathLike, cfg: ViTConfig) -> Image.Image:
-    """Open, orient and convert an image file to RGB; any failure is one ImageError."""
+def open_rgb(path: str | os.PathLike, cfg: ViTConfig, size: int | None = None) -> Image.Image:
+    """Open, orient and convert an image file to RGB; any failure is one ImageError.
+    ``size``: resize and centre-crop to ``size`` x ``size`` (:func:`resize_center_crop`)
+    before the decoded image is let go, so that only one full-size copy is ever held."""
     if URL.match(os.fspath(path)):
         raise ImageError(f"{os.fspath(path)}: a URL; only local files are read (download it first)")
     path = Path(path)
-    if not path.exists():
-        raise ImageError(f"{path}: no such file")
-    if path.is_dir():
-        raise ImageError(f"{path}: is a directory, not an image")
+    problem = input_problem(path)
+    if problem:
+        raise ImageError(f"{path}: {problem.replace('not a file', 'not an image')}")
     background = tuple(int(round(m * 255)) for m in cfg.mean)
     try:
         with warnings.catch_warnings():
@@ -135,7 +150,8 @@ def open_rgb(path: str | os.PathLike, cfg: ViTConfig) -> Image.Image:
                 if img is None:
                     raise
             with img:
-                return _orient_convert(img, path, background, cfg.image_size)
+                rgb = _orient_convert(img, path, background, cfg.image_size)
+                return resize_center_crop(rgb, size) if size else rgb.copy() if rgb is img else rgb
     except Image.DecompressionBombError as e:
         raise ImageError(f"{path}: refused, too many pixels ({e}); a decompression bomb?") from None
     except UnidentifiedImageError:
@@ -159,6 +175,6 @@ def load_image(source: str | os.PathLike | np.ndarray, cfg: ViTConfig) -> np.nda
             )
         img = Image.fromarray(source, mode="RGB")
     else:
-        img = open_rgb(source, cfg)
+        img = open_rgb(source, cfg, cfg.image_size)
     img = resize_center_crop(img, cfg.image_size)
     return normalize(np.asarray(img), cfg)

@@ -8,7 +8,9 @@ batch, ``torch.onnx.export(dynamo=True)``), then:
 - ``ort-fp32``: ONNX Runtime, float32, CPU execution provider;
 - ``ort-int8``: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, QInt8;
   activations quantized per call), what ONNX Runtime's documentation suggests for
-  transformers on a CPU;
+  transformers on a CPU; on a CPU without VNNI (AVX-512 or AVX-VNNI) with
+  ``reduce_range=True`` (7-bit weights), as that documentation advises: its 8-bit
+  products there add in pairs to int16 and saturate;
 - ``openvino``: OpenVINO on the CPU at its default inference precision (bf16 where the
   CPU has it), with the faster of the LATENCY and THROUGHPUT hints (measured on the first
   calls; the report says which);
@@ -69,6 +71,14 @@ def build(variant: str, onnx_path: Path, threads: int, workdir: Path, calibratio
     return _openvino(variant, onnx_path, threads, calibration, batch)
 
 
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has a VNNI int8 dot product (AVX-512 VNNI or AVX-VNNI), as llvmlite sees it."""
+    from llvmlite import binding
+
+    features = binding.get_host_cpu_features()
+    return bool(features.get("avx512vnni") or features.get("avxvnni"))
+
+
 def _ort(variant, onnx_path, threads, workdir):
     import onnxruntime as ort
 
@@ -77,8 +87,10 @@ def _ort(variant, onnx_path, threads, workdir):
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         path = workdir / "model-int8.onnx"
-        quantize_dynamic(str(onnx_path), str(path), weight_type=QuantType.QInt8)
-        desc = f"ONNX Runtime {ort.__version__} quantize_dynamic: int8 weights (QInt8), dynamic int8 activations"
+        reduce = not cpu_has_int8_dot()
+        quantize_dynamic(str(onnx_path), str(path), weight_type=QuantType.QInt8, reduce_range=reduce)
+        desc = (f"ONNX Runtime {ort.__version__} quantize_dynamic: int8 weights (QInt8"
+                f"{', reduce_range: no VNNI on this CPU' if reduce else ''}), dynamic int8 activations")  # fmt: skip
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

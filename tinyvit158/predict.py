@@ -13,7 +13,8 @@ import numpy as np
 from tinyvit158.cli import prog
 from tinyvit158.cluster import add_arguments as add_ray_arguments
 from tinyvit158.errors import TinyViTError
-from tinyvit158.folders import IMAGE_SUFFIXES  # noqa: E402  (the suffixes a folder argument takes)
+from tinyvit158.files import shown
+from tinyvit158.folders import IMAGE_SUFFIXES, image_files, usable_workers
 from tinyvit158.weights import Checkpoint, default_weights_path, load_weights
 
 EPILOG = """\
@@ -88,7 +89,7 @@ def expand(paths: list[str]) -> list[Path | str]:
             continue
         p = Path(arg)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            found = image_files(p)
             if not found:
                 raise TinyViTError(f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
             out.extend(found)
@@ -130,12 +131,13 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     status, first_good, header, record = 0, None, args.json, None
-    width = max(len(str(f)) for f in files)
+    width = max(len(shown(f)) for f in files)
     # images are decoded (in --workers processes) and classified a batch at a time, and each
     # line is printed as its batch is done: memory stays flat however many files there are
     from tinyvit158.folders import classify
 
-    results = classify(files, ckpt, args.batch, args.workers, args.engine, args.ray, args.actors, args.explain)
+    results = classify(files, ckpt, args.batch, usable_workers(args.workers), args.engine, args.ray, args.actors,
+                       args.explain, args.ray_timeout)  # fmt: skip
     while True:
         try:
             idx, logits, errors, batch_record = next(results)
@@ -147,7 +149,7 @@ def _main(argv: list[str] | None) -> int:
         record = record if record is not None else batch_record
         probs = iter(softmax(np.asarray(logits, dtype=np.float64)))
         for i in idx:
-            f = str(files[i])
+            f = str(files[i]) if args.json else shown(files[i])  # JSON escapes what it must itself
             if i in errors:
                 print(f"error: {errors[i]}", file=sys.stderr)
                 status = 1
@@ -162,7 +164,7 @@ def _main(argv: list[str] | None) -> int:
                       flush=True)  # fmt: skip
                 continue
             if not header:
-                print(f"# weights: {weights_name} ({args.engine} engine)")
+                print(f"# weights: {shown(weights_name)} ({args.engine} engine)")
                 print(f"{'file':<{width}}  {'label':<12} {'prob':>6}  next best")
                 header = True
             (lab, q), rest = top[0], top[1:]

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import safetensors.numpy
 
 from tinyvit158.config import ViTConfig
 from tinyvit158.errors import TinyViTError, WeightFileError
+from tinyvit158.files import atomic_write_bytes, input_problem
 from tinyvit158.packing import pack, packed_cols, unpack
 from tinyvit158.quant import ternarize
 
@@ -146,35 +146,20 @@ def serialize(ckpt: Checkpoint) -> bytes:
 
 
 def save_weights(path: str | os.PathLike, ckpt: Checkpoint) -> None:
-    """Validate and write a weight file atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
+    """Validate and write a weight file atomically (``files.atomic_path``: a temporary file
+    in the same folder, then a rename), readable by all as a file for sharing is."""
     validate(ckpt.config, ckpt.tensors, path)
-    data = serialize(ckpt)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a weight file is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write_bytes(path, serialize(ckpt), mode=0o666)
 
 
 def load_weights(path: str | os.PathLike) -> Checkpoint:
     """Read and fully validate a weight file; any problem is one WeightFileError."""
     path = Path(path)
-    if not path.is_file():
-        raise _error(path, None, "no such weight file" if not path.exists() else "not a regular file")
+    problem = input_problem(path)
+    if problem == "is an empty file":
+        raise _error(path, None, f"not a readable safetensors file ({problem[3:]}); re-download or re-export it")
+    if problem:
+        raise _error(path, None, "no such weight file" if problem == "no such file" else problem)
     try:
         with safetensors.safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
@@ -322,10 +307,20 @@ def format_size_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tinyvit158.weights [FILE]``: the size table of a weight file (default: the shipped one)."""
+    import argparse
     import sys
 
-    argv = sys.argv[1:] if argv is None else argv
-    path = argv[0] if argv else default_weights_path()
+    p = argparse.ArgumentParser(
+        prog="python -m tinyvit158.weights",
+        description="The size table of a weight file: its bytes stored as 2-bit and base-3 packed ternary "
+        "weights, against float32.",
+    )
+    p.add_argument("file", nargs="?", metavar="FILE", help="a tinyvit158 weight file (default: the shipped one)")
+    args = p.parse_args(argv)
+    path = args.file or default_weights_path()
+    if path is None:
+        print("error: no weight file given and none is shipped with this install", file=sys.stderr)
+        return 1
     try:
         print(format_size_table(size_table(load_weights(path), path)))
     except TinyViTError as e:

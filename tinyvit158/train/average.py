@@ -22,6 +22,7 @@ import torch
 from tinyvit158.cli import prog
 from tinyvit158.config import ViTConfig
 from tinyvit158.errors import TinyViTError
+from tinyvit158.files import check_output
 from tinyvit158.train.checkpoint import load_run, save_checkpoint
 from tinyvit158.train.model import QATViT
 from tinyvit158.train.trainer import evaluate, split_holdout
@@ -46,10 +47,10 @@ def average_states(states: list[dict], names: list[str]) -> dict:
         k: torch.stack([s["model"][k].float() for s in states]).mean(0).to(v.dtype)
         for k, v in states[0]["model"].items()
     }
-    last = max(states, key=lambda s: s["epoch"])
+    last = max(states, key=lambda s: s.get("epoch") if isinstance(s.get("epoch"), int) else -1)
     out = {k: v for k, v in last.items() if k not in ("optimizer", "model")}
     out["model"] = model
-    out["averaged"] = [f"{Path(n).name} (epoch {s['epoch']})" for n, s in zip(names, states, strict=True)]
+    out["averaged"] = [f"{Path(n).name} (epoch {s.get('epoch', '?')})" for n, s in zip(names, states, strict=True)]
     out["log"] = {"quantized": True}
     return out
 
@@ -62,13 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="where to measure the held-out accuracy: cpu or cuda")
     args = p.parse_args(argv)
     try:
+        check_output(args.out, args.checkpoints)
         states = load_states(args.checkpoints)
         state = average_states(states, args.checkpoints)
         if args.data:
             from tinyvit158.data import load_cifar10
 
             data = load_cifar10(args.data, "train", progress=True)
-            recipe = state["recipe"]
+            recipe = state.get("recipe") or {}
+            if not isinstance(recipe.get("holdout"), int) or not isinstance(recipe.get("seed"), int):
+                raise TinyViTError(f"{args.checkpoints[-1]}: no recipe with its held-out split; average without --data")
             _, val_idx = split_holdout(data.labels, recipe["holdout"], recipe["seed"])
             model = QATViT(ViTConfig.from_dict(state["config"])).to(args.device).eval()  # each input's weights in turn
             for path, one in zip(args.checkpoints, states, strict=True):
@@ -77,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
             model.load_state_dict(state["model"])
             state["log"]["val_acc"] = evaluate(model, data, val_idx, args.device)["acc"]
             print(f"average of {len(args.checkpoints)}: held-out accuracy {state['log']['val_acc']:.4f}")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(state, args.out)
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)

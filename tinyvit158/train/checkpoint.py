@@ -22,7 +22,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ import torch
 from tinyvit158.cli import prog
 from tinyvit158.config import ViTConfig
 from tinyvit158.errors import TinyViTError
+from tinyvit158.files import atomic_path, check_output, input_problem
 from tinyvit158.train.model import QATViT
 
 RESAVE_HINT = "python -m tinyvit158.train.checkpoint {path} --resave-trusted NEW.pt"
@@ -56,18 +56,43 @@ def plain(obj):
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write ``state`` (plain values and tensors only) to ``path`` atomically: a temporary
-    file in the same folder, then a rename, so a reader never sees half a file."""
-    path = Path(path)
+    """Write ``state`` (plain values and tensors only) to ``path`` atomically
+    (``files.atomic_path``: a temporary file in the same folder, then a rename), so a
+    reader never sees half a file."""
     state = plain(state)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+
+
+def is_safetensors(path: str | Path) -> bool:
+    """Whether a file starts as a safetensors file does: a little-endian 8-byte header
+    length, then the header's JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
+def _torch_load(path: str | Path, device: str, weights_only: bool):
+    """``torch.load`` of a checked regular file; missing, special and safetensors files,
+    and the loader's I/O errors, are one TinyViTError."""
+    problem = input_problem(path)
+    if problem:
+        raise TinyViTError(f"{path}: not a readable PyTorch checkpoint ({problem})")
+    if is_safetensors(path):
+        raise TinyViTError(
+            f"{path}: a safetensors weight file, not a training checkpoint (.pt); "
+            "it is what export writes: run it with predict or evaluate --weights"
+        )
+    try:
+        return torch.load(path, map_location=device, weights_only=weights_only)
+    except pickle.UnpicklingError:
         raise
+    except (OSError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TinyViTError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
@@ -75,7 +100,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
 
     Raises TinyViTError in one line for a missing, truncated or unsafe file."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = _torch_load(path, device, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if not found:  # not a pickle the safe loader understands (e.g. junk read as the legacy format)
@@ -86,9 +111,6 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
             f"{path}: refused: loading it needs Python's full unpickler, which can run code from the file"
             f" (it names {found.group(1)}); if you trust it, re-save it safely: " + RESAVE_HINT.format(path=path)
         ) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise TinyViTError(f"{path}: not a readable PyTorch checkpoint ({why})") from None
     if not isinstance(state, dict):
         raise TinyViTError(f"{path}: not a tinyvit158 training checkpoint (a {type(state).__name__}, not a dict)")
     return state
@@ -122,7 +144,11 @@ def load_run(path: str | Path, device: str = "cpu", as_trained: bool = False) ->
 def resave_trusted(src: str | Path, dst: str | Path) -> None:
     """Load ``src`` with the full unpickler (only for a file you trust) and write it to
     ``dst`` in the safe form."""
-    state = torch.load(src, map_location="cpu", weights_only=False)
+    check_output(dst, [src], "--resave-trusted")
+    try:
+        state = _torch_load(src, "cpu", weights_only=False)
+    except pickle.UnpicklingError as e:
+        raise TinyViTError(f"{src}: not a readable PyTorch checkpoint ({str(e).strip()[:80]})") from None
     if not isinstance(state, dict):
         raise TinyViTError(f"{src}: not a tinyvit158 training checkpoint (a {type(state).__name__})")
     save_checkpoint(state, dst)

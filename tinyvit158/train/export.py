@@ -22,6 +22,7 @@ import torch
 
 from tinyvit158.cli import prog
 from tinyvit158.errors import TinyViTError
+from tinyvit158.files import check_output
 from tinyvit158.packing import pack
 from tinyvit158.quant import ternarize
 from tinyvit158.train.checkpoint import load_checkpoint, load_run
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="CIFAR-10 location: measure the PyTorch model's test accuracy")
     args = p.parse_args(argv)
     try:
+        check_output(args.out, [args.checkpoint])
         model, state = load_run(args.checkpoint)
         if args.packing:
             model.cfg = model.cfg.replace(packing=args.packing)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -49,6 +50,7 @@ from tinyvit158.cli import prog
 from tinyvit158.config import ViTConfig, get_preset, parse_set
 from tinyvit158.data import Dataset, load_cifar10, split_holdout  # noqa: F401 (split_holdout: re-exported)
 from tinyvit158.errors import TinyViTError
+from tinyvit158.files import check_output_folder, report_stale, same_file
 from tinyvit158.train import teacher as conv_teacher
 from tinyvit158.train.augment import mixup_cutmix, random_crop_flip, random_erasing, trivial_augment
 from tinyvit158.train.checkpoint import load_checkpoint, load_run, model_from_state, save_checkpoint
@@ -285,12 +287,26 @@ def epoch_loader(batches: EpochBatches, workers: int, device: str) -> torch.util
     )  # fmt: skip
 
 
+def check_run_folder(out: Path, inputs: list[str]) -> None:
+    """Refuse a run folder that is a file, or that holds an input the run would write over
+    (``--init RUN/best.pt --out RUN`` would replace best.pt with the new run's)."""
+    check_output_folder(out)
+    for name in ("last.pt", "best.pt"):
+        report_stale(out / name)
+    for src in filter(None, inputs):
+        src = Path(src)
+        if src.exists() and same_file(src.parent, out) and re.fullmatch(r"best\.pt|last\.pt|epoch-\d+\.pt", src.name):
+            raise TinyViTError(f"--out {out}: holds {src.name}, an input of this run that it would write over; "
+                               "choose another --out (or copy the file away first)")  # fmt: skip
+
+
 def train(
     recipe: Recipe, data_path: str, out: Path, device: str = "cpu", max_minutes: float = 0.0,
     progress: bool = True, workers: int = 0, compile: str = "", snapshots: int = 0,
 ) -> dict:  # fmt: skip
     """Run (or resume) a recipe; returns the last epoch's log record. ``snapshots``: also
     keep the model of each of the last that many epochs as ``out/epoch-NNN.pt`` (to average)."""
+    check_run_folder(out, [recipe.init, *recipe.teacher.split(",")] if recipe.teacher else [recipe.init])
     out.mkdir(parents=True, exist_ok=True)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on tensor cores (10-bit mantissa)
