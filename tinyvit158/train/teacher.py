@@ -54,6 +54,7 @@ from tinyvit158.cli import prog
 from tinyvit158.config import get_preset
 from tinyvit158.data import DataError, data_arg, load_cifar10, split_holdout
 from tinyvit158.errors import TinyViTError
+from tinyvit158.files import check_output_folder
 from tinyvit158.train.checkpoint import load_checkpoint, save_checkpoint
 
 KIND = "conv-teacher"  # the "kind" of a teacher.pt, so the ViT trainer can tell it from its own runs
@@ -391,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if len(recipe.widths) < 1 or min(recipe.widths) < 1:
             raise TinyViTError(f"--widths {args.widths}: give positive channel counts, e.g. 64,256,256")
+        check_output_folder(args.out)
         train_teacher(recipe, data, args.out, args.device, progress=not args.no_progress, max_minutes=args.max_minutes)
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
