@@ -83,8 +83,8 @@ def runs(tmp_path_factory):
     """Two trainer checkpoints of one architecture: with their ``epoch``, and without it (as
     old runs and other tools write them)."""
     pytest.importorskip("torch", reason="the train extra is not installed")
-    from tinyvit158.train.checkpoint import save_checkpoint
     from tinyvit158.train.model import QATViT
+    from tinyvit158.train.state import save_checkpoint
 
     d = tmp_path_factory.mktemp("runs")
     model = QATViT(CFG1).state_dict()
@@ -251,7 +251,7 @@ def test_calibration_images_below_one_is_a_usage_error_before_any_loading(tmp_pa
 
 def test_average_of_checkpoints_without_an_epoch(runs, tmp_path, capsys):
     from tinyvit158.train.average import main
-    from tinyvit158.train.checkpoint import load_checkpoint
+    from tinyvit158.train.state import load_checkpoint
 
     rc, err = outcome(capsys, main, [runs[1], runs[1], "--out", tmp_path / "avg.pt"])
     assert rc == 0, err
@@ -359,7 +359,7 @@ def test_sigterm_during_a_write_removes_the_temporary_file(tmp_path):
 
 
 def test_workers_are_clamped_to_the_cpus(capsys):
-    from tinyvit158.folders import usable_workers
+    from tinyvit158.pipeline import usable_workers
 
     cpus = len(os.sched_getaffinity(0))
     assert usable_workers(1000) == cpus and f"using {cpus}" in capsys.readouterr().err

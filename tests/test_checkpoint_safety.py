@@ -12,8 +12,8 @@ from conftest import run_module  # noqa: E402
 from fake_cifar import make_images, write_tarball  # noqa: E402
 
 from tinyvit158.errors import TinyViTError  # noqa: E402
-from tinyvit158.train.checkpoint import load_checkpoint, load_run, resave_trusted, save_checkpoint  # noqa: E402
 from tinyvit158.train.model import QATViT  # noqa: E402
+from tinyvit158.train.state import load_checkpoint, load_run, resave_trusted, save_checkpoint  # noqa: E402
 from tinyvit158.train.trainer import Recipe, train  # noqa: E402
 
 

@@ -191,9 +191,9 @@ def test_a_trainer_checkpoint_converts_to_its_own_function(tmp_path):
     is exact, the converted file's engine and the checkpoint's PyTorch model agree."""
     torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
     from tinyvit158.image import normalize
-    from tinyvit158.train.checkpoint import load_run, save_checkpoint
     from tinyvit158.train.export import torch_logits
     from tinyvit158.train.model import QATViT, latent_state
+    from tinyvit158.train.state import load_run, save_checkpoint
 
     cfg = get_preset("cifar10-tiny").replace(depth=2)
     model = QATViT(cfg)
@@ -255,9 +255,8 @@ def test_compare_torch_runs_a_float_run_in_float(tmp_path, capsys):
     """evaluate --compare-torch with a float run (the source of a conversion) compares with
     that float model as it is, not with its on-the-fly ternarization."""
     pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
-    from tinyvit158.evaluate import load_torch_twin
-    from tinyvit158.train.checkpoint import save_checkpoint
     from tinyvit158.train.model import BitLinear, QATViT
+    from tinyvit158.train.state import load_torch_twin, save_checkpoint
 
     cfg = get_preset("cifar10-tiny").replace(depth=1)
     model = QATViT(cfg)
@@ -276,11 +275,10 @@ def test_a_float_run_whose_ternarization_is_exact_agrees_with_its_conversion(tmp
     already +-g (so absmean ternarization is exact: gamma = g, codes = signs): converted, the
     engine computes the float model's function up to its int8 activations."""
     torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
-    from tinyvit158.evaluate import load_torch_twin
     from tinyvit158.image import normalize
-    from tinyvit158.train.checkpoint import save_checkpoint
     from tinyvit158.train.export import torch_logits
     from tinyvit158.train.model import BitLinear, QATViT
+    from tinyvit158.train.state import load_torch_twin, save_checkpoint
 
     cfg = get_preset("cifar10-tiny").replace(depth=2)
     model = QATViT(cfg)

@@ -31,7 +31,7 @@ from tinyvit158.weights import load_weights, random_checkpoint
 TIE_WINDOW = 5e-4
 # Logits, after replaying tie codes: float32 vs float64 norms, GELU, softmax and sums over
 # K <= 768 terms. Measured max |diff| / max |logit| = 6e-7 over 9 random models; the bound is
-# 1e-5 (16x margin; DESIGN.md's 1e-4 is looser than needed).
+# 1e-5 (16x margin).
 LOGIT_RTOL = 1e-5
 # Ties are rare: measured 1-8 differing codes out of 1.6-2.0 million.
 MAX_TIE_FRACTION = 1e-4

@@ -8,7 +8,8 @@ from conftest import run_module
 from PIL import Image
 
 from tinyvit158.config import get_preset
-from tinyvit158.folders import FolderError, is_labelled_folder, load_labelled_folder, stream
+from tinyvit158.folders import FolderError, is_labelled_folder, load_labelled_folder
+from tinyvit158.pipeline import stream
 
 CFG = get_preset("cifar10-tiny")
 

@@ -9,9 +9,9 @@ from fake_cifar import make_images  # noqa: E402
 
 from tinyvit158.engine import Engine  # noqa: E402
 from tinyvit158.errors import TinyViTError  # noqa: E402
-from tinyvit158.train.checkpoint import load_run  # noqa: E402
 from tinyvit158.train.export import to_checkpoint, torch_logits  # noqa: E402
 from tinyvit158.train.model import QATViT  # noqa: E402
+from tinyvit158.train.state import load_run  # noqa: E402
 from tinyvit158.train.trainer import Recipe, train  # noqa: E402
 from tinyvit158.weights import load_weights, save_weights  # noqa: E402
 

@@ -1,6 +1,6 @@
-"""Scale-out on Ray: ``evaluate --ray [ADDRESS]`` and ``predict --ray [ADDRESS]``.
+"""The Ray backend of ``pipeline.classify``: ``evaluate --ray [ADDRESS]`` and ``predict --ray [ADDRESS]``.
 
-The same work as :func:`tinyvit158.folders.stream` plus the engine, through Ray Data (the
+The same work as :func:`tinyvit158.pipeline.stream` plus the engine, through Ray Data (the
 ``cluster`` extra installs ``ray[data]``):
 
 1. a dataset of the file paths (``ray.data.from_items``), in file order;
@@ -10,7 +10,7 @@ The same work as :func:`tinyvit158.folders.stream` plus the engine, through Ray 
    built from the weight file's bytes (put in the object store once, so no node reads a
    shared disk), run the batches;
 4. the rows come back in file order (``preserve_order``), and are yielded as
-   :func:`~tinyvit158.folders.stream` yields batches, with the logits.
+   :func:`~tinyvit158.pipeline.stream` yields batches, with the logits.
 
 With no ADDRESS a local Ray instance is started (and stopped at the end); with one, the
 driver connects to that cluster (``ray.init(address=...)``: ``auto``, ``host:6379``, or
@@ -36,10 +36,13 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from tinyvit158.config import ViTConfig
+from tinyvit158.engine import Engine
 from tinyvit158.errors import TinyViTError
+from tinyvit158.image import decode
 from tinyvit158.weights import Checkpoint, load_weights, serialize
 
 DECODE_CPUS = 0.25  # the logical CPUs a decoding task asks of Ray
@@ -56,8 +59,6 @@ def _ray():
 
 def _decode_batch(batch: dict, cfg: ViTConfig) -> dict:
     """A Ray Data batch of paths -> images (n, C, S, S) float32 and errors ('' where none)."""
-    from tinyvit158.folders import decode
-
     blank = np.zeros((cfg.in_chans, cfg.image_size, cfg.image_size), np.float32)
     decoded = [decode(str(path), cfg) for path in batch["path"]]
     images = [blank if isinstance(d, str) else d for d in decoded]
@@ -69,10 +70,6 @@ class EngineActor:
     """One ``Engine`` a Ray actor, built from a weight file's bytes; ``threads``: Numba threads."""
 
     def __init__(self, weights, threads: int):
-        import numba
-
-        from tinyvit158.engine import Engine
-
         if not isinstance(weights, bytes):  # [object reference]: fetched from the object store
             import ray
 

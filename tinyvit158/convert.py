@@ -32,12 +32,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 
+from tinyvit158 import ptq
 from tinyvit158.cli import prog
 from tinyvit158.config import ViTConfig, get_preset, parse_set
+from tinyvit158.data import load_cifar10
 from tinyvit158.errors import TinyViTError
 from tinyvit158.files import check_input, check_output
+from tinyvit158.image import load_image
 from tinyvit158.packing import pack
+from tinyvit158.pipeline import make_model, run_engine
 from tinyvit158.weights import FORMAT_NAME, Checkpoint, load_weights, save_weights
 
 # config fields a weight file can change without new or reshaped tensors
@@ -74,8 +80,6 @@ def is_weight_file(path: Path) -> bool:
     """A tinyvit158 weight file (its metadata says so), not a float safetensors state dict."""
     if path.suffix != ".safetensors":
         return False
-    import safetensors
-
     try:
         with safetensors.safe_open(str(path), framework="numpy") as f:
             return (f.metadata() or {}).get("format") == FORMAT_NAME
@@ -87,8 +91,6 @@ def read_float_model(path: Path) -> tuple[dict[str, np.ndarray], ViTConfig | Non
     """A float state dict as float arrays, and the config when the file is a trainer checkpoint."""
     check_input(path)
     if path.suffix == ".safetensors":
-        import safetensors.numpy
-
         try:
             return dict(safetensors.numpy.load_file(str(path))), None
         except Exception as e:  # noqa: BLE001 (bfloat16 and other dtypes numpy lacks, corrupt files)
@@ -97,7 +99,7 @@ def read_float_model(path: Path) -> tuple[dict[str, np.ndarray], ViTConfig | Non
         import torch
     except ImportError:
         raise TinyViTError(f"{path}: a PyTorch file needs the train extra: pip install -e '.[train]'") from None
-    from tinyvit158.train.checkpoint import load_checkpoint
+    from tinyvit158.train.state import load_checkpoint
 
     state = load_checkpoint(path)  # weights_only: no file can run code
     cfg = None
@@ -118,9 +120,6 @@ def read_float_model(path: Path) -> tuple[dict[str, np.ndarray], ViTConfig | Non
 
 def calibration_images(data: str, cfg: ViTConfig, n: int) -> np.ndarray:
     """``n`` CIFAR-10 training images spread over the classes, as the model takes them."""
-    from tinyvit158.data import load_cifar10
-    from tinyvit158.image import load_image
-
     train = load_cifar10(data, "train", progress=False)
     idx = np.linspace(0, len(train) - 1, n).astype(int)
     return np.stack([load_image(train.images[i], cfg) for i in idx])
@@ -128,8 +127,6 @@ def calibration_images(data: str, cfg: ViTConfig, n: int) -> np.ndarray:
 
 def from_float(args, changes: dict) -> Checkpoint:
     """The ``convert`` route for a float model (module docstring)."""
-    from tinyvit158 import ptq
-
     src = Path(args.source)
     sd, cfg = read_float_model(src)
     ptq.check_state_dict(sd)
@@ -186,12 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ckpt = from_float(args, changes)
         if args.data:
-            from tinyvit158.data import load_cifar10
-            from tinyvit158.engine import Engine
-            from tinyvit158.evaluate import run_engine
-
             test = load_cifar10(args.data, "test", progress=True)
-            logits, _ = run_engine(Engine(ckpt), test.images, ckpt.config, 500, "engine")
+            logits, _ = run_engine(make_model(ckpt), test.images, ckpt.config, 500, "engine")
             ckpt.source.update(engine_test_acc=float((logits.argmax(1) == test.labels).mean()), test_images=len(test))
         save_weights(args.out, ckpt)
     except TinyViTError as e:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from tinyvit158.config import CIFAR10_CLASSES
 from tinyvit158.errors import TinyViTError
@@ -97,8 +98,6 @@ def _read_entries(entries, read, limit, progress, desc) -> Dataset:
     images = np.empty((len(entries), 32, 32, 3), dtype=np.uint8)
     it = entries
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(entries, desc=desc, unit="img", leave=False)
     for i, (name, _) in enumerate(it):
         images[i] = _decode(read(name), name)

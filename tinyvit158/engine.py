@@ -86,9 +86,8 @@ class ThreadGovernor:
 
     Every parallel region waits at its end for its slowest thread. When another busy
     process takes a core, the operating system deschedules one of ours for a whole time
-    slice, and a call of ~30 regions waits for it again and again: measured at batch 1 on
-    2 cores, 918 images/s quiet fell to 294 beside one busy process, while one thread kept
-    767 there. So the governor times each call, per batch size, at the current Numba
+    slice, and a call of ~30 regions waits for it again and again, where one thread would
+    not (docs/PERFORMANCE.md). So the governor times each call, per batch size, at the current Numba
     thread count ``n`` and at 1, runs the faster (:func:`_faster`: the best of each one's
     last three calls, with a margin in favour of ``n``), and every ``probe`` calls runs
     the other once, to notice when the load changes. Each is tried twice first (the very

@@ -8,11 +8,17 @@ import sys
 import time
 
 import numpy as np
+from tqdm import tqdm
 
 from tinyvit158.cli import prog
 from tinyvit158.cluster import add_arguments as add_ray_arguments
+from tinyvit158.data import data_arg, load_cifar10
+from tinyvit158.engine import first_run_notice
 from tinyvit158.errors import TinyViTError
 from tinyvit158.files import shown
+from tinyvit158.folders import is_labelled_folder, load_labelled_folder
+from tinyvit158.image import normalize
+from tinyvit158.pipeline import classify, load_model, make_model, run_engine, usable_workers
 
 EPILOG = """\
 --data accepts: the folder holding cifar10-test-jpg.zip (default: $TINYVIT158_DATA), the zip
@@ -62,38 +68,13 @@ def confusion(labels: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
     return m
 
 
-def run_engine(model, images: np.ndarray, cfg, batch: int, desc: str) -> tuple[np.ndarray, float]:
-    """Logits for uint8 images, with a progress bar; returns (logits, seconds)."""
-    from tqdm import tqdm
-
-    from tinyvit158.image import normalize
-
-    out = []
-    t0 = time.perf_counter()
-    with tqdm(total=len(images), desc=desc, unit="img", file=sys.stderr, leave=False) as bar:
-        for i in range(0, len(images), batch):
-            x = np.stack([normalize(im, cfg) for im in images[i : i + batch]])
-            out.append(model(x))
-            bar.update(len(x))
-    return np.concatenate(out).astype(np.float32), time.perf_counter() - t0
-
-
 def load_torch_twin(checkpoint: str):
-    """The PyTorch model of a weight file or trainer checkpoint (loaded safely: no file runs code)."""
+    """The PyTorch model of a weight file or trainer checkpoint (``train.state.load_torch_twin``)."""
     try:
-        import torch  # noqa: F401
+        from tinyvit158.train.state import load_torch_twin as load  # the train extra (torch)
     except ImportError:
         raise TinyViTError("--compare-torch needs PyTorch: pip install -e '.[train]'") from None
-    from tinyvit158.train.checkpoint import ended_in_float, load_run
-    from tinyvit158.train.model import QATViT
-    from tinyvit158.weights import load_weights
-
-    if checkpoint.endswith(".safetensors"):
-        return QATViT.from_checkpoint(load_weights(checkpoint))
-    model, state = load_run(checkpoint, as_trained=True)  # a float run (or its float stage): compared in float
-    if ended_in_float(state):
-        print(f"{checkpoint}: a float model (its run ended in float): compared as it is, in float32", file=sys.stderr)
-    return model
+    return load(checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,16 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.ray is not None and (args.engine != "fast" or args.compare_torch):
         parser.error("--ray runs the fast engine, without --compare-torch")
-    from tinyvit158.data import data_arg, load_cifar10
-    from tinyvit158.predict import load_model
-
     try:
         data_path = data_arg(parser, args.data)
         ckpt, weights_name = load_model(args.weights)
         cfg = ckpt.config
         twin = load_torch_twin(args.compare_torch) if args.compare_torch else None  # fails before the long run
-        from tinyvit158.folders import is_labelled_folder
-
         if is_labelled_folder(data_path):
             if twin is not None:
                 raise TinyViTError("--compare-torch takes CIFAR-10 data, not a labelled folder")
@@ -128,18 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             raise TinyViTError(
                 f"{weights_name}: a {cfg.image_size}px, {cfg.num_classes}-class model cannot be scored on CIFAR-10"
             )
-        from tinyvit158.folders import make_model
-
         model = make_model(ckpt, args.engine)
-        from tinyvit158.engine import first_run_notice
-        from tinyvit158.image import normalize
-
         with first_run_notice():  # compiles on a new install: not counted in images/s
             model(normalize(data.images[0], cfg)[None])
         logits, seconds = run_engine(model, data.images, cfg, args.batch, f"{args.engine} engine")
         torch_logits = None
         if twin is not None:
-            from tinyvit158.train.export import torch_logits as twin_logits
+            from tinyvit158.train.model import torch_logits as twin_logits  # the train extra (torch)
 
             torch_logits = twin_logits(twin, data.images)
     except TinyViTError as e:
@@ -153,10 +124,6 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate_folder(args, root, ckpt, weights_name) -> int:
     """Accuracy on ``root/<class>/<image>``, the images decoded in worker processes, streamed
     (or on Ray: ``--ray``). An unreadable image is skipped and counted (``--strict``: exit 1)."""
-    from tqdm import tqdm
-
-    from tinyvit158.folders import classify, load_labelled_folder, usable_workers
-
     cfg = ckpt.config
     try:
         folder = load_labelled_folder(root, cfg, args.class_map)

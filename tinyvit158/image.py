@@ -178,3 +178,11 @@ def load_image(source: str | os.PathLike | np.ndarray, cfg: ViTConfig) -> np.nda
         img = open_rgb(source, cfg, cfg.image_size)
     img = resize_center_crop(img, cfg.image_size)
     return normalize(np.asarray(img), cfg)
+
+
+def decode(source: str | os.PathLike | np.ndarray, cfg: ViTConfig) -> np.ndarray | str:
+    """:func:`load_image`, or the one-line reason it failed (a batch goes on without it)."""
+    try:
+        return load_image(source, cfg)
+    except ImageError as e:
+        return str(e)

@@ -62,7 +62,7 @@ Quantizer = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 def default_quantizer(x: np.ndarray, site: str, qmax: int = ACT_QMAX):
-    """The absmax quantizer of DESIGN.md over the last axis; ``site`` names the layer (or the
+    """The absmax quantizer (docs/FORMAT.md) over the last axis; ``site`` names the layer (or the
     attention's q, k, v) it feeds (unused here)."""
     return quantize_activations(x, qmax)
 

@@ -23,10 +23,12 @@ Each runs with as many threads as the engine. The engine never imports this modu
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
 import numpy as np
+from llvmlite import binding
 
 from tinyvit158.errors import TinyViTError
 from tinyvit158.weights import Checkpoint
@@ -40,8 +42,6 @@ def missing(variant: str) -> str | None:
     need = {"ort": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}[variant.split("-")[0]]
     if variant == "openvino-int8":
         need = (*need, "nncf")
-    import importlib.util
-
     absent = [m for m in ("torch", *need) if importlib.util.find_spec(m) is None]
     return f"not installed: {', '.join(absent)} (pip install -e '.[bench,train]')" if absent else None
 
@@ -73,8 +73,6 @@ def build(variant: str, onnx_path: Path, threads: int, workdir: Path, calibratio
 
 def cpu_has_int8_dot() -> bool:
     """Whether this CPU has a VNNI int8 dot product (AVX-512 VNNI or AVX-VNNI), as llvmlite sees it."""
-    from llvmlite import binding
-
     features = binding.get_host_cpu_features()
     return bool(features.get("avx512vnni") or features.get("avxvnni"))
 

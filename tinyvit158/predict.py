@@ -14,8 +14,8 @@ from tinyvit158.cli import prog
 from tinyvit158.cluster import add_arguments as add_ray_arguments
 from tinyvit158.errors import TinyViTError
 from tinyvit158.files import shown
-from tinyvit158.folders import IMAGE_SUFFIXES, image_files, usable_workers
-from tinyvit158.weights import Checkpoint, default_weights_path, load_weights
+from tinyvit158.ledger import count, format_ledger
+from tinyvit158.pipeline import classify, image_paths, load_model, usable_workers
 
 EPILOG = """\
 Images (PNG, JPEG, BMP, GIF (first frame), WebP, TIFF, ...) are converted to RGB (EXIF
@@ -61,43 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_model(weights: str | None) -> tuple[Checkpoint, str]:
-    if weights is not None:
-        return load_weights(weights), str(weights)
-    path = default_weights_path()
-    if path is not None:
-        return load_weights(path), str(path)
-    from tinyvit158.config import get_preset
-    from tinyvit158.weights import random_checkpoint
-
-    print(
-        "note: no trained weights are shipped yet; using a RANDOM cifar10-tiny model, "
-        "so the labels below are meaningless (pass --weights FILE to use real weights)",
-        file=sys.stderr,
-    )
-    return random_checkpoint(get_preset("cifar10-tiny")), "random cifar10-tiny"
-
-
-def expand(paths: list[str]) -> list[Path | str]:
-    """Files as given; folders become their image files, sorted."""
-    from tinyvit158.image import URL
-
-    out = []
-    for arg in paths:
-        if URL.match(arg):  # kept as typed (a Path would fold its "//"); load_image refuses it
-            out.append(arg)
-            continue
-        p = Path(arg)
-        if p.is_dir():
-            found = image_files(p)
-            if not found:
-                raise TinyViTError(f"{p}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            out.extend(found)
-        else:
-            out.append(p)
-    return out
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
@@ -126,7 +89,7 @@ def _main(argv: list[str] | None) -> int:
         cfg = ckpt.config
         if not 1 <= args.top_k <= cfg.num_classes:
             parser.error(f"--top-k must be between 1 and {cfg.num_classes} (the model's classes), got {args.top_k}")
-        files = expand(args.images)
+        files = image_paths(args.images)
     except TinyViTError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -134,8 +97,6 @@ def _main(argv: list[str] | None) -> int:
     width = max(len(shown(f)) for f in files)
     # images are decoded (in --workers processes) and classified a batch at a time, and each
     # line is printed as its batch is done: memory stays flat however many files there are
-    from tinyvit158.folders import classify
-
     results = classify(files, ckpt, args.batch, usable_workers(args.workers), args.engine, args.ray, args.actors,
                        args.explain, args.ray_timeout)  # fmt: skip
     while True:
@@ -164,15 +125,13 @@ def _main(argv: list[str] | None) -> int:
                       flush=True)  # fmt: skip
                 continue
             if not header:
-                print(f"# weights: {shown(weights_name)} ({args.engine} engine)")
+                print(f"# weights: {shown(weights_name)}; {args.engine} engine")
                 print(f"{'file':<{width}}  {'label':<12} {'prob':>6}  next best")
                 header = True
             (lab, q), rest = top[0], top[1:]
             nxt = ", ".join(f"{lab2} {q2:.3f}" for lab2, q2 in rest)
             print(f"{f:<{width}}  {lab:<12} {q:6.3f}  {nxt}", flush=True)
     if args.explain and first_good is not None:
-        from tinyvit158.ledger import count, format_ledger
-
         out = sys.stdout if not args.json else sys.stderr
         print(f"\n# arithmetic ledger, per image ({first_good}; blocks summed)", file=out)
         print(format_ledger(count(ckpt, record if args.engine == "fast" else None)), file=out)

@@ -37,6 +37,7 @@ import numpy as np
 
 from tinyvit158.config import ViTConfig
 from tinyvit158.errors import TinyViTError
+from tinyvit158.oracle import Oracle
 from tinyvit158.packing import pack
 from tinyvit158.quant import quantize_activations, ternarize
 from tinyvit158.weights import Checkpoint, tensor_spec
@@ -145,8 +146,6 @@ def compensate(ckpt: Checkpoint, sd: dict[str, np.ndarray], images: np.ndarray) 
     """The module docstring's per-channel correction of every ternary layer, on ``images``
     (normalized float32 (B, C, H, W)). Returns the new checkpoint and, per layer, the
     mean squared error against the float layer before and after."""
-    from tinyvit158.oracle import Oracle
-
     cfg = ckpt.config
     if cfg.scale_granularity != "channel":
         raise TinyViTError("--compensate folds a scale per output channel: use --granularity channel")
@@ -193,8 +192,6 @@ def fit_lines(y_t: np.ndarray, y_f: np.ndarray, offset: bool = True) -> tuple[np
 
 def layer_inputs(ckpt: Checkpoint, images: np.ndarray, layer: str) -> np.ndarray:
     """The float rows a ternary layer quantizes, when the oracle of ``ckpt`` runs ``images``."""
-    from tinyvit158.oracle import Oracle
-
     seen = {}
 
     def recorder(x, site, qmax=127):

@@ -3,7 +3,7 @@
 The format, byte by byte and tensor by tensor, with the arithmetic of every layer, is
 specified in ``docs/FORMAT.md``; this module reads, validates and writes it.
 
-Layout (DESIGN.md section 4)
+Layout (docs/FORMAT.md gives it byte by byte)
 ----------------------------
 metadata (str -> str):
     format          "tinyvit158"     the magic: anything else is not our file
@@ -27,8 +27,10 @@ so a failed or interrupted write leaves nothing half-written.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,9 +309,6 @@ def format_size_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tinyvit158.weights [FILE]``: the size table of a weight file (default: the shipped one)."""
-    import argparse
-    import sys
-
     p = argparse.ArgumentParser(
         prog="python -m tinyvit158.weights",
         description="The size table of a weight file: its bytes stored as 2-bit and base-3 packed ternary "

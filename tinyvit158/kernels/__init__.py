@@ -9,16 +9,12 @@
 The jitted functions are private (``_name``) and run as plain Python under
 ``NUMBA_DISABLE_JIT=1``; the public wrappers check dtypes and shapes first.
 
-Threads under contention: a forward pass is some 40 parallel regions; between them
-Numba's OpenMP threads (GNU libgomp) wait at a barrier, spinning for about 300,000
-iterations by default before they sleep. With another busy process on the cores, a
-spinning thread burns the time slices its partner needs, and each region waits for the
-thread that lost its core. Measured on the 2-core machine with one busy process beside
-it (cifar10-tiny, 2 threads): default spinning 132 / 407 img/s at batch 1 / 64;
-``GOMP_SPINCOUNT=1000`` 306 / 743; without contention both about 540 / 950. So unless the
-user chose a wait policy (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``), the threads spin
-1,000 iterations (microseconds, enough for back-to-back regions) and then sleep.
-Effective only if set before the first parallel call in the process.
+Threads under contention: between a forward pass's ~40 parallel regions Numba's OpenMP
+threads wait at a barrier, spinning ~300,000 iterations by default; beside a busy process
+a spinning thread burns the time slices its partner needs (docs/PERFORMANCE.md). So
+unless the user chose a wait policy (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``) the
+threads spin 1,000 iterations and then sleep; effective only if set before the first
+parallel call in the process.
 """
 
 import os

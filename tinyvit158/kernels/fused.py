@@ -10,12 +10,8 @@ after the other (tests); on the generic path, and for widths that are not a mult
 
 :func:`linear_add_norm_quantize` (proj or fc2 added to the residual stream in place, then
 the next LayerNorm and its codes) is the two kernels ``linear(..., residual=)`` and
-``layernorm_quantize``. It was one pass too, like the GELU one, until measured: the fused
-pass took 0.97-1.01x the two kernels' time at 65 rows and 1.10-1.32x from 197 rows up
-(cifar10-tiny's proj and fc2, DeiT-Small's; 2 threads, this project's 2-core EPYC). Its
-matmul part alone ran 8% faster than ``linear``, but the LayerNorm rows inside it ran
-about 1.7x slower than the same row function in ``layernorm_quantize``; the engine's
-batch-64 forward gained 4-7% from the split (README, "Speed").
+``layernorm_quantize``: one pass measured slower from 197 rows up, its LayerNorm rows
+inside the matmul's loop running slower than alone (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ operations is one function, so the engine, its twins and the reference agree bit
 
 Kernels. ``vpdpbusd`` multiplies unsigned by signed bytes: P V is a direct fit (p_c >= 0);
 for Q K^T the q codes are stored as ``q_c + 128`` (unsigned) and the key's row sum
-corrects it: ``sum_d (q_c + 128) k_c = acc + 128 sum_d k_c`` (DESIGN.md section 3's
+corrects it: ``sum_d (q_c + 128) k_c = acc + 128 sum_d k_c`` (``vnni.py``'s
 identity with the roles of the operands swapped). Keys are laid out as the linear
 layers' weights are (16 keys x 4 dims in 64 bytes), values likewise (16 channels x 4
 tokens), so a tile is 4 query rows x 16 keys (or channels) in 4 zmm accumulators. The
@@ -88,6 +88,7 @@ from tinyvit158.kernels.simd import (
     _vstore,
     _vzero,
 )
+from tinyvit158.kernels.ternary import check_out, kernel_path
 from tinyvit158.quant import ACT_EPS, code_max, quantize_attention
 
 _EPS32 = np.float32(ACT_EPS)
@@ -332,8 +333,6 @@ def _pv_all(p_codes, v_codes, hdp16, Np4, tiles):
 
 def _tiles(path: str | None):
     """The ``tiles`` argument of a path: 0 (VNNI register tiles) or None (scalar loops)."""
-    from tinyvit158.kernels.ternary import kernel_path
-
     return 0 if (path or kernel_path()) == "vnni" and not _PYTHON else None
 
 
@@ -631,8 +630,6 @@ class Int8Attention:
 
     def __call__(self, qkv: np.ndarray, heads: int, out: np.ndarray | None = None, record=None) -> np.ndarray:
         """float32 (B, N, dim) attention output, into ``out`` when given."""
-        from tinyvit158.kernels.ternary import check_out
-
         qkv = _check_qkv(qkv, heads)
         B, N, C3 = qkv.shape
         out = check_out(out, (B, N, C3 // 3), np.float32, "out")

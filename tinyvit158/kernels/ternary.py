@@ -4,19 +4,11 @@
 {-1, 0, +1}: every product is an addition, a subtraction or nothing, and
 ``|acc| <= 127 * K``, so int32 is exact for any K below 2**24.
 
-Kernel choice (generic path, measured on the 2-core AVX-512 machine, cifar10-tiny shapes):
-- plain Numba loops, one dot product per output over K (four outputs per pass, int32
-  lanes): 35-50 GOP/s, whatever the element type (int32, int16, float32 measured alike):
-  the horizontal sum that ends each output costs as much as the K / 16 vector steps;
-- an outer-product loop (weights transposed) 17-44 GOP/s; a sign-split add/subtract
-  index list 19-32 GOP/s; a 4 x 64 tile in a local array 4-5 GOP/s (not kept in registers);
-- ``kernels/portable.py``: a 6-token x 16-channel tile in LLVM's portable float32 vectors
-  (exact: every partial sum is an integer below 2**24 for K <= 132,104): 118-122 GOP/s,
-  0.6-0.8x NumPy sgemm (160-205 GOP/s). This is the generic path; ``_matmul_dot4`` stays
-  for K beyond that bound and for NUMBA_DISABLE_JIT=1.
-
-On CPUs with AVX-512 VNNI the ``vnni`` path (``kernels/vnni.py``) runs 550-1,000 GOP/s on
-the same shapes, whole calls (``python -m tinyvit158.bench --kernels``).
+The generic path is ``kernels/portable.py``: a 6-token x 16-channel tile in LLVM's
+portable float32 vectors, exact because every partial sum is an integer below 2**24 for
+K <= 132,104 (the loops it beat are in docs/PERFORMANCE.md); ``_matmul_dot4`` stays for K
+beyond that bound and for NUMBA_DISABLE_JIT=1. On CPUs with AVX-512 VNNI the ``vnni``
+path (``kernels/vnni.py``) runs the products on ``vpdpbusd``.
 The path is chosen once: ``TINYVIT158_KERNEL=auto`` (default: vnni when llvmlite reports
 the host has avx512f, avx512bw and avx512vnni, and Numba's JIT is on), ``vnni`` or
 ``generic``. Both paths are tested against the same references.
@@ -29,6 +21,7 @@ import os
 
 import numba
 import numpy as np
+from llvmlite import binding
 
 from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels import portable, vnni
@@ -41,8 +34,6 @@ PATHS = ("generic", "vnni")
 @functools.cache
 def cpu_has_vnni() -> bool:
     """Whether this CPU (as llvmlite sees it) runs AVX-512 VNNI and Numba compiles for it."""
-    from llvmlite import binding
-
     features = binding.get_host_cpu_features()
     return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni")) and not numba.config.DISABLE_JIT
 

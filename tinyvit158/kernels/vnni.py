@@ -1,6 +1,6 @@
 """int8 x ternary with AVX-512 VNNI: ``vpdpbusd`` reached from Numba.
 
-The identity (DESIGN.md section 3). With weight codes stored as unsigned bytes
+The identity. With weight codes stored as unsigned bytes
 ``u = w + 1`` in {0, 1, 2}:
 
     sum_k w[n, k] * x[t, k]  =  sum_k u[n, k] * x[t, k]  -  sum_k x[t, k]
@@ -58,9 +58,7 @@ NC = 16 * NV  # output channels per block
 
 # The tile below is written out (generated once by a loop over rows and vectors): Numba
 # keeps each named accumulator in its own register, which a Python list would not. Inlined
-# into its callers (Numba IR): the 24 results then stay in registers instead of returning
-# through memory; measured 3-10% more GOP/s at 4,160 rows (qkv 1,370-1,384 -> 1,505-1,531)
-# and the fused fc1 pass 2-4% faster, at no measurable cost in compile time.
+# into its callers, so the 24 results stay in registers (docs/PERFORMANCE.md).
 @numba.njit(cache=True, inline="always")
 def _tile(x, wl, G, K, t0, T, nb):
     """One 8 x 48 tile: 24 zmm accumulators (returned as a tuple, row-major), 3 weight vectors,

@@ -21,11 +21,11 @@ import torch
 
 from tinyvit158.cli import prog
 from tinyvit158.config import ViTConfig
+from tinyvit158.data import load_cifar10, split_holdout
 from tinyvit158.errors import TinyViTError
 from tinyvit158.files import check_output
-from tinyvit158.train.checkpoint import load_run, save_checkpoint
-from tinyvit158.train.model import QATViT
-from tinyvit158.train.trainer import evaluate, split_holdout
+from tinyvit158.train.model import QATViT, evaluate
+from tinyvit158.train.state import load_run, save_checkpoint
 
 
 def load_states(paths: list[str | Path]) -> list[dict]:
@@ -67,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         states = load_states(args.checkpoints)
         state = average_states(states, args.checkpoints)
         if args.data:
-            from tinyvit158.data import load_cifar10
-
             data = load_cifar10(args.data, "train", progress=True)
             recipe = state.get("recipe") or {}
             if not isinstance(recipe.get("holdout"), int) or not isinstance(recipe.get("seed"), int):

@@ -18,15 +18,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from tinyvit158.cli import prog
+from tinyvit158.data import load_cifar10
 from tinyvit158.errors import TinyViTError
 from tinyvit158.files import check_output
 from tinyvit158.packing import pack
 from tinyvit158.quant import ternarize
-from tinyvit158.train.checkpoint import load_checkpoint, load_run
-from tinyvit158.train.model import QATViT, normalize, ternarize_weight, to_input
+from tinyvit158.train.model import QATViT, ternarize_weight, torch_logits
+from tinyvit158.train.state import load_checkpoint, load_run
 from tinyvit158.weights import Checkpoint, load_weights, save_weights, tensor_spec
 
 
@@ -76,15 +76,6 @@ def lineage(state: dict, limit: int = 20) -> list[dict]:
     return chain
 
 
-@torch.no_grad()
-def torch_logits(model: QATViT, images_u8: np.ndarray, batch: int = 500) -> np.ndarray:
-    out = []
-    with torch.no_grad():  # inference: BitLinear then runs the engine's integer arithmetic
-        for i in range(0, len(images_u8), batch):
-            out.append(model(normalize(to_input(images_u8[i : i + batch]), model.cfg)).numpy())
-    return np.concatenate(out) if out else np.zeros((0, model.cfg.num_classes), np.float32)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog("tinyvit158.train.export"), description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="a trainer checkpoint (RUN/best.pt or RUN/last.pt)")
@@ -113,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         if "averaged" in state:
             source["averaged"] = state["averaged"]  # tinyvit158.train.average: the mean of these epochs
         if args.data:
-            from tinyvit158.data import load_cifar10
-
             test = load_cifar10(args.data, "test", progress=True)
             pred = torch_logits(model, test.images).argmax(1)
             source["torch_test_acc"] = float((pred == test.labels).mean())

@@ -486,3 +486,29 @@ class QATViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+@torch.no_grad()
+def torch_logits(model: QATViT, images_u8: np.ndarray, batch: int = 500) -> np.ndarray:
+    """The model's logits for uint8 images [n, H, W, 3], as float32 NumPy."""
+    out = []
+    with torch.no_grad():  # inference: BitLinear then runs the engine's integer arithmetic
+        for i in range(0, len(images_u8), batch):
+            out.append(model(normalize(to_input(images_u8[i : i + batch]), model.cfg)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.num_classes), np.float32)
+
+
+@torch.no_grad()
+def evaluate(model: QATViT, data, idx: np.ndarray, device: str, batch: int = 500) -> dict[str, float]:
+    """Loss and top-1 accuracy of ``model`` on the images ``idx`` of a ``data.Dataset``
+    (the held-out split: the trainer's choice criterion)."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(idx), batch):
+        b = idx[i : i + batch]
+        x = normalize(to_input(data.images[b]), model.cfg).to(device)
+        y = torch.from_numpy(data.labels[b]).to(device)
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return {"loss": loss / max(len(idx), 1), "acc": correct / max(len(idx), 1)}

@@ -45,16 +45,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from tinyvit158.cli import prog
 from tinyvit158.config import ViTConfig, get_preset, parse_set
-from tinyvit158.data import Dataset, load_cifar10, split_holdout  # noqa: F401 (split_holdout: re-exported)
+from tinyvit158.data import Dataset, data_arg, load_cifar10, split_holdout  # noqa: F401 (split_holdout: re-exported)
 from tinyvit158.errors import TinyViTError
 from tinyvit158.files import check_output_folder, report_stale, same_file
-from tinyvit158.train import teacher as conv_teacher
+from tinyvit158.train import convnet
 from tinyvit158.train.augment import mixup_cutmix, random_crop_flip, random_erasing, trivial_augment
-from tinyvit158.train.checkpoint import load_checkpoint, load_run, model_from_state, save_checkpoint
-from tinyvit158.train.model import QATViT, latent_state, normalize, to_input
+from tinyvit158.train.model import QATViT, evaluate, latent_state, normalize, to_input  # noqa: F401 (evaluate: re-exported)
+from tinyvit158.train.state import load_checkpoint, load_run, model_from_state, save_checkpoint
 from tinyvit158.weights import load_weights
 
 MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -168,8 +169,8 @@ def load_one_teacher(path: str, cfg: ViTConfig, device: str) -> torch.nn.Module:
     ``QATViT.from_checkpoint``). Its architecture may differ from the student's; its
     inputs (size, channels, normalisation) and classes may not."""
     state = {} if str(path).endswith(".safetensors") else load_checkpoint(path, device)
-    if state.get("kind") == conv_teacher.KIND:
-        model, theirs = conv_teacher.load_teacher_model(state, path, device), _inputs(state)
+    if state.get("kind") == convnet.KIND:
+        model, theirs = convnet.load_teacher_model(state, path, device), _inputs(state)
     else:
         if str(path).endswith(".safetensors"):
             model = QATViT.from_checkpoint(load_weights(path)).to(device)
@@ -234,20 +235,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name in ("cls_token", "pos_embed") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-@torch.no_grad()
-def evaluate(model: QATViT, data: Dataset, idx: np.ndarray, device: str, batch: int = 500) -> dict[str, float]:
-    model.eval()
-    correct, loss = 0, 0.0
-    for i in range(0, len(idx), batch):
-        b = idx[i : i + batch]
-        x = normalize(to_input(data.images[b]), model.cfg).to(device)
-        y = torch.from_numpy(data.labels[b]).to(device)
-        logits = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-    return {"loss": loss / max(len(idx), 1), "acc": correct / max(len(idx), 1)}
 
 
 def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: ViTConfig, r: Recipe, g: torch.Generator, rng):
@@ -371,8 +358,6 @@ def train(
         correct = torch.zeros((), dtype=torch.int64, device=device)
         batches = epoch_loader(EpochBatches(data, order, recipe, epoch), workers, device)
         if progress:
-            from tqdm import tqdm
-
             batches = tqdm(
                 batches, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step", mininterval=5, leave=False,
                 total=steps_per_epoch,
@@ -535,8 +520,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     fields = {k: getattr(args, k) for k in asdict(Recipe()) if k != "config_overrides"}
-    from tinyvit158.data import data_arg
-
     args.data = data_arg(build_parser(), args.data)
     try:
         overrides = parse_set(args.set)
