@@ -18,6 +18,7 @@ from tinyvit158.errors import ConfigError
 PACKINGS = ("ternary2", "ternary3")
 GRANULARITIES = ("tensor", "channel")
 ATTENTION_MODES = ("float", "int8")
+NUMERICS = ("float", "integer")
 ATTENTION_BITS = range(2, 9)  # code widths of q, k, v and of the probabilities
 PROB_CLIPS = tuple(2.0**-k for k in range(9))  # attention_prob_clip: 1, 1/2, ..., 1/256
 
@@ -76,6 +77,10 @@ class ViTConfig:
         ViT-1.58b's BitLinear: an extra LayerNorm on the input of every ternary linear.
     qkv_bias : bool
         Whether the qkv projection has a bias (timm default: yes).
+    numerics : str
+        ``"float"``: LayerNorm, GELU and softmax in specified float steps between the integer
+        products; ``"integer"``: every value from the first codes to the logits an integer
+        (``integer.py``; needs ``attention="int8"``).
     mean, std : tuple of 3 floats
         Per-channel input normalization, applied to pixels scaled to [0, 1].
     """
@@ -102,6 +107,7 @@ class ViTConfig:
     qk_norm: bool = False
     bitlinear_norm: bool = False
     qkv_bias: bool = True
+    numerics: str = "float"
     mean: tuple[float, ...] = CIFAR10_MEAN
     std: tuple[float, ...] = CIFAR10_STD
 
@@ -196,6 +202,7 @@ class ViTConfig:
             ("packing", PACKINGS),
             ("scale_granularity", GRANULARITIES),
             ("attention", ATTENTION_MODES),
+            ("numerics", NUMERICS),
         ):
             if getattr(self, name) not in allowed:
                 raise bad(f"{name} is {getattr(self, name)!r}", f"use one of {', '.join(allowed)}")
@@ -208,6 +215,11 @@ class ViTConfig:
             raise bad(
                 f"attention_prob_clip must be a power of two from 1 down to 2**-8, found {clip!r}",
                 "use 1, 0.5, 0.25 or 0.125",
+            )
+        if self.numerics == "integer" and (self.attention != "int8" or self.qk_norm or self.bitlinear_norm):
+            raise bad(
+                "numerics='integer' needs attention='int8' (its attention is integer) and no qk_norm or bitlinear_norm",
+                "set attention to 'int8' and qk_norm, bitlinear_norm to false",
             )
         if self.qk_norm and self.attention != "int8":
             raise bad("qk_norm needs attention='int8'", "set attention to 'int8' or qk_norm to false")

@@ -16,7 +16,8 @@ Sources:
 - a tinyvit158 weight file, with ``--set KEY=VALUE`` changes to the numerics that leave
   its tensors as they are: the attention mode and code widths (``attention``,
   ``attention_bits``, ``attention_prob_bits``, ``attention_prob_clip``: post-training
-  quantized attention), the packing (the codes are re-packed), the name and class names.
+  quantized attention), ``numerics`` (``integer``: integer-only numerics, with
+  ``attention=int8``), the packing (the codes are re-packed), the name and class names.
   Anything that changes shapes or needs new tensors (``qk_norm``) is refused in one line: that needs training
   (``python -m tinyvit158.train --init FILE ...``).
 
@@ -54,6 +55,7 @@ NUMERICS = (
     "attention_bits",
     "attention_prob_bits",
     "attention_prob_clip",
+    "numerics",
     "packing",
 )
 

@@ -168,6 +168,11 @@ class Engine:
 
     def __init__(self, ckpt: Checkpoint, packed: bool = PACKED_DEFAULT):
         self.cfg = cfg = ckpt.config
+        if cfg.numerics != "float":
+            raise TinyViTError(
+                f"numerics={cfg.numerics!r} runs in its int64 reference only so far (integer.IntegerOracle; "
+                "--engine oracle on the command line), not in the fast engine"
+            )
         self.packed = packed
         t = ckpt.tensors
         layers = cfg.linear_shapes()

@@ -34,6 +34,7 @@ from tinyvit158.engine import Engine, first_run_notice
 from tinyvit158.errors import TinyViTError
 from tinyvit158.folders import IMAGE_SUFFIXES, image_files
 from tinyvit158.image import URL, decode, normalize
+from tinyvit158.integer import IntegerOracle
 from tinyvit158.oracle import Oracle
 from tinyvit158.weights import Checkpoint, default_weights_path, load_weights, random_checkpoint
 
@@ -74,8 +75,11 @@ def image_paths(args: list[str]) -> list[Path | str]:
 
 
 def make_model(ckpt: Checkpoint, engine: str = "fast"):
-    """The fast ``Engine`` or the float64 ``Oracle`` of a checkpoint."""
-    return Engine(ckpt) if engine == "fast" else Oracle(ckpt)
+    """The fast ``Engine`` or the reference of a checkpoint: the float64 ``Oracle``, or for
+    integer numerics the int64 ``IntegerOracle``."""
+    if engine == "fast":
+        return Engine(ckpt)
+    return IntegerOracle(ckpt) if ckpt.config.numerics == "integer" else Oracle(ckpt)
 
 
 def usable_workers(workers: int) -> int:

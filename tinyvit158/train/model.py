@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyvit158.config import ViTConfig
+from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels.ops import _ERF_P, _ERF_Q
 from tinyvit158.kernels.simd import _INV_LN2_32, _LN2_HI_32, _LN2_LO_32, EXP32_MIN, EXP32_P
 from tinyvit158.quant import ACT_EPS, ACT_QMAX, WEIGHT_EPS, code_max
+from tinyvit158.train import intmath as im
 
 
 def to_input(images_u8: np.ndarray) -> torch.Tensor:
@@ -485,7 +487,112 @@ class QATViT(nn.Module):
         return self.head(x[:, 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.numerics == "integer":
+            return self.integer_forward(x)[0]
         return self.forward_head(self.forward_features(x))
+
+    # -- integer numerics ----------------------------------------------------------------
+    def _int_linear(self, module: nn.Module, layer: str):
+        """A linear layer's integers (codes, g, e, B in Q16), as ``integer.IntegerParams``
+        derives them from a weight file: ternary codes and gamma (this step's, or the frozen
+        file's), or a float layer's int8 codes per output channel."""
+        if isinstance(module, BitLinear):
+            frozen = module.frozen
+            w_q, gamma = frozen if frozen is not None else ternarize_weight(module.weight, module.granularity)
+            scale = gamma.reshape(-1)
+        else:
+            wf = module.weight.detach().to(torch.float64)
+            peak = wf.abs().amax(dim=1)
+            w_q = torch.round(wf * (ACT_QMAX / torch.where(peak == 0, torch.ones_like(peak), peak))[:, None])
+            scale = peak / ACT_QMAX
+        g, e = im.dyadic(scale.detach())
+        if torch.any(e < 0):
+            raise TinyViTError(f"{layer}: a weight scale of 2**15 or more has no integer form here")
+        B = None if module.bias is None else im.to_q16(module.bias.detach())
+        return w_q.detach().to(torch.int64), g, e, B
+
+    def _int_norm(self, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return im.to_q16(norm.weight.detach()), im.to_q16(norm.bias.detach())
+
+    def integer_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``numerics="integer"``: (logits, Q16 int64 logits). The integers are
+        ``integer.IntegerOracle``'s, bit for bit; with gradients on, every step's float value
+        is the integer one and its gradient the float model's (straight-through), so the
+        float parameters learn what the integers compute. Stochastic depth is not applied."""
+        cfg, grad = self.cfg, torch.is_grad_enabled()
+        eps = int(round(math.ldexp(cfg.norm_eps, 32)))
+
+        def tie(f: torch.Tensor | None, i: torch.Tensor) -> torch.Tensor:
+            v = i.to(torch.float32) / im.ONE
+            return v if f is None else f + (v - f).detach()
+
+        def lin(module, q, R, layer):
+            return im.linear(q, R, *self._int_linear(module, layer))
+
+        B_, C, H, W = x.shape
+        p = cfg.patch_size
+        patches = x.reshape(B_, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B_, -1, C * p * p)
+        q, R = im.codes(im.to_q16(patches.to(torch.float32)), ACT_QMAX)
+        xi = lin(self.patch_embed.proj, q, R, "patch_embed.proj")
+        xf = tie(self.patch_embed.proj(patches) if grad else None, xi)
+        cls, pos = im.to_q16(self.cls_token.detach()), im.to_q16(self.pos_embed.detach())
+        xi = (torch.cat([cls.expand(B_, -1, -1), xi], dim=1) + pos).clamp(-im.SAT, im.SAT)
+        if grad:
+            xf = torch.cat([self.cls_token.expand(B_, -1, -1), xf], dim=1) + self.pos_embed
+        xf = tie(xf if grad else None, xi)
+        for i, blk in enumerate(self.blocks):
+            site = f"blocks.{i}"
+            # attention
+            q, R = im.layer_norm_codes(xi, *self._int_norm(blk.norm1), eps)
+            qkv_i = lin(blk.attn.qkv, q, R, f"{site}.attn.qkv")
+            qkv_f = tie(blk.attn.qkv(blk.norm1(xf)) if grad else None, qkv_i)
+            o_i, o_f = self._int_attention(blk.attn, qkv_i, qkv_f, grad)
+            o_f = tie(o_f, o_i)
+            q, R = im.codes(o_i, ACT_QMAX)
+            pr_i = lin(blk.attn.proj, q, R, f"{site}.attn.proj")
+            pr_f = tie(blk.attn.proj(o_f) if grad else None, pr_i)
+            xi = (xi + pr_i).clamp(-im.SAT, im.SAT)
+            xf = tie(xf + pr_f if grad else None, xi)
+            # MLP
+            q, R = im.layer_norm_codes(xi, *self._int_norm(blk.norm2), eps)
+            h_i = lin(blk.mlp.fc1, q, R, f"{site}.mlp.fc1")
+            h_f = tie(blk.mlp.fc1(blk.norm2(xf)) if grad else None, h_i)
+            g_i = im.gelu(h_i)
+            g_f = tie(blk.mlp.act(h_f) if grad else None, g_i)
+            q, R = im.codes(g_i, ACT_QMAX)
+            f2_i = lin(blk.mlp.fc2, q, R, f"{site}.mlp.fc2")
+            f2_f = tie(blk.mlp.fc2(g_f) if grad else None, f2_i)
+            xi = (xi + f2_i).clamp(-im.SAT, im.SAT)
+            xf = tie(xf + f2_f if grad else None, xi)
+        q, R = im.layer_norm_codes(xi[:, 0], *self._int_norm(self.norm), eps)
+        logits_i = lin(self.head, q, R, "head")
+        logits_f = tie(self.head(self.norm(xf)[:, 0]) if grad else None, logits_i)
+        return logits_f, logits_i
+
+    def _int_attention(self, attn: Attention, qkv_i: torch.Tensor, qkv_f: torch.Tensor, grad: bool):
+        """``integer.IntegerOracle.attention``'s core on Q16 qkv (B, N, 3D): Q16 (B, N, D), and
+        the float model's int8 attention of the float qkv (with gradients) or None."""
+        cfg = self.cfg
+        B_, N, D3 = qkv_i.shape
+        H, hd = cfg.heads, cfg.head_dim
+        qh, kh, vh = qkv_i.reshape(B_, N, 3, H, hd).permute(2, 0, 3, 1, 4)
+        qmax, L = attn.qmax, attn.levels
+        j = round(-math.log2(cfg.attention_prob_clip))
+        q_c, R_q = im.codes(qh, qmax)
+        k_c, R_k = im.codes(kh, qmax)
+        v_c, R_v = im.codes(vh.transpose(-1, -2), qmax)
+        acc = im.int_matmul(q_c, k_c)
+        R_qk = im.shift_round(R_q[..., :, None] * R_k[..., None, :], 16)
+        t = im.round_div(acc * R_qk, qmax * qmax)
+        scores = im.shift_round(t * round(im.ONE / math.sqrt(hd)), 16)
+        p = im.softmax_codes(scores, cfg.attention_prob_bits, cfg.attention_prob_clip)
+        acc = im.int_matmul(p, v_c)
+        o_i = im.round_div(acc * R_v[..., None, :], L * qmax * (1 << j)).transpose(1, 2).reshape(B_, N, D3 // 3)
+        if not grad:
+            return o_i, None
+        qf, kf, vf = qkv_f.reshape(B_, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        o_f = int8_attention(qf, kf, vf, qmax, L, attn.keep, attn.prob_clip)
+        return o_i, o_f.transpose(1, 2).reshape(B_, N, D3 // 3)
 
 
 @torch.no_grad()

@@ -193,6 +193,7 @@ def _inputs(fields: dict) -> tuple:
 # config fields a fine-tuning run may change from its --init weights (new numerics to learn)
 RETRAINABLE = (
     "attention", "attention_bits", "attention_prob_bits", "attention_prob_clip", "qk_norm", "scale_granularity",
+    "numerics",
 )  # fmt: skip
 
 
