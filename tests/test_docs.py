@@ -79,8 +79,10 @@ FORBIDDEN = [
     (re.compile(r"\bissues? \d+|(?<![\w&])#\d{1,4}\b", re.I), "an issue number"),
     (re.compile(r"(?<![\w/])/(work|tmp|home|root|Users|mnt|opt)/"), "an absolute machine path"),
     # a hex word of letters and digits; a float's mantissa and exponent (1.12194440e-01) is not one
-    (re.compile(r"\bcommit [0-9a-f]{7,40}\b|(?<![\w.])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}(?![\w+-])"),
-     "a commit hash"),
+    (
+        re.compile(r"\bcommit [0-9a-f]{7,40}\b|(?<![\w.])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}(?![\w+-])"),
+        "a commit hash",
+    ),
 ]
 
 

@@ -14,6 +14,7 @@ COMMANDS = {
     "evaluate": ("tinyvit158.evaluate", "accuracy, per-class accuracy and confusion matrix on CIFAR-10"),
     "bench": ("tinyvit158.bench", "speed and memory against NumPy, PyTorch, ONNX Runtime and OpenVINO"),
     "convert": ("tinyvit158.convert", "a weight file with other numerics (e.g. int8 attention)"),
+    "conform": ("tinyvit158.conform", "check another integer-numerics implementation against the golden vectors"),
     "train": ("tinyvit158.train.trainer", "quantization-aware training on CIFAR-10 (train extra)"),
     "teacher": ("tinyvit158.train.teacher", "a convolutional teacher for distillation (train extra)"),
     "export": ("tinyvit158.train.export", "a trainer checkpoint to a weight file (train extra)"),

@@ -18,7 +18,7 @@ from tinyvit158.errors import TinyViTError
 from tinyvit158.files import shown
 from tinyvit158.folders import is_labelled_folder, load_labelled_folder
 from tinyvit158.image import normalize
-from tinyvit158.pipeline import classify, load_model, make_model, run_engine, usable_workers
+from tinyvit158.pipeline import classify, engine_name, load_model, make_model, run_engine, usable_workers
 
 EPILOG = """\
 --data accepts: the folder holding cifar10-test-jpg.zip (default: $TINYVIT158_DATA), the zip
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         data_path = data_arg(parser, args.data)
         ckpt, weights_name = load_model(args.weights)
         cfg = ckpt.config
+        args.engine = engine_name(cfg, args.engine)
         twin = load_torch_twin(args.compare_torch) if args.compare_torch else None  # fails before the long run
         if is_labelled_folder(data_path):
             if twin is not None:

@@ -15,7 +15,7 @@ from tinyvit158.cluster import add_arguments as add_ray_arguments
 from tinyvit158.errors import TinyViTError
 from tinyvit158.files import shown
 from tinyvit158.ledger import count, format_ledger
-from tinyvit158.pipeline import classify, image_paths, load_model, usable_workers
+from tinyvit158.pipeline import classify, engine_name, image_paths, load_model, usable_workers
 
 EPILOG = """\
 Images (PNG, JPEG, BMP, GIF (first frame), WebP, TIFF, ...) are converted to RGB (EXIF
@@ -87,6 +87,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         ckpt, weights_name = load_model(args.weights)
         cfg = ckpt.config
+        args.engine = engine_name(cfg, args.engine)
         if not 1 <= args.top_k <= cfg.num_classes:
             parser.error(f"--top-k must be between 1 and {cfg.num_classes} (the model's classes), got {args.top_k}")
         files = image_paths(args.images)
