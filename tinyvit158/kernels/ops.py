@@ -23,6 +23,7 @@ import math
 import numba
 import numpy as np
 
+from tinyvit158.constants import ERF_P, ERF_Q
 from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels.simd import (  # noqa: I001
     _INV_FACT,
@@ -287,19 +288,6 @@ def bind_layernorm_quantize(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, 
     return _layernorm_quantize, (x, gamma, beta, float(eps), *_codes_out(x.shape, out), _parts(x.shape[0]))
 
 
-_ERF_P = (
-    -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-    -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02,
-)  # fmt: skip
-_ERF_Q = (
-    -1.45660718464996e-05,
-    -2.13374055278905e-04,
-    -1.68282697438203e-03,
-    -7.37332916720468e-03,
-    -1.42647390514189e-02,
-)
-
-
 @_jit
 def _erf(x):
     """erf of a float32 as a rational function on [-4, 4] (Eigen's float erf), in float32.
@@ -311,11 +299,11 @@ def _erf(x):
     """
     x = min(max(x, np.float32(-4.0)), np.float32(4.0))
     x2 = x * x
-    p = np.float32(_ERF_P[0])
-    for c in _ERF_P[1:]:
+    p = np.float32(ERF_P[0])
+    for c in ERF_P[1:]:
         p = p * x2 + np.float32(c)
-    q = np.float32(_ERF_Q[0])
-    for c in _ERF_Q[1:]:
+    q = np.float32(ERF_Q[0])
+    for c in ERF_Q[1:]:
         q = q * x2 + np.float32(c)
     return x * p / q
 
@@ -326,11 +314,11 @@ def _gelu16(v):
     x = _fmul(v, _fsplat(_INV_SQRT2_32))
     x = _fmin(_fmax(x, _fsplat(np.float32(-4.0))), _fsplat(np.float32(4.0)))
     x2 = _fmul(x, x)
-    p = _fsplat(np.float32(_ERF_P[0]))
-    for c in _ERF_P[1:]:
+    p = _fsplat(np.float32(ERF_P[0]))
+    for c in ERF_P[1:]:
         p = _fadd(_fmul(p, x2), _fsplat(np.float32(c)))
-    q = _fsplat(np.float32(_ERF_Q[0]))
-    for c in _ERF_Q[1:]:
+    q = _fsplat(np.float32(ERF_Q[0]))
+    for c in ERF_Q[1:]:
         q = _fadd(_fmul(q, x2), _fsplat(np.float32(c)))
     erf = _fdiv(_fmul(x, p), q)
     return _fmul(_fmul(_fsplat(np.float32(0.5)), v), _fadd(_fsplat(np.float32(1.0)), erf))

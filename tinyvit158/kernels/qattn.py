@@ -46,6 +46,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from tinyvit158.constants import EXP32_INV_LN2, EXP32_LN2_HI, EXP32_LN2_LO, EXP32_MIN, EXP32_P
 from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels.ops import (
     _PYTHON,
@@ -60,11 +61,6 @@ from tinyvit158.kernels.ops import (
     _quantize_row,
 )
 from tinyvit158.kernels.simd import (
-    _INV_LN2_32,
-    _LN2_HI_32,
-    _LN2_LO_32,
-    EXP32_MIN,
-    EXP32_P,
     _dpbusd,
     _fadd,
     _fexp,
@@ -112,8 +108,8 @@ def exp32(x: np.ndarray) -> np.ndarray:
     """exp of float32 x <= 0 as the kernels compute it (``simd._fexp``), in NumPy
     float32, operation for operation."""
     x = np.maximum(x.astype(F32), F32(EXP32_MIN))
-    k = np.floor(x * F32(_INV_LN2_32) + F32(0.5))
-    r = (x - k * F32(_LN2_HI_32)) - k * F32(_LN2_LO_32)
+    k = np.floor(x * F32(EXP32_INV_LN2) + F32(0.5))
+    r = (x - k * F32(EXP32_LN2_HI)) - k * F32(EXP32_LN2_LO)
     p = np.full_like(r, F32(EXP32_P[0]))
     for c in EXP32_P[1:]:
         p = p * r + F32(c)

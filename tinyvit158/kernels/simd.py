@@ -17,6 +17,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
+from tinyvit158.constants import EXP32_INV_LN2, EXP32_LN2_HI, EXP32_LN2_LO, EXP32_MIN, EXP32_P
+
 _I32 = ir.IntType(32)
 _V16 = ir.VectorType(_I32, 16)  # one zmm of int32 lanes
 _V64B = ir.VectorType(ir.IntType(8), 64)  # the same zmm as 64 bytes
@@ -493,12 +495,7 @@ def _dexp(typingctx, v):
 
 # -- the int8 attention's float32 softmax (``qattn``): every operation IEEE, in a fixed order ------
 # exp(x) for x <= 0 in float32 (Cephes expf): x = k ln2 + r, |r| <= ln2 / 2, exp(r) = 1 + r +
-# r^2 P(r); ln 2 = _LN2_HI_32 + _LN2_LO_32 with k * _LN2_HI_32 exact. |error| <= 2 ulps.
-EXP32_MIN = -87.0  # exp(-87) = 1.6e-38, still a normal float32
-_INV_LN2_32 = 1.44269504088896341
-_LN2_HI_32 = 0.693359375
-_LN2_LO_32 = -2.12194440e-4
-EXP32_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+# r^2 P(r): the constants are ``constants.py``'s.
 
 
 def _exp32_codegen(builder, x):
@@ -508,8 +505,8 @@ def _exp32_codegen(builder, x):
         return _splat(builder, ir.Constant(_F32, v), _V16F)
 
     x = _call(builder, "llvm.maxnum.v16f32", _V16F, [x, c(EXP32_MIN)])
-    k = _call(builder, "llvm.floor.v16f32", _V16F, [builder.fadd(builder.fmul(x, c(_INV_LN2_32)), c(0.5))])
-    r = builder.fsub(builder.fsub(x, builder.fmul(k, c(_LN2_HI_32))), builder.fmul(k, c(_LN2_LO_32)))
+    k = _call(builder, "llvm.floor.v16f32", _V16F, [builder.fadd(builder.fmul(x, c(EXP32_INV_LN2)), c(0.5))])
+    r = builder.fsub(builder.fsub(x, builder.fmul(k, c(EXP32_LN2_HI))), builder.fmul(k, c(EXP32_LN2_LO)))
     p = c(EXP32_P[0])
     for coef in EXP32_P[1:]:
         p = builder.fadd(builder.fmul(p, r), c(coef))

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyvit158.config import ViTConfig
+from tinyvit158.constants import ERF_P, ERF_Q, EXP32_INV_LN2, EXP32_LN2_HI, EXP32_LN2_LO, EXP32_MIN, EXP32_P
 from tinyvit158.errors import TinyViTError
-from tinyvit158.kernels.ops import _ERF_P, _ERF_Q
-from tinyvit158.kernels.simd import _INV_LN2_32, _LN2_HI_32, _LN2_LO_32, EXP32_MIN, EXP32_P
 from tinyvit158.quant import ACT_EPS, ACT_QMAX, WEIGHT_EPS, code_max
 from tinyvit158.train import intmath as im
 
@@ -107,8 +106,8 @@ def exp32(x: torch.Tensor) -> torch.Tensor:
         return torch.tensor(v, dtype=f, device=x.device)
 
     x = torch.clamp_min(x, c(EXP32_MIN))
-    k = torch.floor(x * c(_INV_LN2_32) + c(0.5))
-    r = (x - k * c(_LN2_HI_32)) - k * c(_LN2_LO_32)
+    k = torch.floor(x * c(EXP32_INV_LN2) + c(0.5))
+    r = (x - k * c(EXP32_LN2_HI)) - k * c(EXP32_LN2_LO)
     p = torch.full_like(r, EXP32_P[0])
     for coef in EXP32_P[1:]:
         p = p * r + c(coef)
@@ -271,11 +270,11 @@ class GELU(nn.GELU):
 
         z = torch.clamp(x * c(1.0 / math.sqrt(2.0)), -4.0, 4.0)
         z2 = z * z
-        p = torch.full_like(z, _ERF_P[0])
-        for k in _ERF_P[1:]:
+        p = torch.full_like(z, ERF_P[0])
+        for k in ERF_P[1:]:
             p = p * z2 + c(k)
-        q = torch.full_like(z, _ERF_Q[0])
-        for k in _ERF_Q[1:]:
+        q = torch.full_like(z, ERF_Q[0])
+        for k in ERF_Q[1:]:
             q = q * z2 + c(k)
         return c(0.5) * x * (c(1.0) + z * p / q)
 
