@@ -146,6 +146,8 @@ def test_integer_numerics_needs_integer_attention_and_runs_only_in_the_reference
         cfg.replace(numerics="integer")
     with pytest.raises(ConfigError, match="numerics"):
         cfg.replace(numerics="fixed")
+    assert "numerics" not in cfg.to_json()  # float files stay byte for byte what they were
+    assert '"numerics": "integer"' in int_ckpt.config.to_json()
     from tinyvit158.engine import Engine
     from tinyvit158.pipeline import make_model
 

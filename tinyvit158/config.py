@@ -237,7 +237,12 @@ class ViTConfig:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """The weight file's ``config`` metadata; ``numerics`` only when not "float", so float
+        files are byte for byte what they were before the field existed."""
+        d = self.to_dict()
+        if d["numerics"] == "float":
+            del d["numerics"]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
