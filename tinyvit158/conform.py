@@ -38,9 +38,8 @@ from tinyvit158.errors import TinyViTError
 from tinyvit158.files import atomic_write_bytes, check_input, check_output
 from tinyvit158.image import normalize
 from tinyvit158.integer import FRAC, IntegerOracle, to_q16
-from tinyvit158.weights import load_weights
+from tinyvit158.weights import load_weights, shipped_path
 
-ROOT = Path(__file__).resolve().parent
 GOLDEN_NAME = "cifar10-tiny-int.golden.safetensors"
 MODEL_NAME = "cifar10-tiny-int.safetensors"
 IMAGES = 16
@@ -48,11 +47,11 @@ STEPS = ("patch_embed", "blocks.0.attn.p", "blocks.0.attn.proj", "blocks.0.mlp.f
 
 
 def shipped(name: str) -> Path:
-    """A shipped file: inside an installed wheel, else the repository's ``weights/``."""
-    for candidate in (ROOT / "_weights" / name, ROOT.parent / "weights" / name):
-        if candidate.is_file():
-            return candidate
-    raise TinyViTError(f"{name}: not found beside this install (weights/ of the repository)")
+    """A shipped file (``weights.shipped_path``), or one TinyViTError."""
+    path = shipped_path(name)
+    if path is None:
+        raise TinyViTError(f"{name}: not found beside this install (weights/ of the repository)")
+    return path
 
 
 class _TracedOracle(IntegerOracle):

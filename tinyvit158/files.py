@@ -39,28 +39,28 @@ def input_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be read as a file (one phrase), or None when it is a regular file.
     Never opens the file, so a FIFO cannot block."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except FileNotFoundError:
         return "no such file"
     except NotADirectoryError:
         return "no such file (a parent is not a folder)"
     except OSError as e:
         return f"cannot be read ({e.strerror or type(e).__name__})"
-    if stat.S_ISDIR(mode):
+    if stat.S_ISDIR(st.st_mode):
         return "is a directory, not a file"
-    if stat.S_ISREG(mode) and os.stat(path).st_size == 0:
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
         return "is an empty file"
-    kind = special_kind(mode)
+    kind = special_kind(st.st_mode)
     if kind:
         return f"is {kind}, not a regular file (reading it could wait for ever)"
     return None
 
 
-def check_input(path: str | os.PathLike, what: str = "") -> Path:
+def check_input(path: str | os.PathLike) -> Path:
     """``path`` as a Path if it is a readable regular file; else one TinyViTError."""
     problem = input_problem(path)
     if problem:
-        raise TinyViTError(f"{path}: {problem}" + (f" ({what})" if what else ""))
+        raise TinyViTError(f"{path}: {problem}")
     return Path(path)
 
 
@@ -88,8 +88,9 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
         mode = None
     if mode is not None and stat.S_ISDIR(mode):
         raise TinyViTError(f"{flag} {path}: is a directory; give the path of a file to write (e.g. {path / 'NAME'})")
-    if mode is not None and special_kind(mode):
-        raise TinyViTError(f"{flag} {path}: is {special_kind(mode)}, not a regular file")
+    kind = special_kind(mode) if mode is not None else None
+    if kind:
+        raise TinyViTError(f"{flag} {path}: is {kind}, not a regular file")
     _check_parents(path, flag)
     report_stale(path)
     return path

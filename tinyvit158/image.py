@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tinyvit158.config import ViTConfig
-from tinyvit158.errors import ImageError
+from tinyvit158.errors import ImageError, TinyViTError
 from tinyvit158.files import input_problem
 
 MIN_SIDE = 8  # pixels: smaller images hold too little to classify (a 1x1 image is one colour)
@@ -184,5 +184,5 @@ def decode(source: str | os.PathLike | np.ndarray, cfg: ViTConfig) -> np.ndarray
     """:func:`load_image`, or the one-line reason it failed (a batch goes on without it)."""
     try:
         return load_image(source, cfg)
-    except ImageError as e:
+    except TinyViTError as e:
         return str(e)

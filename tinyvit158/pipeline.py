@@ -46,7 +46,7 @@ RANDOM_NOTE = (
 
 INTEGER_NOTE = (
     "note: integer numerics have no fast kernels yet; running the int64 reference "
-    "(integer.IntegerOracle: the same integers, ~0.3 s an image)"
+    "(integer.IntegerOracle: the same integers, ~0.25 s an image)"
 )
 
 

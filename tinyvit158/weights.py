@@ -232,13 +232,18 @@ def random_checkpoint(cfg: ViTConfig, seed: int = 0) -> Checkpoint:
 DEFAULT_WEIGHTS_NAME = "cifar10-tiny.safetensors"
 
 
-def default_weights_path() -> Path | None:
-    """The shipped trained weights: inside an installed wheel, else the repository's ``weights/``."""
+def shipped_path(name: str) -> Path | None:
+    """A shipped file: inside an installed wheel, else the repository's ``weights/``; None if neither."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "_weights" / DEFAULT_WEIGHTS_NAME, here.parent / "weights" / DEFAULT_WEIGHTS_NAME):
+    for candidate in (here / "_weights" / name, here.parent / "weights" / name):
         if candidate.is_file():
             return candidate
     return None
+
+
+def default_weights_path() -> Path | None:
+    """The shipped trained weights (:func:`shipped_path`)."""
+    return shipped_path(DEFAULT_WEIGHTS_NAME)
 
 
 def size_summary(ckpt: Checkpoint) -> dict[str, int]:
