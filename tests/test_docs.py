@@ -118,3 +118,6 @@ def test_the_ledger_totals_are_what_explain_prints():
     assert out.returncode == 0, out.stderr
     totals = [line for line in out.stdout.splitlines() if line.startswith(("per image:", "skipping zero"))]
     assert len(totals) == 2 and "\n".join(totals) in code_block_after(README.read_text(), "## What ternary saves")
+    from tinyvit158.kernels import kernel_path
+
+    assert f"# numerics: float (float attention); fast engine; kernel path: {kernel_path()}" in out.stdout

@@ -203,16 +203,35 @@ def test_reused_buffers_never_leak_between_calls(weights):
     assert np.array_equal(Engine(load_weights(weights))(b), engine(b))
 
 
+def _checked_linear(x_q, s_x, w, out, accumulate):
+    from tinyvit158.kernels import linear
+
+    return linear, (x_q, s_x, w, None, out if accumulate else None, None if accumulate else out)
+
+
+def _checked_linear_gelu_quantize(x_q, s_x, w, q, s):
+    from tinyvit158.kernels import linear_gelu_quantize
+
+    return linear_gelu_quantize, (x_q, s_x, w, (q, s))
+
+
 def test_bound_plan_equals_the_checked_steps(monkeypatch):
-    """The engine's plan (kernel calls bound once per batch size) computes what the checked
-    kernel functions compute, step for step: logits, recorded codes, traced stages, parts."""
+    """The engine's plan (raw kernels bound once per batch size where the path has them)
+    computes what the checked kernel functions compute, step for step: logits, recorded
+    codes, traced stages, parts."""
+    from tinyvit158 import engine as engine_module
+    from tinyvit158.kernels import layernorm_quantize
+
     cfg = CONFIGS["cifar10-tiny"].replace(depth=2)
     engine = Engine(random_checkpoint(cfg, seed=3))
     images = np.random.default_rng(0).standard_normal((3, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
     runs = []
-    for stepwise in (False, True):
-        if stepwise:
-            monkeypatch.setattr(Engine, "_plan", lambda self, x, B: None)
+    for checked in (False, True):
+        if checked:  # every step through the checked functions, as a caller outside the plan would
+            monkeypatch.setattr(engine_module, "bind_layernorm_quantize", lambda *a: (layernorm_quantize, a))
+            monkeypatch.setattr(engine_module, "bind_linear", _checked_linear)
+            monkeypatch.setattr(engine_module, "bind_linear_gelu_quantize", _checked_linear_gelu_quantize)
+            engine._workspace.__dict__.clear()  # rebuild the plan with the checked functions
         engine.record, engine.trace, engine.timings = {}, {}, {}
         logits = engine(images)
         again = engine(images)  # the second call reuses the plan and the buffers
@@ -221,23 +240,42 @@ def test_bound_plan_equals_the_checked_steps(monkeypatch):
     assert np.array_equal(a, b) and np.array_equal(a2, a) and np.array_equal(b2, b)
     assert rec_a.keys() == rec_b.keys() and all(np.array_equal(rec_a[k], rec_b[k]) for k in rec_a)
     assert tr_a.keys() == tr_b.keys() and all(np.array_equal(tr_a[k], tr_b[k]) for k in tr_a)
-    assert parts_a == parts_b
+    assert parts_a == parts_b == {"patch_embed", "quant", "qkv", "attention+quant", "proj", "norm+quant",
+                                  "fc1+gelu+quant", "fc2", "head"}  # fmt: skip
+
+
+def test_one_executor_times_records_and_traces_every_kind_of_block():
+    """BitLinear blocks run through the same step list and loop: every ternary layer's
+    input codes recorded, every part timed, every oracle stage traced but the probabilities."""
+    cfg = CONFIGS["cifar10-tiny"].replace(depth=2, bitlinear_norm=True)
+    ckpt = random_checkpoint(cfg, seed=4)
+    engine, oracle = Engine(ckpt), Oracle(ckpt)
+    x = images(cfg, 2, 1)
+    engine.record, engine.trace, engine.timings, oracle.trace = {}, {}, {}, {}
+    try:
+        engine(x)
+        oracle(x)
+        assert set(engine.record) == {layer for layer in cfg.linear_shapes() if cfg.is_ternary(layer)}
+        assert {"attention", "qkv", "proj", "fc1", "fc2", "head", "norm+quant", "gelu+quant", "quant"} <= set(
+            engine.timings
+        )
+        assert set(engine.trace) == set(oracle.trace) - {f"blocks.{i}.attn" for i in range(cfg.depth)}
+    finally:
+        engine.record = engine.trace = engine.timings = oracle.trace = None
 
 
 @pytest.mark.skipif(not cpu_has_vnni(), reason="CPU lacks AVX-512 VNNI")
 def test_plan_follows_the_kernel_path(monkeypatch):
     """A plan bound on the VNNI path is not used once TINYVIT158_KERNEL asks for generic."""
-    from unittest import mock
-
-    from tinyvit158 import engine as engine_module
+    from tinyvit158.kernels import linear_gelu_quantize
 
     engine = Engine(random_checkpoint(CONFIGS["cifar10-tiny"].replace(depth=2), seed=0))
     images = np.zeros((1, 3, 32, 32), np.float32)
     monkeypatch.setenv("TINYVIT158_KERNEL", "vnni")
     vnni_logits = engine(images)
     monkeypatch.setenv("TINYVIT158_KERNEL", "generic")
-    stepwise = engine_module.linear_gelu_quantize  # what the step-by-step blocks call
-    with mock.patch.object(engine_module, "linear_gelu_quantize", wraps=stepwise) as steps:
-        generic_logits = engine(images)
-    assert steps.call_count == 2  # fc1 of each block
+    generic_logits = engine(images)
+    plans = {k[1]: v for k, v in engine._workspace.__dict__["bufs"].items() if k[0] == "plan"}
+    fc1 = {path: [s.fn for s in steps if s.part == "fc1+gelu+quant"] for path, (steps, _) in plans.items()}
+    assert fc1["generic"] == [linear_gelu_quantize] * 2 and linear_gelu_quantize not in fc1["vnni"]
     assert np.array_equal(generic_logits, vnni_logits)  # the two paths are bit-identical

@@ -9,17 +9,19 @@ from strategies import int8_TK_ternary_NK, small_int8_TK_ternary_NK
 from tinyvit158 import oracle
 from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels import (
+    PATH_FEATURES,
+    PATHS,
     PreparedTernary,
     attention,
     attention_quantize,
     attention_ref,
+    cpu_has,
     cpu_has_vnni,
     gelu,
     gelu_quantize,
     layernorm,
     layernorm_quantize,
     linear,
-    linear_add_norm_quantize,
     linear_gelu_quantize,
     linear_ref,
     matmul,
@@ -147,10 +149,17 @@ def test_kernel_path_selection(monkeypatch):
     monkeypatch.setenv("TINYVIT158_KERNEL", "generic")
     assert kernel_path() == "generic"
     monkeypatch.setenv("TINYVIT158_KERNEL", "auto")
-    assert kernel_path() == ("vnni" if cpu_has_vnni() else "generic")
+    assert kernel_path() == ("vnni" if cpu_has_vnni() else "avx2" if cpu_has("avx2") else "generic")
     monkeypatch.setenv("TINYVIT158_KERNEL", "gpu")
-    with pytest.raises(TinyViTError, match="auto, vnni or generic"):
+    with pytest.raises(TinyViTError, match="use auto, generic, avx2, vnni"):
         kernel_path()
+    for path in PATHS:  # a path the CPU lacks is refused by name; one it has is taken
+        monkeypatch.setenv("TINYVIT158_KERNEL", path)
+        if cpu_has(path):
+            assert kernel_path() == path
+        else:
+            with pytest.raises(TinyViTError, match=f"lacks {PATH_FEATURES[path][0]}"):
+                kernel_path()
 
 
 def test_kernels_check_their_inputs():
@@ -237,7 +246,7 @@ def test_float_linear(seed, t, k, n):
 
 @pytest.mark.skipif(numba.config.DISABLE_JIT, reason="the zmm intrinsics need the JIT")
 def test_softmax_numerators_in_zmm_equal_the_scalar_exp_bit_for_bit():
-    from tinyvit158.kernels.ops import _exp64_inplace, _softmax_numerators
+    from tinyvit158.kernels.attention import _exp64_inplace, _softmax_numerators
 
     rng = np.random.default_rng(5)
     for n in (1, 7, 8, 9, 16, 65, 200):
@@ -253,7 +262,7 @@ def test_softmax_numerators_in_zmm_equal_the_scalar_exp_bit_for_bit():
 
 
 def test_vectorizable_float64_exp():
-    from tinyvit158.kernels.ops import _exp64_inplace
+    from tinyvit158.kernels.attention import _exp64_inplace
 
     x = np.concatenate([-np.geomspace(1e-12, 700, 5000), [0.0, -0.5 * np.log(2), -708.0, -709.0, -1e4]])
     got = x.copy()
@@ -267,17 +276,17 @@ def test_vectorizable_float64_exp():
 
 
 def test_float32_exp_of_the_int8_attention():
-    """The int8 attention's float32 exp (16 lanes, ``simd._fexp``) equals its NumPy
+    """The int8 attention's float32 exp (16 lanes, ``simd.fexp``) equals its NumPy
     twin bit for bit and is within 2 float32 ulps of exp; below -87 it stays finite."""
     import numba
 
     from tinyvit158.kernels.qattn import exp32
-    from tinyvit158.kernels.simd import _fexp, _fload, _fstore
+    from tinyvit158.kernels.simd import fexp, fload, fstore
 
     @numba.njit
     def run(x):
         for j in range(0, len(x), 16):
-            _fstore(x, j, _fexp(_fload(x, j)))
+            fstore(x, j, fexp(fload(x, j)))
 
     x = np.concatenate([-np.geomspace(1e-7, 87, 4000), [0.0, -0.5 * np.log(2), -87.0, -88.0, -1e4, -np.inf]])
     x = np.concatenate([x, np.zeros(-len(x) % 16)]).astype(np.float32)
@@ -317,9 +326,9 @@ def test_out_arguments_are_used_and_checked():
     ("t", "k", "n"), [(300, 48, 96), (513, 100, 768), (1100, 192, 144), (65, 192, 768), (65, 768, 192), (700, 8, 50)]
 )
 def test_fused_linear_kernels_equal_their_steps(path, t, k, n, monkeypatch):
-    """Fused (N % 48 == 0 on the VNNI path) or not, linear_gelu_quantize and
-    linear_add_norm_quantize give the codes, scales and residual of their steps run one
-    after the other, bit for bit; tile edges in T and K included."""
+    """Fused (N % 48 == 0 on the VNNI path) or not, linear_gelu_quantize gives the codes
+    and scales of its steps run one after the other, bit for bit, and linear's residual
+    add is the float32 sum; tile edges in T and K included."""
     name, packed = kernel(path)
     monkeypatch.setenv("TINYVIT158_KERNEL", name)
     rng = np.random.default_rng(t + k + n)
@@ -331,7 +340,7 @@ def test_fused_linear_kernels_equal_their_steps(path, t, k, n, monkeypatch):
     res = rng.standard_normal((t, n)).astype(np.float32)
     gamma, beta = rng.random(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
     res_ref = res + linear_ref(x_q, s_x, w)
-    q, s = linear_add_norm_quantize(x_q, s_x, w, res, gamma, beta, 1e-6)
+    q, s = layernorm_quantize(linear(x_q, s_x, w, residual=res), gamma, beta, 1e-6)
     q_ref, s_ref = layernorm_quantize(res_ref, gamma, beta, 1e-6)
     assert np.array_equal(res, res_ref) and np.array_equal(q, q_ref) and np.array_equal(s, s_ref)
 
@@ -357,34 +366,37 @@ def test_attention_quantize_equals_the_two_steps(seed, b, n, heads, hd):
 def test_work_split_does_not_change_results(parts, packed):
     """Each kernel hands its jobs equal shares of the work (one job per thread by default);
     any number of jobs, more than there are tiles or rows included, gives the same bits."""
-    from tinyvit158.kernels import fused, ops, vnni
+    from tinyvit158.kernels import attention as float_attention
+    from tinyvit158.kernels import rowops, vnni
 
     rng = np.random.default_rng(parts)
     t, k, n = 65, 192, 96  # 9 row tiles x 2 channel blocks; the last tile has one row
     x_q, s_x, w = random_layer(rng, t, k, n, packed)
     y = np.zeros((t, n), np.float32)
     vl = w.vnni
-    vnni._tiles(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, True, s_x, w.scale, w.bias, True, y.reshape(-1), False,
-                vnni._NONE_I32)  # fmt: skip
+    flat = y.reshape(-1)
+    vnni.linear_tiles(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, True, s_x, w.scale, w.bias, True, flat, False,
+                      vnni.NONE_I32)  # fmt: skip
     assert np.array_equal(y, linear_ref(x_q, s_x, w))
     acc = np.zeros((t, n), np.int32)
-    e = vnni._NONE_F32
-    vnni._tiles(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, False, e, e, e, False, e, False, acc)
+    e = vnni.NONE_F32
+    vnni.linear_tiles(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, False, e, e, e, False, e, False, acc)
     assert np.array_equal(acc, int64_reference(x_q, w.codes))
 
     h = rng.standard_normal((t, k)).astype(np.float32)
     q, s = np.zeros((t, k), np.int8), np.zeros(t, np.float32)
-    ops._gelu_quantize(h, q, s, parts)
+    rowops._gelu_quantize(h, q, s, parts)
     assert all(np.array_equal(a, b) for a, b in zip((q, s), gelu_quantize(h), strict=True))
     q, s = np.zeros((t, n), np.int8), np.zeros(t, np.float32)
-    fused._linear_rows(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, s_x, w.scale, w.bias, True, q, s)
+    vnni._linear_rows(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, s_x, w.scale, w.bias, True, q, s)
     assert all(np.array_equal(a, b) for a, b in zip((q, s), gelu_quantize(linear_ref(x_q, s_x, w)), strict=True))
     qkv = rng.standard_normal((2, t, 3 * 2 * 16)).astype(np.float32)
     o = np.zeros((2, t, 32), np.float32)
-    ops._attention(qkv, 2, o.reshape(-1), parts, False, ops._NO_CODES, ops._NO_SCALES)
+    no_codes, no_scales = float_attention._NO_CODES, float_attention._NO_SCALES
+    float_attention._attention(qkv, 2, o.reshape(-1), parts, False, no_codes, no_scales)
     assert np.array_equal(o, attention(qkv, 2))
     q, s = np.zeros((2 * t, 32), np.int8), np.zeros(2 * t, np.float32)
-    ops._attention(qkv, 2, ops._NO_SCALES, parts, True, q, s)
+    float_attention._attention(qkv, 2, no_scales, parts, True, q, s)
     assert all(np.array_equal(a, b) for a, b in zip((q, s), quantize_rows(o.reshape(2 * t, 32)), strict=True))
 
 
@@ -399,3 +411,23 @@ def test_generic_path_stays_exact_at_the_float32_bound(extra):
     x[1] = -127
     w = PreparedTernary(np.ones((16, k), dtype=np.int8), np.ones(16, np.float32))
     assert np.array_equal(matmul(x, w, "generic"), int64_reference(x, w.codes))
+
+
+@pytest.mark.skipif(not cpu_has("avx2"), reason="CPU lacks avx2 (or the JIT is off)")
+@pytest.mark.parametrize("packed", [False, True])
+def test_avx2_int16_sums_stay_exact_at_their_bound(packed):
+    """The AVX2 kernel adds vpmaddubsw's pair sums (|u0 x0 + u1 x1| <= 2 * 2 * 128) in
+    int16 lanes for CHUNK groups of 4 inputs, then widens: the largest sums any int8
+    input makes (every weight +1, inputs all -128 or all 127) stay exact across K up to
+    and past a chunk, where one more group per chunk than the bound allows would wrap."""
+    from tinyvit158.kernels.avx2 import CHUNK
+
+    assert CHUNK * 2 * 2 * 128 < 2**15
+    for groups in (CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 5, 4 * CHUNK):
+        k = 4 * groups
+        x = np.full((5, k), -128, dtype=np.int8)
+        x[1::2] = 127
+        w = PreparedTernary(np.ones((48, k), dtype=np.int8), np.ones(48, np.float32), packed=packed)
+        assert np.array_equal(matmul(x, w, "avx2"), int64_reference(x, w.codes)), groups
+        w = PreparedTernary(-np.ones((48, k), dtype=np.int8), np.ones(48, np.float32), packed=packed)
+        assert np.array_equal(matmul(x, w, "avx2"), int64_reference(x, w.codes)), groups

@@ -150,7 +150,7 @@ def test_a_slow_first_call_says_why():
     import io
     import time
 
-    from tinyvit158.engine import COMPILE_NOTICE, first_run_notice
+    from tinyvit158.runtime import COMPILE_NOTICE, first_run_notice
 
     err = io.StringIO()
     with first_run_notice(after_s=0.05, stream=err):

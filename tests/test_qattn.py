@@ -10,7 +10,7 @@ from kernel_paths import KERNEL_PATHS
 from kernel_paths import kernel as kernel_of
 
 from tinyvit158 import TinyViTError, get_preset
-from tinyvit158.kernels import Int8Attention, attention_op, cpu_has_vnni
+from tinyvit158.kernels import Int8Attention, attention_op, cpu_has
 from tinyvit158.kernels.qattn import pv_accumulate, pv_accumulate_ref, qk_accumulate, qk_accumulate_ref
 from tinyvit158.weights import random_checkpoint
 
@@ -98,7 +98,7 @@ def test_fused_kernel_equals_its_reference_on_every_path(bits, prob_bits, clip, 
     want = {}
     expected = op.reference(qkv, want)
     outs = {}
-    for path in ["generic"] + (["vnni"] if cpu_has_vnni() else []):
+    for path in [p for p in PATHS if cpu_has(p)]:
         monkeypatch.setenv("TINYVIT158_KERNEL", path)
         got = {}
         outs[path] = op(qkv, heads, record=got)
@@ -134,14 +134,14 @@ def test_uniform_and_one_hot_attention():
     np.testing.assert_allclose(out[0], np.broadcast_to(v_c[:, 3] * s_v, (N, hd)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["generic", "vnni"])
+@pytest.mark.parametrize("path", PATHS)
 def test_probability_clip_saturates_and_rescales(path, monkeypatch):
     """attention_prob_clip c: codes min(rint(p * L / c), L), dequantized by c / L. Uniform
     scores over 8 keys with c = 1/4: p = 1/8 -> rint(15 * 4 / 8) = rint(7.5) = 8 (half to
     even), and P V is the mean of v's codes times 8 / 60; a dominant key saturates at L = 15
     and P V returns v's quantized row times 15 / 60 = c."""
-    if path == "vnni" and not cpu_has_vnni():
-        pytest.skip("this CPU has no AVX-512 VNNI")
+    if not cpu_has(path):
+        pytest.skip(f"this CPU lacks the {path} path's instructions")
     monkeypatch.setenv("TINYVIT158_KERNEL", path)
     heads, hd, N = 1, 16, 8
     qkv = np.zeros((1, N, 3 * hd), np.float32)

@@ -1,4 +1,4 @@
-"""Adaptive threads (engine.ThreadGovernor): the faster thread count per batch size, probed
+"""Adaptive threads (runtime.ThreadGovernor): the faster thread count per batch size, probed
 again from time to time; results that do not depend on the thread count."""
 
 import numba
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tinyvit158 import get_preset
-from tinyvit158.engine import Engine, ThreadGovernor
+from tinyvit158.engine import Engine
+from tinyvit158.runtime import ThreadGovernor
 from tinyvit158.weights import random_checkpoint
 
 

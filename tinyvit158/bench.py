@@ -5,7 +5,8 @@ inputs:
 
 - ``engine``: tinyvit158 (ternary weights, Numba int8 x ternary kernels), on the kernel
   path this CPU selects, weights kept 2 bits each; ``engine-bytes``: the same with one byte
-  per weight; ``engine-generic``: the portable kernel, for comparison; ``engine-int8attn``:
+  per weight; ``engine-generic``: the portable kernel, for comparison; ``engine-avx2``: the
+  AVX2 kernel (``vpmaddubsw``), where the CPU has it; ``engine-int8attn``:
   the same weights with fully quantized attention (``attention="int8"``, 8-bit q, k, v and
   probabilities: ``kernels/qattn.py``) in place of the float64 one; ``engine-attn4``: with
   4-bit q, k, v and probabilities (clipped at 1/4: ``weights/cifar10-tiny-attn4``'s numerics);
@@ -54,9 +55,19 @@ from tinyvit158.peers import PEERS
 from tinyvit158.weights import Checkpoint, default_weights_path, load_weights, random_checkpoint
 
 VARIANTS = (
-    "engine", "engine-int8attn", "engine-attn4", "engine-bytes", "engine-generic", "numpy-fp32", "torch-fp32",
-    "torch-int8", *PEERS,
+    "engine", "engine-int8attn", "engine-attn4", "engine-bytes", "engine-generic", "engine-avx2", "numpy-fp32",
+    "torch-fp32", "torch-int8", *PEERS,
 )  # fmt: skip
+FORCED_PATH = {"engine-generic": "generic", "engine-avx2": "avx2"}  # variant -> the kernel path it forces
+
+
+def runnable_variants() -> list[str]:
+    """Every variant but those forcing a kernel path this CPU lacks."""
+    from tinyvit158.kernels import cpu_has
+
+    return [v for v in VARIANTS if v not in FORCED_PATH or cpu_has(FORCED_PATH[v])]
+
+
 QUANTIZED_ATTENTION = {  # the engine variants with quantized attention: their config changes
     "engine-int8attn": {"attention": "int8"},
     "engine-attn4": {"attention": "int8", "attention_bits": 4, "attention_prob_bits": 4, "attention_prob_clip": 0.25},
@@ -140,8 +151,8 @@ def build(variant: str, ckpt: Checkpoint, args=None):
             desc += f", calibrated on {'300 CIFAR-10 training images' if args.calib else '300 random inputs'}"
         return run, Path(args.onnx).stat().st_size, desc
     if variant.startswith("engine"):
-        if variant == "engine-generic":
-            os.environ["TINYVIT158_KERNEL"] = "generic"
+        if variant in FORCED_PATH:
+            os.environ["TINYVIT158_KERNEL"] = FORCED_PATH[variant]
         from tinyvit158.engine import Engine
         from tinyvit158.kernels import kernel_path
 
@@ -149,7 +160,8 @@ def build(variant: str, ckpt: Checkpoint, args=None):
             ckpt = Checkpoint(ckpt.config.replace(**QUANTIZED_ATTENTION[variant]), ckpt.tensors, ckpt.source)
         engine = Engine(ckpt, packed=variant != "engine-bytes")
         path = kernel_path()
-        layout = ", 2-bit weights" if path == "vnni" and engine.packed else ", 1-byte weights" if path == "vnni" else ""
+        tiled = path in ("vnni", "avx2")  # the paths with a 2-bit layout
+        layout = ", 2-bit weights" if tiled and engine.packed else ", 1-byte weights" if tiled else ""
         cfg = ckpt.config
         attn = f", {cfg.attention_bits}-bit attention" if cfg.attention == "int8" else ""
         return engine, engine.weight_bytes, f"{path} kernels{layout}{attn}"
@@ -289,7 +301,7 @@ def blas_info() -> str:
 
 # -- kernels alone: GOP/s on the model's matmul shapes ----------------------------------
 def kernel_table(model: str, tokens: list[int], seconds: float = 0.3) -> list[dict]:
-    from tinyvit158.kernels import PreparedTernary, cpu_has_vnni, linear
+    from tinyvit158.kernels import PATHS, PreparedTernary, cpu_has, linear
 
     cfg = get_preset(model)
     shapes = {}
@@ -299,7 +311,7 @@ def kernel_table(model: str, tokens: list[int], seconds: float = 0.3) -> list[di
             shapes.setdefault((kind, n, k), layer)
     rng = np.random.default_rng(0)
     rows = []
-    paths = ["generic"] + (["vnni"] if cpu_has_vnni() else [])
+    paths = [p for p in PATHS if cpu_has(p)]
 
     def rate(fn, ops):
         fn()
@@ -350,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         help="model shapes: cifar10-tiny (the shipped weights), deit-tiny, deit-small, vit-base-16 (random weights)",
     )  # fmt: skip
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, help="what to time")
+    p.add_argument("--variants", nargs="+", default=runnable_variants(), choices=VARIANTS, help="what to time")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per variant (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls after the first (default 3)")
     p.add_argument("--max-seconds", type=float, default=20.0, help="stop repeating a variant after this long")
@@ -448,10 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kernels:
         import numba
 
-        from tinyvit158.kernels import cpu_has_vnni
-        from tinyvit158.kernels.peak import instruction_rates
+        from tinyvit158.peak import instruction_rates
 
-        info["instructions_per_s"] = instruction_rates(cpu_has_vnni())
+        info["instructions_per_s"] = instruction_rates()
         info["threads"] = numba.get_num_threads()
     if args.json:
         print(json.dumps({"info": info, "results": results, "kernels": kernels, "skipped": skipped}))
@@ -580,16 +591,16 @@ def print_report(info, results, kernels, skipped) -> None:
             print(f"\n{r['variant']} batch {r['batch']}, per call {total * 1e3:.2f} ms: {parts}")
     if kernels:
         rates, threads = info["instructions_per_s"], info["threads"]
-        print(
-            f"\n# peak, measured on one core x {threads} threads: 16-lane float32 FMA {rates['fma'] / 1e9:.2f} G/s"
-            f" -> {rates['fma'] * 32 * threads / 1e9:.0f} GFLOP/s"
-            + (
-                f"; vpdpbusd {rates['vpdpbusd'] / 1e9:.2f} G/s -> int8 {rates['vpdpbusd'] * 128 * threads / 1e9:.0f}"
-                " GOP/s (4x float32 per instruction)"
-                if rates["vpdpbusd"]
-                else ""
-            )
-        )
+        from tinyvit158.peak import OPS
+
+        names = {"fma": "16-lane float32 FMA", "vpdpbusd": "vpdpbusd", "vpmaddubsw": "vpmaddubsw+vpaddw"}
+        unit = {"fma": "GFLOP/s"}
+        peaks = [
+            f"{names[k]} {v / 1e9:.2f} G/s -> {v * OPS[k] * threads / 1e9:.0f} {unit.get(k, 'int8 GOP/s')}"
+            for k, v in rates.items()
+            if v
+        ]
+        print(f"\n# peak, measured on one core x {threads} threads: " + "; ".join(peaks))
         print(
             f"{'layer':<12} {'T':>6} {'K':>5} {'N':>5} "
             + " ".join(f"{k[:-5] + ' GOP/s':>14}" for k in kernels[0] if k.endswith("_gops"))

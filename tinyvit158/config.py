@@ -18,6 +18,9 @@ from tinyvit158.errors import ConfigError
 PACKINGS = ("ternary2", "ternary3")
 GRANULARITIES = ("tensor", "channel")
 ATTENTION_MODES = ("float", "int8")
+# every block's layers and norms, by their names under ``blocks.{i}.`` (timm's), in order
+BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+BLOCK_NORMS = ("norm1", "norm2")
 NUMERICS = ("float", "integer")
 ATTENTION_BITS = range(2, 9)  # code widths of q, k, v and of the probabilities
 PROB_CLIPS = tuple(2.0**-k for k in range(9))  # attention_prob_clip: 1, 1/2, ..., 1/256
@@ -147,11 +150,10 @@ class ViTConfig:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``{layer name: (out_features, in_features)}`` for every linear layer, in order."""
         shapes = {"patch_embed.proj": (self.dim, self.patch_dim)}
+        D, H = self.dim, self.hidden_dim
+        block = dict(zip(BLOCK_LINEARS, [(3 * D, D), (D, D), (H, D), (D, H)], strict=True))
         for i in range(self.depth):
-            shapes[f"blocks.{i}.attn.qkv"] = (3 * self.dim, self.dim)
-            shapes[f"blocks.{i}.attn.proj"] = (self.dim, self.dim)
-            shapes[f"blocks.{i}.mlp.fc1"] = (self.hidden_dim, self.dim)
-            shapes[f"blocks.{i}.mlp.fc2"] = (self.dim, self.hidden_dim)
+            shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
         shapes["head"] = (self.num_classes, self.dim)
         return shapes
 

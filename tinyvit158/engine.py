@@ -1,6 +1,7 @@
 """The fast engine: the oracle's function, computed from packed ternary weights with
 Numba int8 x ternary kernels (exact int32 accumulation); LayerNorm and attention in
-float64 rounded once to float32, GELU and the rest in float32 (``kernels/ops.py`` says why).
+float64 rounded once to float32, GELU and the rest in float32 (``kernels/rowops.py`` and
+``kernels/attention.py`` say why).
 
 Tokens of the whole batch are flattened to rows, ``T = B * (N + 1)``, for every linear
 layer; attention runs per image. Each quantizer is fused into the step that produces its
@@ -12,135 +13,66 @@ input (LayerNorm -> int8, GELU -> int8, attention -> int8), so a block is:
     g_q, s = gelu_quantize(linear(h_q, s, fc1))                        (T, hidden)
     x += linear(g_q, s, fc2);     x_q, s = layernorm_quantize(x, next block's norm1)
 
-where ``x_q`` came from the previous block (the first block's from ``norm1``). When every
-layer of the blocks is ternary and the VNNI path runs, each call is one kernel (one
-parallel region), seven a block: qkv; the block's attention object
-(``kernels.attention_op``: float64, or the integer ``kernels.qattn``), which also makes
-its rows' codes; proj into the residual stream, then LayerNorm 2 and its codes; fc1, GELU
-and codes in one pass (``kernels.linear_gelu_quantize``: whole output rows finished in
-cache, bit-identical to the steps one after the other); fc2 into the residual stream,
-then the next LayerNorm and its codes (residual + LayerNorm as one pass measured slower:
-``kernels/fused.py``). Other models (float layers, BitLinear norms) run the steps one by
-one.
+where ``x_q`` came from the previous block (the first block's from ``norm1``). BitLinear
+blocks (``bitlinear_norm``) give each ternary layer its own LayerNorm before its codes.
 
-On the VNNI path those calls are bound to their buffers once per batch size (``_plan``)
-and then run back to back, with no Python checks or argument building between them: at
-batch 1 that took a fifth of a call.
+One executor: a model is a list of :class:`Step` s, each a kernel bound to this thread's
+buffers, built once per batch size (and kernel path) from the table :data:`BLOCKS`, keyed
+by the blocks' kind, and run back to back by :meth:`Engine._run`, which alone times,
+records and traces. The VNNI path binds the raw kernels (each step one parallel region,
+fc1 + GELU + codes one pass); other paths bind the checked kernel functions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
+from tinyvit158.config import BLOCK_LINEARS
 from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels import (
     PreparedTernary,
     attention_op,
+    bind_layernorm_quantize,
+    bind_linear,
+    bind_linear_gelu_quantize,
     float_linear,
-    fused,
     gelu,
     gelu_quantize,
     kernel_path,
     layernorm,
     layernorm_quantize,
-    linear,
-    linear_gelu_quantize,
     quantize_rows,
 )
-from tinyvit158.kernels.ops import bind_layernorm_quantize
-from tinyvit158.kernels.ternary import bind_linear, fits_vnni_tiles
 from tinyvit158.oracle import patchify
+from tinyvit158.runtime import ThreadGovernor, quiet_spin
 from tinyvit158.weights import Checkpoint, load_weights
 
 PACKED_DEFAULT = True  # 2-bit weights, spread to bytes per job in cache: as fast as 1-byte ones in bench
 
 
-COMPILE_NOTICE = (
-    "tinyvit158: compiling the Numba kernels for this CPU (the first run only: 10-30 s; "
-    "later runs load them from the cache)"
-)
+@dataclass
+class Step:
+    """One kernel call of a forward pass, bound to its buffers.
 
-
-@contextlib.contextmanager
-def first_run_notice(after_s: float = 2.0, stream=None):
-    """Say on stderr why a call is slow if it takes longer than ``after_s``: on a new
-    install (or CPU) the first call compiles the kernels, which takes tens of seconds."""
-    timer = threading.Timer(after_s, lambda: print(COMPILE_NOTICE, file=stream or sys.stderr, flush=True))
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-class ThreadGovernor:
-    """Adaptive threads: run each call with the thread count that is faster right now.
-
-    Every parallel region waits at its end for its slowest thread. When another busy
-    process takes a core, the operating system deschedules one of ours for a whole time
-    slice, and a call of ~30 regions waits for it again and again, where one thread would
-    not (docs/PERFORMANCE.md). So the governor times each call, per batch size, at the current Numba
-    thread count ``n`` and at 1, runs the faster (:func:`_faster`: the best of each one's
-    last three calls, with a margin in favour of ``n``), and every ``probe`` calls runs
-    the other once, to notice when the load changes. Each is tried twice first (the very
-    first call warms buffers up). Results do not depend on the thread count: every
-    kernel computes each row the same way whichever thread takes it.
-    ``TINYVIT158_ADAPTIVE_THREADS=0`` turns it off (always ``n``).
+    ``part``: what ``bench --layers`` times it as (None: not timed). ``reads``: (layer, its
+    input codes), copied into ``Engine.record`` before the call. ``makes``: codes the call
+    fills besides, by site (the int8 attention's q, k, v, p), copied after it. ``ends``:
+    (stage, the array holding it), copied into ``Engine.trace`` after the call.
     """
 
-    def __init__(self, probe: int = 16):
-        self.probe = probe
-        self.enabled = os.environ.get("TINYVIT158_ADAPTIVE_THREADS", "1") != "0"
-        self._stats: dict[tuple[int, int], dict] = {}  # (batch, n) -> {"calls", threads -> recent seconds}
-        self._lock = threading.Lock()
-
-    def choose(self, batch: int, n: int) -> int:
-        """The thread count for the next call of ``batch`` images (``n``: the most allowed)."""
-        if not self.enabled or n <= 1:
-            return n
-        with self._lock:
-            st = self._stats.setdefault((batch, n), {"calls": 0, n: [], 1: []})
-            st["calls"] += 1
-            for c in (n, 1):
-                if len(st[c]) < 2:
-                    return c
-            best = _faster(st, n)
-            if st["calls"] % self.probe == 0:
-                return 1 if best == n else n
-            return best
-
-    def record(self, batch: int, n: int, threads: int, seconds: float) -> None:
-        if not self.enabled or n <= 1:
-            return
-        with self._lock:
-            times = self._stats[(batch, n)][threads]
-            times.append(seconds)
-            del times[:-3]
-
-    def current(self, batch: int, n: int) -> int | None:
-        """The thread count the governor now prefers for ``batch`` (None: not decided yet)."""
-        st = self._stats.get((batch, n))
-        if st is None or len(st[1]) < 2 or len(st[n]) < 2:
-            return None
-        return _faster(st, n)
-
-
-def _faster(st: dict, n: int) -> int:
-    """n, unless 1 thread has been clearly faster: the fastest of each one's last three
-    calls (a call slowed by a passing hiccup does not count; a contended count is slow
-    every time), and 1 only when it beats n by ``1 / ONE_THREAD_MARGIN``."""
-    return 1 if min(st[1]) < ONE_THREAD_MARGIN * min(st[n]) else n
-
-
-ONE_THREAD_MARGIN = 0.8  # quiet, 1 thread is ~1.25-1.6x slower; beside a busy process ~0.4x
+    part: str | None
+    fn: Callable
+    args: tuple
+    reads: tuple[str, np.ndarray] | None = None
+    makes: dict[str, np.ndarray] = field(default_factory=dict)
+    ends: tuple[str, np.ndarray] | None = None
 
 
 class Engine:
@@ -173,6 +105,7 @@ class Engine:
                 f"numerics={cfg.numerics!r} runs in its int64 reference only so far (integer.IntegerOracle; "
                 "--engine oracle on the command line), not in the fast engine"
             )
+        quiet_spin()
         self.packed = packed
         t = ckpt.tensors
         layers = cfg.linear_shapes()
@@ -194,13 +127,29 @@ class Engine:
         self.cls_pos = self.p["pos_embed"][0, :1] + self.p["cls_token"][0]  # (1, D)
         # each block's attention kernel (float or int8, as the config says), called alike
         self.attn = [attention_op(cfg, self.p, i) for i in range(cfg.depth)]
-        self.record: dict[str, np.ndarray] | None = None  # layer -> int8 input codes (tests)
+        self.blocks = "bitlinear" if cfg.bitlinear_norm else "ternary"  # the key into BLOCKS
+        self.record: dict[str, np.ndarray] | None = None  # layer -> int8 input codes (tests, ledger)
         self.timings: dict[str, float] | None = None  # part -> seconds (bench --layers)
         self.trace: dict[str, np.ndarray] | None = None  # stage -> output, the oracle's stage names
-        blocks = [layer for layer in cfg.linear_shapes() if layer.startswith("blocks.")]
-        self._fused = not cfg.bitlinear_norm and all(layer in self.ternary for layer in blocks)
         self._workspace = threading.local()
         self.governor = ThreadGovernor()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, packed: bool = PACKED_DEFAULT) -> Engine:
+        return cls(load_weights(path), packed)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the engine holds: ternary layouts, scales, float tensors."""
+        floats = sum(a.nbytes for a in self.p.values()) + sum(w.nbytes for w, _ in self.float.values())
+        return floats + sum(w.nbytes for w in self.ternary.values())
+
+    # -- buffers -------------------------------------------------------------------------
+    def _batch(self, B: int) -> None:
+        """Buffers (and plans) fit one batch size; keep only the latest size's."""
+        ws = self._workspace.__dict__
+        if ws.get("batch") != B:
+            ws["batch"], ws["bufs"] = B, {}
 
     def _buf(self, key: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
         """This thread's reusable buffer ``key`` (reallocated when the shape changes)."""
@@ -214,194 +163,91 @@ class Engine:
         T, K = x.shape  # keyed by shape: the head's (B, D) codes must not evict the blocks' (T, D)
         return self._buf(f"codes{T}x{K}", (T, K), np.int8), self._buf(f"scales{T}", (T,))
 
-    def _keep(self, stage: str, x: np.ndarray) -> None:
-        if self.trace is not None:
-            self.trace[stage] = x.copy()
+    def _norm(self, name: str) -> tuple[np.ndarray, np.ndarray, float]:
+        return self.p[f"{name}.weight"], self.p[f"{name}.bias"], self.cfg.norm_eps
 
-    def _toc(self, part: str, t0: float) -> float:
-        """Add the time since ``t0`` to ``part`` when timing; returns the new start."""
-        t1 = time.perf_counter()
-        self.timings[part] = self.timings.get(part, 0.0) + t1 - t0
-        return t1
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike, packed: bool = PACKED_DEFAULT) -> Engine:
-        return cls(load_weights(path), packed)
-
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of every weight the engine holds: ternary layouts, scales, float tensors."""
-        floats = sum(a.nbytes for a in self.p.values()) + sum(w.nbytes for w, _ in self.float.values())
-        return floats + sum(w.nbytes for w in self.ternary.values())
-
-    # -- one linear layer, with whatever precedes it fused into its quantizer ------------
-    def _ln(self, x: np.ndarray, name: str) -> np.ndarray:
-        return layernorm(x, self.p[f"{name}.weight"], self.p[f"{name}.bias"], self.cfg.norm_eps)
-
-    def _ln_quantize(self, x: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
-        p = self.p
-        return layernorm_quantize(x, p[f"{name}.weight"], p[f"{name}.bias"], self.cfg.norm_eps, self._codes_buf(x))
-
-    def linear(
-        self,
-        x: np.ndarray,
-        layer: str,
-        norm: str | None = None,
-        act: bool = False,
-        residual: np.ndarray | None = None,
-        out: str | None = None,
-    ) -> np.ndarray:
-        """``layer(act(norm(x)))`` for float32 rows ``x`` (T, in) -> (T, out).
-
-        ``norm`` names a LayerNorm applied first; ``act`` applies GELU first; ``residual``
-        (T, out) has the result added to it in place and is returned; ``out`` names the
-        workspace buffer to write the result into (else it is a new array).
-        """
-        timing = self.timings is not None
-        t0 = time.perf_counter() if timing else 0.0
+    # -- the steps -----------------------------------------------------------------------
+    def site(self, layer: str, src: np.ndarray, dest: np.ndarray, norm: str | None = None, act: bool = False,
+             residual: bool = False) -> list[Step]:  # fmt: skip
+        """Steps computing ``layer(act(norm(src)))`` (rows, float32) into ``dest``, or added
+        to it when ``residual``: the input's codes (norm, GELU or plain quantizer, one
+        kernel), then the product; for a float layer, float32 norm/GELU and ``x @ w + b``;
+        with BitLinear norms, the layer's own LayerNorm before its codes."""
         part = layer.rsplit(".", 1)[-1] if layer.startswith("blocks.") else layer.split(".")[0]
-        if layer in self.float or self.cfg.bitlinear_norm:
-            if norm is not None:
-                x = self._ln(x, norm)
-            if act:
-                x = gelu(x)
-            if layer in self.float:
-                if timing:
-                    t0 = self._toc("norm+quant" if norm else "gelu+quant" if act else "quant", t0)
-                y = float_linear(x, *self.float[layer])
-                if residual is not None:
-                    residual += y
-                    y = residual
-                if timing:
-                    self._toc(part, t0)
-                return y
-            x_q, s_x = self._ln_quantize(x, f"{layer}.norm")
-        elif norm is not None:
-            x_q, s_x = self._ln_quantize(x, norm)
-        elif act:
-            x_q, s_x = gelu_quantize(x, self._codes_buf(x))
+        pre = "norm+quant" if norm else "gelu+quant" if act else "quant"
+        ln = self._norm(norm) if norm else None
+        if layer in self.float:
+            x, steps = src, []
+            if norm or act:
+                x = self._buf(f"{layer}.in", src.shape)
+                steps.append(Step(pre, _float_pre, (src, ln, act, x)))
+            return steps + [Step(part, _float_linear_into, (x, *self.float[layer], dest, residual))]
+        codes = self._codes_buf(src)
+        if self.cfg.bitlinear_norm:
+            own = self._norm(f"{layer}.norm")
+            first = Step(pre, _bitlinear_pre, (src, ln, act, own, self._buf(f"{layer}.in", src.shape), codes))
+        elif norm:
+            first = Step(pre, *bind_layernorm_quantize(src, *ln, codes))
         else:
-            x_q, s_x = quantize_rows(x, self._codes_buf(x))
-        if self.record is not None:
-            self.record[layer] = x_q.copy()
-        if timing:
-            t0 = self._toc("norm+quant" if norm else "gelu+quant" if act else "quant", t0)
-        w = self.ternary[layer]
-        dest = None if out is None or residual is not None else self._buf(out, (x.shape[0], w.out_features))
-        y = linear(x_q, s_x, w, residual=residual, out=dest)
-        if timing:
-            self._toc(part, t0)
-        return y
+            first = Step(pre, gelu_quantize if act else quantize_rows, (src, codes))
+        linear = bind_linear(*codes, self.ternary[layer], dest, residual)
+        return [first, Step(part, *linear, reads=(layer, codes[0]))]
 
-    def _blocks_fused(self, x: np.ndarray, B: int) -> None:
-        """Every block, ``x`` (T, D) updated in place, each step one kernel (module docstring)."""
-        timing, record = self.timings is not None, self.record
-        t0 = time.perf_counter() if timing else 0.0
-        x_q, s_x = self._ln_quantize(x, "blocks.0.norm1")
-        if timing:
-            t0 = self._toc("norm+quant", t0)
-        plan = self._plan(x, B)
-        if plan is None:
-            return self._blocks_stepwise(x, B, x_q, s_x)
-        for part, fn, args, inputs, block, outputs in plan:
-            if record is not None and inputs is not None:
-                record[inputs[0]] = inputs[1].copy()
-            fn(*args)
-            if record is not None:
-                record.update({site: codes.copy() for site, codes in outputs.items()})
-            if timing:
-                t0 = self._toc(part, t0)
-            if block is not None:
-                self._keep(block, x.reshape(B, -1, x.shape[1]))
+    def _embed_steps(self, B: int) -> list[Step]:
+        cfg = self.cfg
+        Np, D = cfg.num_patches, cfg.dim
+        images = self._buf("images", (B, cfg.in_chans, cfg.image_size, cfg.image_size))
+        patches = self._buf("patches", (B * Np, cfg.patch_dim))
+        emb = self._buf("emb", (B * Np, D))
+        x = self._buf("x", (B, cfg.num_tokens, D))
+        steps = [Step("patch_embed", _patchify_into, (images, cfg.patch_size, patches))]
+        steps += self.site("patch_embed.proj", patches, emb)
+        steps[-1].ends = "patch_embed", emb.reshape(B, Np, D)
+        pos = self.p["pos_embed"][0, 1:]
+        return steps + [Step("patch_embed", _tokens_into, (emb.reshape(B, Np, D), self.cls_pos, pos, x),
+                             ends=("tokens", x))]  # fmt: skip
 
-    def _plan(self, x: np.ndarray, B: int) -> list | None:
-        """The blocks' kernel calls, bound once per batch size to this thread's buffers, so a
-        forward runs them back to back: no checks, lookups or argument building between
-        them (at batch 1 those took 0.3 of 1.6 ms). Each step: (part, kernel, args, the
-        layer and input codes it reads, for ``record``; the block it ends, for ``trace``; the
-        codes it makes besides, by site, for ``record``: the int8 attention's q, k, v, p).
-        None off the VNNI path or for shapes off its tiles: then :meth:`_blocks_stepwise`."""
-        if kernel_path() != "vnni" or numba.config.DISABLE_JIT:  # asked each call: the path may change
-            return None
+    def _head_steps(self, B: int) -> list[Step]:
+        cfg = self.cfg
+        x = self._buf("x", (B, cfg.num_tokens, cfg.dim))
+        cls, logits = self._buf("cls", (B, cfg.dim)), self._buf("logits", (B, cfg.num_classes))
+        steps = [Step(None, np.copyto, (cls, x[:, 0]))]
+        if self.trace is not None:  # the final norm of every token, as the oracle records it
+            steps.append(Step(None, self._trace_norm, (x,)))
+        steps += self.site("head", cls, logits, norm="norm")
+        steps[-1].ends = "logits", logits
+        return steps
+
+    def _trace_norm(self, x: np.ndarray) -> None:
+        self.trace["norm"] = layernorm(x.reshape(-1, x.shape[2]), *self._norm("norm")).reshape(x.shape)
+
+    def _plan(self, B: int) -> tuple[list[Step], list[Step]]:
+        """This thread's steps for batch ``B`` (features, head), bound once per kernel path
+        and instrumentation: a forward runs them back to back, with no checks, lookups or
+        argument building between them on the VNNI path (at batch 1 those took a fifth)."""
         bufs = self._workspace.__dict__["bufs"]
-        key = "plan", self.record is not None  # recording binds arrays for the attention's codes
-        if key in bufs:
-            return bufs[key]
-        cfg, p, tern = self.cfg, self.p, self.ternary
-        T, D = x.shape
-        codes = self._codes_buf(x)
-        attn = self._buf("attn_codes", (T, D), np.int8), self._buf("attn_scales", (T,))
-        hidden = self._buf("hidden_codes", (T, cfg.hidden_dim), np.int8), self._buf("hidden_scales", (T,))
-        qkv = self._buf("qkv", (T, 3 * D))
-        plan, eps = [], cfg.norm_eps
-        for i in range(cfg.depth):
-            blk = f"blocks.{i}"
-            w = {k: tern[f"{blk}.{k}"] for k in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
-            if not self.attn[i].bindable(D // cfg.heads) or not all(map(fits_vnni_tiles, w.values())):
-                bufs[key] = None
-                return None
-            codes_made = {} if self.record is not None else None  # site suffix -> array the kernel fills
-            norm2 = p[f"{blk}.norm2.weight"], p[f"{blk}.norm2.bias"], eps
-            plan += [
-                ("qkv", *bind_linear(*codes, w["attn.qkv"], qkv, False), (f"{blk}.attn.qkv", codes[0]), None, {}),
-                ("attention+quant", *self.attn[i].bind(qkv.reshape(B, -1, 3 * D), cfg.heads, codes=attn,
-                 record=codes_made), None, None, {f"{blk}.attn.{k}": v for k, v in (codes_made or {}).items()}),
-                ("proj", *bind_linear(*attn, w["attn.proj"], x, True), (f"{blk}.attn.proj", attn[0]), None, {}),
-                ("norm+quant", *bind_layernorm_quantize(x, *norm2, codes), None, None, {}),
-                ("fc1+gelu+quant", *fused.bind(*codes, w["mlp.fc1"], *hidden),
-                 (f"{blk}.mlp.fc1", codes[0]), None, {}),
-            ]  # fmt: skip
-            plan.append(("fc2", *bind_linear(*hidden, w["mlp.fc2"], x, True), (f"{blk}.mlp.fc2", hidden[0]), blk, {}))
-            if i + 1 < cfg.depth:
-                norm1 = p[f"blocks.{i + 1}.norm1.weight"], p[f"blocks.{i + 1}.norm1.bias"], eps
-                plan.append(("norm+quant", *bind_layernorm_quantize(x, *norm1, codes), None, None, {}))
-        bufs[key] = plan
-        return plan
+        key = "plan", kernel_path(), self.record is not None, self.trace is not None
+        if key not in bufs:
+            bufs[key] = self._embed_steps(B) + BLOCKS[self.blocks](self, B), self._head_steps(B)
+        return bufs[key]
 
-    def _blocks_stepwise(self, x: np.ndarray, B: int, x_q: np.ndarray, s_x: np.ndarray) -> None:
-        """:meth:`_blocks_fused` through the checked kernel functions, step by step (the
-        generic path; each fused function runs its steps where it has no one-pass kernel)."""
-        cfg, tern = self.cfg, self.ternary
-        T, D = x.shape
-        timing, record = self.timings is not None, self.record
-        t0 = time.perf_counter() if timing else 0.0
-        attn_codes = self._buf("attn_codes", (T, D), np.int8), self._buf("attn_scales", (T,))
-        hidden_codes = self._buf("hidden_codes", (T, cfg.hidden_dim), np.int8), self._buf("hidden_scales", (T,))
-        for i in range(cfg.depth):
-            blk = f"blocks.{i}"
-            if record is not None:
-                record[f"{blk}.attn.qkv"] = x_q.copy()
-            qkv = linear(x_q, s_x, tern[f"{blk}.attn.qkv"], out=self._buf("qkv", (T, 3 * D)))
-            if timing:
-                t0 = self._toc("qkv", t0)
-            made = {} if record is not None else None
-            o_q, o_s = self.attn[i].quantize(qkv.reshape(B, T // B, 3 * D), cfg.heads, attn_codes, record=made)
-            if record is not None:
-                record.update({f"{blk}.attn.{k}": v for k, v in made.items()})
-                record[f"{blk}.attn.proj"] = o_q.copy()
-            if timing:
-                t0 = self._toc("attention+quant", t0)
-            linear(o_q, o_s, tern[f"{blk}.attn.proj"], residual=x)
-            if timing:
-                t0 = self._toc("proj", t0)
-            h_q, h_s = self._ln_quantize(x, f"{blk}.norm2")
-            if record is not None:
-                record[f"{blk}.mlp.fc1"] = h_q.copy()
-            if timing:
-                t0 = self._toc("norm+quant", t0)
-            g_q, g_s = linear_gelu_quantize(h_q, h_s, tern[f"{blk}.mlp.fc1"], hidden_codes)
-            if record is not None:
-                record[f"{blk}.mlp.fc2"] = g_q.copy()
-            if timing:
-                t0 = self._toc("fc1+gelu+quant", t0)
-            linear(g_q, g_s, tern[f"{blk}.mlp.fc2"], residual=x)
-            if timing:
-                t0 = self._toc("fc2", t0)
-            self._keep(blk, x.reshape(B, T // B, D))
-            if i + 1 < cfg.depth:
-                x_q, s_x = self._ln_quantize(x, f"blocks.{i + 1}.norm1")
-                if timing:
-                    t0 = self._toc("norm+quant", t0)
+    def _run(self, steps: list[Step]) -> None:
+        """Run ``steps`` in order: the one place that times, records and traces."""
+        record, timings, trace = self.record, self.timings, self.trace
+        t0 = time.perf_counter() if timings is not None else 0.0
+        for st in steps:
+            if record is not None and st.reads is not None:
+                record[st.reads[0]] = st.reads[1].copy()
+            st.fn(*st.args)
+            if record is not None and st.makes:
+                record.update({site: codes.copy() for site, codes in st.makes.items()})
+            if timings is not None:
+                t1 = time.perf_counter()
+                if st.part is not None:
+                    timings[st.part] = timings.get(st.part, 0.0) + t1 - t0
+                t0 = t1
+            if trace is not None and st.ends is not None:
+                trace[st.ends[0]] = st.ends[1].copy()
 
     # -- model ---------------------------------------------------------------------------
     def check_images(self, images: np.ndarray) -> np.ndarray:
@@ -422,47 +268,23 @@ class Engine:
 
     def _features(self, images: np.ndarray) -> np.ndarray:
         """:meth:`forward_features` in this thread's workspace (overwritten by the next call)."""
-        cfg = self.cfg
         images = self.check_images(images)
-        B, N1, D = images.shape[0], cfg.num_tokens, cfg.dim
-        ws = self._workspace.__dict__
-        if ws.get("batch") != B:  # buffers fit one batch size; keep only the latest size's
-            ws["batch"], ws["bufs"] = B, {}
-        patches = patchify(images, cfg.patch_size).reshape(B * cfg.num_patches, cfg.patch_dim)
-        emb = self.linear(patches, "patch_embed.proj", out="patches").reshape(B, cfg.num_patches, D)
-        self._keep("patch_embed", emb)
-        x = self._buf("x", (B, N1, D))
-        x[:, 0] = self.cls_pos
-        np.add(emb, self.p["pos_embed"][0, 1:], out=x[:, 1:])
-        self._keep("tokens", x)
-        x = x.reshape(B * N1, D)  # (T, D): every token of the batch is a row
-        if self._fused:
-            self._blocks_fused(x, B)
-            return x.reshape(B, N1, D)
-        for i in range(cfg.depth):
-            blk = f"blocks.{i}"
-            qkv = self.linear(x, f"{blk}.attn.qkv", norm=f"{blk}.norm1", out="qkv")  # (T, 3D)
-            t0 = time.perf_counter() if self.timings is not None else 0.0
-            made = {} if self.record is not None else None
-            o = self.attn[i](qkv.reshape(B, N1, 3 * D), cfg.heads, self._buf("attn", (B, N1, D)), record=made)
-            o = o.reshape(B * N1, D)
-            if made:
-                self.record.update({f"{blk}.attn.{k}": v for k, v in made.items()})
-            if self.timings is not None:
-                self._toc("attention", t0)
-            self.linear(o, f"{blk}.attn.proj", residual=x)  # x += proj(o), in place
-            h = self.linear(x, f"{blk}.mlp.fc1", norm=f"{blk}.norm2", out="hidden")  # (T, hidden)
-            self.linear(h, f"{blk}.mlp.fc2", act=True, residual=x)  # x += fc2(gelu(h))
-            self._keep(blk, x.reshape(B, N1, D))
-        return x.reshape(B, N1, D)
+        B = images.shape[0]
+        self._batch(B)
+        features, _ = self._plan(B)
+        np.copyto(self._buf("images", images.shape), images)
+        self._run(features)
+        return self._buf("x", (B, self.cfg.num_tokens, self.cfg.dim))
 
     def forward_head(self, x: np.ndarray) -> np.ndarray:
-        cls = np.ascontiguousarray(x[:, 0])
-        if self.trace is not None:  # the final norm of every token, as the oracle records it
-            self._keep("norm", self._ln(x.reshape(-1, x.shape[2]), "norm").reshape(x.shape))
-        logits = self.linear(cls, "head", norm="norm")  # (B, classes)
-        self._keep("logits", logits)
-        return logits
+        """Tokens [B, N+1, D] -> float32 logits [B, classes]."""
+        B = x.shape[0]
+        self._batch(B)
+        tokens = self._buf("x", (B, self.cfg.num_tokens, self.cfg.dim))
+        if x is not tokens:
+            np.copyto(tokens, x)
+        self._run(self._plan(B)[1])
+        return self._buf("logits", (B, self.cfg.num_classes)).copy()
 
     def forward(self, images: np.ndarray) -> np.ndarray:
         """Normalized float images [B, C, H, W] -> float32 logits [B, classes]. Runs with
@@ -482,3 +304,95 @@ class Engine:
         return logits
 
     __call__ = forward
+
+
+# -- the blocks, by kind ------------------------------------------------------------------
+def _ternary_blocks(eng: Engine, B: int) -> list[Step]:
+    """Every block, each step one kernel (the module docstring): the residual stream ``x``
+    (T, D) updated in place; each quantizer fused into the step before it."""
+    cfg = eng.cfg
+    x3 = eng._buf("x", (B, cfg.num_tokens, cfg.dim))
+    T, D = B * cfg.num_tokens, cfg.dim
+    x = x3.reshape(T, D)
+    codes = eng._codes_buf(x)
+    attn = eng._buf("attn_codes", (T, D), np.int8), eng._buf("attn_scales", (T,))
+    hidden = eng._buf("hidden_codes", (T, cfg.hidden_dim), np.int8), eng._buf("hidden_scales", (T,))
+    qkv = eng._buf("qkv", (T, 3 * D))
+    steps = [Step("norm+quant", *bind_layernorm_quantize(x, *eng._norm("blocks.0.norm1"), codes))]
+    for i in range(cfg.depth):
+        blk = f"blocks.{i}"
+        w = {k: eng.ternary[f"{blk}.{k}"] for k in BLOCK_LINEARS}
+        made = {} if eng.record is not None else None  # site suffix -> array the kernel fills
+        attention = eng.attn[i].bind(qkv.reshape(B, -1, 3 * D), cfg.heads, codes=attn, record=made)
+        steps += [
+            Step("qkv", *bind_linear(*codes, w["attn.qkv"], qkv, False), reads=(f"{blk}.attn.qkv", codes[0])),
+            Step("attention+quant", *attention, makes={f"{blk}.attn.{k}": v for k, v in (made or {}).items()}),
+            Step("proj", *bind_linear(*attn, w["attn.proj"], x, True), reads=(f"{blk}.attn.proj", attn[0])),
+            Step("norm+quant", *bind_layernorm_quantize(x, *eng._norm(f"{blk}.norm2"), codes)),
+            Step("fc1+gelu+quant", *bind_linear_gelu_quantize(*codes, w["mlp.fc1"], *hidden),
+                 reads=(f"{blk}.mlp.fc1", codes[0])),
+            Step("fc2", *bind_linear(*hidden, w["mlp.fc2"], x, True), reads=(f"{blk}.mlp.fc2", hidden[0]),
+                 ends=(blk, x3)),
+        ]  # fmt: skip
+        if i + 1 < cfg.depth:
+            steps.append(Step("norm+quant", *bind_layernorm_quantize(x, *eng._norm(f"blocks.{i + 1}.norm1"), codes)))
+    return steps
+
+
+def _bitlinear_blocks(eng: Engine, B: int) -> list[Step]:
+    """Every block with BitLinear norms: each layer's input normalized and quantized in
+    its own step (:meth:`Engine.site`), the attention's output in float32."""
+    cfg = eng.cfg
+    x3 = eng._buf("x", (B, cfg.num_tokens, cfg.dim))
+    T, D = B * cfg.num_tokens, cfg.dim
+    x = x3.reshape(T, D)
+    qkv, o = eng._buf("qkv", (T, 3 * D)), eng._buf("attn", (B, cfg.num_tokens, D))
+    hidden = eng._buf("hidden", (T, cfg.hidden_dim))
+    steps = []
+    for i in range(cfg.depth):
+        blk = f"blocks.{i}"
+        made = {} if eng.record is not None else None
+        attention = eng.attn[i].bind(qkv.reshape(B, -1, 3 * D), cfg.heads, out=o, record=made)
+        steps += eng.site(f"{blk}.attn.qkv", x, qkv, norm=f"{blk}.norm1")
+        steps.append(Step("attention", *attention, makes={f"{blk}.attn.{k}": v for k, v in (made or {}).items()}))
+        steps += eng.site(f"{blk}.attn.proj", o.reshape(T, D), x, residual=True)
+        steps += eng.site(f"{blk}.mlp.fc1", x, hidden, norm=f"{blk}.norm2")
+        steps += eng.site(f"{blk}.mlp.fc2", hidden, x, act=True, residual=True)
+        steps[-1].ends = blk, x3
+    return steps
+
+
+BLOCKS: dict[str, Callable[[Engine, int], list[Step]]] = {"ternary": _ternary_blocks, "bitlinear": _bitlinear_blocks}
+
+
+# -- the small steps the kernels module has no kernel for ------------------------------------
+def _patchify_into(images: np.ndarray, p: int, out: np.ndarray) -> None:
+    np.copyto(out, patchify(images, p).reshape(out.shape))
+
+
+def _tokens_into(emb: np.ndarray, cls_pos: np.ndarray, pos: np.ndarray, x: np.ndarray) -> None:
+    x[:, 0] = cls_pos
+    np.add(emb, pos, out=x[:, 1:])
+
+
+def _float_pre(src: np.ndarray, ln, act: bool, out: np.ndarray) -> None:
+    """``act(norm(src))`` in float32 into ``out`` (``ln``: (weight, bias, eps) or None)."""
+    x = layernorm(src, *ln) if ln is not None else src
+    np.copyto(out, gelu(x) if act else x)
+
+
+def _bitlinear_pre(src, ln, act, own, tmp, codes) -> None:
+    """A BitLinear layer's input: float32 norm/GELU, then its own LayerNorm and codes."""
+    x = src
+    if ln is not None or act:
+        _float_pre(src, ln, act, tmp)
+        x = tmp
+    layernorm_quantize(x, *own, codes)
+
+
+def _float_linear_into(x, w_t, b, dest: np.ndarray, residual: bool) -> None:
+    y = float_linear(x, w_t, b)
+    if residual:
+        dest += y
+    else:
+        np.copyto(dest, y)

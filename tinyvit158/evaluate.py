@@ -13,12 +13,12 @@ from tqdm import tqdm
 from tinyvit158.cli import prog
 from tinyvit158.cluster import add_arguments as add_ray_arguments
 from tinyvit158.data import data_arg, load_cifar10
-from tinyvit158.engine import first_run_notice
 from tinyvit158.errors import TinyViTError
 from tinyvit158.files import shown
 from tinyvit158.folders import is_labelled_folder, load_labelled_folder
 from tinyvit158.image import normalize
 from tinyvit158.pipeline import classify, engine_name, load_model, make_model, run_engine, usable_workers
+from tinyvit158.runtime import first_run_notice
 
 EPILOG = """\
 --data accepts: the folder holding cifar10-test-jpg.zip (default: $TINYVIT158_DATA), the zip

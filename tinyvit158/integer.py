@@ -39,26 +39,27 @@ import math
 
 import numpy as np
 
+from tinyvit158.config import BLOCK_NORMS
+from tinyvit158.constants import (
+    EXP_A,
+    EXP_B,
+    EXP_C,
+    FRAC,
+    GELU_A,
+    GELU_B,
+    INT_LN2,
+    INT_ONE,
+    INT_SAT,
+    INV_SQRT2,
+)
 from tinyvit158.errors import TinyViTError
 from tinyvit158.oracle import patchify
 from tinyvit158.quant import ACT_QMAX, code_max
 from tinyvit158.weights import Checkpoint
 
 I64 = np.int64
-FRAC = 16  # Q16: an activation v stands for v / 2**16
-ONE = 1 << FRAC
-SAT = (1 << 24) - 1  # the residual stream's saturation: |v| <= 2**24 - 1 (a real 256)
+ONE, SAT, LN2 = INT_ONE, INT_SAT, INT_LN2
 MANTISSA = 16  # bits of a dyadic scale's mantissa g (2**15 <= g <= 2**16)
-
-# i-GELU (I-BERT): erf(u) ~ sign(u) * (A (min(|u|, -B) + B)**2 + 1), in Q16
-GELU_A = round(-0.2888 * ONE)
-GELU_B = round(-1.769 * ONE)
-INV_SQRT2 = round(ONE / math.sqrt(2.0))
-# i-exp (I-BERT): exp(p) ~ A (p + B)**2 + C on (-ln 2, 0], in Q16
-EXP_A = round(0.3585 * ONE)
-EXP_B = round(1.353 * ONE)
-EXP_C = round(0.344 * ONE)
-LN2 = round(math.log(2.0) * ONE)
 
 
 # -- the rules ----------------------------------------------------------------------------
@@ -189,7 +190,7 @@ class IntegerParams:
             self.linear[layer] = (w.astype(I64), g, e, B)
         self.norms = {
             name: (to_q16(ckpt.tensors[f"{name}.weight"]), to_q16(ckpt.tensors[f"{name}.bias"]))
-            for name in [f"blocks.{i}.norm{j}" for i in range(cfg.depth) for j in (1, 2)] + ["norm"]
+            for name in [f"blocks.{i}.{norm}" for i in range(cfg.depth) for norm in BLOCK_NORMS] + ["norm"]
         }
         self.cls_token = to_q16(ckpt.tensors["cls_token"])
         self.pos_embed = to_q16(ckpt.tensors["pos_embed"])

@@ -30,12 +30,14 @@ from tqdm import tqdm
 
 from tinyvit158 import cluster
 from tinyvit158.config import ViTConfig, get_preset
-from tinyvit158.engine import Engine, first_run_notice
+from tinyvit158.engine import Engine
 from tinyvit158.errors import TinyViTError
 from tinyvit158.folders import IMAGE_SUFFIXES, image_files
 from tinyvit158.image import URL, decode, normalize
 from tinyvit158.integer import IntegerOracle
+from tinyvit158.kernels.linear import KERNEL_ENV, kernel_path
 from tinyvit158.oracle import Oracle
+from tinyvit158.runtime import first_run_notice
 from tinyvit158.weights import Checkpoint, default_weights_path, load_weights, random_checkpoint
 
 RANDOM_NOTE = (
@@ -94,6 +96,16 @@ def engine_name(cfg: ViTConfig, engine: str) -> str:
     """What runs a config, for the commands' reports: "fast", "oracle", or "integer reference"
     (integer numerics run in their int64 reference either way, so far)."""
     return "integer reference" if cfg.numerics == "integer" else engine
+
+
+def numerics_line(cfg: ViTConfig, engine: str) -> str:
+    """What ``--explain`` says ran: the numerics, and the kernel path (``TINYVIT158_KERNEL``)
+    where the fast engine ran them."""
+    where = engine_name(cfg, engine)
+    path = (
+        f"; kernel path: {kernel_path()} ({KERNEL_ENV}={os.environ.get(KERNEL_ENV, 'auto')})" if where == "fast" else ""
+    )
+    return f"# numerics: {cfg.numerics} ({cfg.attention} attention); {where} engine{path}"
 
 
 def usable_workers(workers: int) -> int:

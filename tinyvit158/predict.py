@@ -15,7 +15,7 @@ from tinyvit158.cluster import add_arguments as add_ray_arguments
 from tinyvit158.errors import TinyViTError
 from tinyvit158.files import shown
 from tinyvit158.ledger import count, format_ledger
-from tinyvit158.pipeline import classify, engine_name, image_paths, load_model, usable_workers
+from tinyvit158.pipeline import classify, engine_name, image_paths, load_model, numerics_line, usable_workers
 
 EPILOG = """\
 Images (PNG, JPEG, BMP, GIF (first frame), WebP, TIFF, ...) are converted to RGB (EXIF
@@ -136,6 +136,7 @@ def _main(argv: list[str] | None) -> int:
         out = sys.stdout if not args.json else sys.stderr
         print(f"\n# arithmetic ledger, per image ({first_good}; blocks summed)", file=out)
         print(format_ledger(count(ckpt, record if args.engine == "fast" else None)), file=out)
+        print(numerics_line(ckpt.config, args.engine), file=out)
     return status
 
 

@@ -35,7 +35,7 @@ import re
 
 import numpy as np
 
-from tinyvit158.config import ViTConfig
+from tinyvit158.config import BLOCK_LINEARS, BLOCK_NORMS, ViTConfig
 from tinyvit158.errors import TinyViTError
 from tinyvit158.oracle import Oracle
 from tinyvit158.packing import pack
@@ -43,10 +43,7 @@ from tinyvit158.quant import quantize_activations, ternarize
 from tinyvit158.weights import Checkpoint, tensor_spec
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
-_BLOCK_TENSORS = {
-    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-    "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
-}  # fmt: skip
+_BLOCK_TENSORS = {f"{site}.{p}" for site in BLOCK_LINEARS + BLOCK_NORMS for p in ("weight", "bias")}
 _TOP = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
         "head.weight", "head.bias"}  # fmt: skip
 _REFUSED = {

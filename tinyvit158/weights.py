@@ -39,7 +39,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from tinyvit158.config import ViTConfig
+from tinyvit158.config import BLOCK_NORMS, ViTConfig
 from tinyvit158.errors import TinyViTError, WeightFileError
 from tinyvit158.files import atomic_write_bytes, input_problem
 from tinyvit158.packing import pack, packed_cols, unpack
@@ -69,7 +69,7 @@ def tensor_spec(cfg: ViTConfig) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
             spec[f"{layer}.weight"] = (f32, (n, k))
         if cfg.has_bias(layer):
             spec[f"{layer}.bias"] = (f32, (n,))
-    for name in [f"blocks.{i}.norm{j}" for i in range(cfg.depth) for j in (1, 2)] + ["norm"]:
+    for name in [f"blocks.{i}.{norm}" for i in range(cfg.depth) for norm in BLOCK_NORMS] + ["norm"]:
         spec[f"{name}.weight"] = (f32, (cfg.dim,))
         spec[f"{name}.bias"] = (f32, (cfg.dim,))
     if cfg.qk_norm:

@@ -1,50 +1,44 @@
-"""Numba kernels. Each fast kernel sits beside a readable reference with the same signature.
+"""Numba kernels, one module per operation; each fast kernel beside its reference.
 
-- ``ternary``: int8 activations x ternary weights -> exact int32 accumulators, and the
-  fused ``linear`` that dequantizes in the store.
-- ``ops``: the float32 steps between the matmuls (LayerNorm, GELU, quantizers, attention).
-- ``fused``: fc1, GELU and their codes in one pass over whole output rows (and residual +
-  LayerNorm + codes after proj and fc2, as two kernels: measured faster than one pass).
+- ``linear``: int8 activations x ternary weights -> exact int32 accumulators, the ``linear``
+  that dequantizes in the store, fc1 + GELU + codes, the float layers; the kernel path
+  (``TINYVIT158_KERNEL``) and the references. Its backends: ``vnni`` (AVX-512 VNNI tiles,
+  with the one-pass fc1 kernel), ``avx2`` (the same layout on AVX2) and ``portable``
+  (LLVM's portable float32 vectors, any CPU).
+- ``rowops``: LayerNorm, GELU and the quantizers that make a layer's input codes.
+- ``attention``: the float attention (float64, rounded once); ``qattn``: the int8 attention.
+- ``jit``: the JIT flavours and helpers every module shares; ``simd``: the vector vocabulary.
 
-The jitted functions are private (``_name``) and run as plain Python under
-``NUMBA_DISABLE_JIT=1``; the public wrappers check dtypes and shapes first.
-
-Threads under contention: between a forward pass's ~40 parallel regions Numba's OpenMP
-threads wait at a barrier, spinning ~300,000 iterations by default; beside a busy process
-a spinning thread burns the time slices its partner needs (docs/PERFORMANCE.md). So
-unless the user chose a wait policy (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``) the
-threads spin 1,000 iterations and then sleep; effective only if set before the first
-parallel call in the process.
+Within a module an underscore means private to it; what another module uses is public.
+The jitted functions run as plain Python under ``NUMBA_DISABLE_JIT=1``; the public
+wrappers check dtypes and shapes first. Importing the package changes nothing.
 """
 
-import os
-
-if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = "1000"
-
-from tinyvit158.kernels.fused import linear_add_norm_quantize, linear_gelu_quantize
-from tinyvit158.kernels.ops import (
-    FloatAttention,
-    attention,
-    attention_quantize,
-    attention_ref,
+from tinyvit158.kernels.attention import FloatAttention, attention, attention_quantize, attention_ref
+from tinyvit158.kernels.linear import (
+    PATH_FEATURES,
+    PATHS,
+    PreparedTernary,
+    bind_linear,
+    bind_linear_gelu_quantize,
+    cpu_has,
+    cpu_has_vnni,
     float_linear,
+    kernel_path,
+    linear,
+    linear_gelu_quantize,
+    linear_ref,
+    matmul,
+    matmul_ref,
+)
+from tinyvit158.kernels.qattn import Int8Attention
+from tinyvit158.kernels.rowops import (
+    bind_layernorm_quantize,
     gelu,
     gelu_quantize,
     layernorm,
     layernorm_quantize,
     quantize_rows,
-)
-from tinyvit158.kernels.qattn import Int8Attention
-from tinyvit158.kernels.ternary import (
-    PATHS,
-    PreparedTernary,
-    cpu_has_vnni,
-    kernel_path,
-    linear,
-    linear_ref,
-    matmul,
-    matmul_ref,
 )
 
 
@@ -64,20 +58,24 @@ __all__ = [
     "attention_op",
     "FloatAttention",
     "Int8Attention",
+    "PATH_FEATURES",
     "PATHS",
     "PreparedTernary",
-    "cpu_has_vnni",
-    "kernel_path",
     "attention",
     "attention_quantize",
     "attention_ref",
+    "bind_layernorm_quantize",
+    "bind_linear",
+    "bind_linear_gelu_quantize",
+    "cpu_has",
+    "cpu_has_vnni",
     "float_linear",
     "gelu",
     "gelu_quantize",
+    "kernel_path",
     "layernorm",
     "layernorm_quantize",
     "linear",
-    "linear_add_norm_quantize",
     "linear_gelu_quantize",
     "linear_ref",
     "matmul",

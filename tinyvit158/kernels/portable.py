@@ -13,7 +13,7 @@ Why float32 is exact here: every activation is an integer in [-127, 127] and eve
 is -1, 0 or +1, so each product and each partial sum is an integer with
 ``|sum| <= 127 K``; float32 represents every integer up to 2**24 exactly, so for
 ``K <= 2**24 // 127 = 132,104`` (every ViT) no step rounds and the result equals the
-int64 reference bit for bit. Wider layers take the int32 loops (``ternary._matmul_dot4``).
+int64 reference bit for bit. Wider layers take the int32 loops (``linear._matmul_dot4``).
 
 Layout: weights in blocks of 16 output channels, ``wb[block, k, c]`` (int8, N padded to a
 multiple of 16 with zeros): the 16 weights one step needs are one 16-byte load.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from tinyvit158.kernels.simd import _dequant_store, _fbcast, _ffma, _fload_i8, _ftoi, _fzero, _vstore
+from tinyvit158.kernels.simd import dequant_store, fbcast, ffma, fload_i8, ftoi, fzero, vstore
 
 MR = 6  # tokens per tile: 6 sum vectors (12 ymm registers under AVX2, of 16)
 NC = 16  # output channels per block
@@ -55,16 +55,16 @@ class PortableWeights:
 def _tile(xf, wb, K, nb):
     """Sums of one 6 x 16 tile, in float32 (exact, see the module docstring), from the
     tile's 6 rows of activations ``xf`` (float32, 6 x K)."""
-    a0 = a1 = a2 = a3 = a4 = a5 = _fzero()
+    a0 = a1 = a2 = a3 = a4 = a5 = fzero()
     w0 = nb * K * NC
     for k in range(K):
-        w = _fload_i8(wb, w0 + k * NC)
-        a0 = _ffma(_fbcast(xf, k), w, a0)
-        a1 = _ffma(_fbcast(xf, K + k), w, a1)
-        a2 = _ffma(_fbcast(xf, 2 * K + k), w, a2)
-        a3 = _ffma(_fbcast(xf, 3 * K + k), w, a3)
-        a4 = _ffma(_fbcast(xf, 4 * K + k), w, a4)
-        a5 = _ffma(_fbcast(xf, 5 * K + k), w, a5)
+        w = fload_i8(wb, w0 + k * NC)
+        a0 = ffma(fbcast(xf, k), w, a0)
+        a1 = ffma(fbcast(xf, K + k), w, a1)
+        a2 = ffma(fbcast(xf, 2 * K + k), w, a2)
+        a3 = ffma(fbcast(xf, 3 * K + k), w, a3)
+        a4 = ffma(fbcast(xf, 4 * K + k), w, a4)
+        a5 = ffma(fbcast(xf, 5 * K + k), w, a5)
     return a0, a1, a2, a3, a4, a5
 
 
@@ -91,11 +91,11 @@ def _tiles(x, wb, K, T, N, parts, fused, s_x, scale, bias, has_bias, out, accumu
             tile = _tile(xf, wb, K, nb)
             for r in range(min(MR, T - t0)):
                 t = t0 + r
-                a = _ftoi(tile[r])
+                a = ftoi(tile[r])
                 if fused:
-                    _dequant_store(out, t * N + nb * NC, a, 0, s_x[t], scale, nb * NC, bias, has_bias, accumulate)
+                    dequant_store(out, t * N + nb * NC, a, 0, s_x[t], scale, nb * NC, bias, has_bias, accumulate)
                 else:
-                    _vstore(stage, 0, a)
+                    vstore(stage, 0, a)
                     for n in range(nb * NC, min(nb * NC + NC, N)):
                         acc32[t, n] = stage[n - nb * NC]
 
@@ -105,7 +105,7 @@ _NONE_I32 = np.empty((0, 0), dtype=np.int32)
 
 
 def matmul(x_q: np.ndarray, w: PortableWeights) -> np.ndarray:
-    """int32 (T, N) sums; inputs checked by the caller (kernels.ternary), K <= K_EXACT."""
+    """int32 (T, N) sums; inputs checked by the caller (kernels.linear), K <= K_EXACT."""
     T = x_q.shape[0]
     acc = np.empty((T, w.n), dtype=np.int32)
     e = _NONE_F32
@@ -114,8 +114,8 @@ def matmul(x_q: np.ndarray, w: PortableWeights) -> np.ndarray:
 
 
 def linear(x_q, s_x, w: PortableWeights, scale, bias, has_bias, out, accumulate) -> np.ndarray:
-    """float32 (T, N) into ``out``, bit-identical to ``ternary.linear_ref``, as
-    ``vnni.linear``; the caller checks that N % 16 == 0."""
+    """float32 (T, N) into ``out``, bit-identical to ``linear.linear_ref``, as
+    ``vnni.bind_tiled``'s call; the caller checks that N % 16 == 0."""
     T, flat = x_q.shape[0], out.reshape(-1)
     parts = numba.get_num_threads()
     _tiles(x_q.reshape(-1), w.wb, w.k, T, w.n, parts, True, s_x, scale, bias, has_bias, flat, accumulate, _NONE_I32)

@@ -45,47 +45,163 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from tinyvit158.constants import EXP32_INV_LN2, EXP32_LN2_HI, EXP32_LN2_LO, EXP32_MIN, EXP32_P
 from tinyvit158.errors import TinyViTError
-from tinyvit158.kernels.ops import (
-    _PYTHON,
-    _absmax,
-    _check_qkv,
-    _codes_out,
-    _ijit,
-    _jit,
-    _layernorm_row,
-    _parts,
-    _pjit,
-    _quantize_row,
-)
+from tinyvit158.kernels.attention import check_qkv
+from tinyvit158.kernels.jit import PYTHON, check_out, codes_out, ijit, jit, job_count, pjit
+from tinyvit158.kernels.linear import kernel_path
+from tinyvit158.kernels.rowops import layernorm_row, quantize_row, row_absmax
 from tinyvit158.kernels.simd import (
-    _dpbusd,
-    _fadd,
-    _fexp,
-    _fhmax,
-    _fhsum_tree,
-    _fload,
-    _fmask,
-    _fmax,
-    _fmul,
-    _fprob_store,
-    _fquantize_interleave4,
-    _fquantize_mul_scatter4,
-    _fquantize_mul_store,
-    _fquantize_mul_store_u8,
-    _fscores,
-    _fsplat,
-    _fstore,
-    _fsub,
-    _vbroadcast4,
-    _vload,
-    _vstore,
-    _vzero,
+    I32,
+    V16,
+    V16F,
+    V64B,
+    dpbusd,
+    element_ptr,
+    fadd,
+    fexp,
+    fhmax,
+    fload,
+    fmax,
+    fmul,
+    fsplat,
+    fstore,
+    fsub,
+    llvm_call,
+    quantize_store_of,
+    splat_ir,
+    vbroadcast4,
+    vload,
+    vstore,
+    vzero,
+    zmm,
+    zmmf,
 )
-from tinyvit158.kernels.ternary import check_out, kernel_path
 from tinyvit158.quant import ACT_EPS, code_max, quantize_attention
+
+# -- the int8 attention's own vector operations ----------------------------------------
+
+_fquantize_mul_store = quantize_store_of("fmul")  # v * (qmax / absmax)
+_fquantize_mul_store_u8 = quantize_store_of("fmul", offset=True)  # the same, as code + 128 (its q)
+
+
+@intrinsic
+def _fhsum_tree(typingctx, a):
+    """The sum of 16 float32 lanes in a fixed tree: lanes i + (i + 8), then i + (i + 4),
+    i + (i + 2), i + (i + 1) (what ``qattn.lane_sum`` does in NumPy)."""
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        for half in (8, 4, 2, 1):
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, half), list(range(half))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, half), list(range(half, 2 * half))))
+            v = builder.fadd(lo, hi)
+        return builder.extract_element(v, ir.Constant(I32, 0))
+
+    return types.float32(zmmf), codegen
+
+
+@intrinsic
+def _fprob_store(typingctx, out, index, e, inv, mult, levels):
+    """``out[index + i] = uint8(min(rint(e[i] * inv * M), L))`` for 16 lanes (float32
+    products in that order, round half to even): the int8 attention's probability codes."""
+
+    def codegen(context, builder, sig, args):
+        out_a, out_i, ev, inv_s, mv, lv = args
+        p = builder.fmul(builder.fmul(ev, splat_ir(builder, inv_s, V16F)), splat_ir(builder, mv, V16F))
+        p = llvm_call(builder, "llvm.rint.v16f32", V16F, [p])
+        p = llvm_call(builder, "llvm.minnum.v16f32", V16F, [p, splat_ir(builder, lv, V16F)])
+        codes = builder.fptoui(p, ir.VectorType(ir.IntType(8), 16))
+        ptr = element_ptr(context, builder, sig.args[0], out_a, out_i)
+        builder.store(codes, builder.bitcast(ptr, ir.VectorType(ir.IntType(8), 16).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(out, index, zmmf, types.float32, types.float32, types.float32), codegen
+
+
+@intrinsic
+def _fquantize_mul_scatter4(typingctx, q, index, stride, v, inv, qmax):
+    """The codes of 16 lanes (``rint(v * inv)`` clamped to +-qmax, as ``_fquantize_mul_store``)
+    stored as four 4-byte groups, group g at ``q[index + g * stride]`` (the int8 attention's
+    key layout: 4 dimensions of a key per 64-byte tile row); returns the sum of the 16
+    codes (exact int32)."""
+
+    def codegen(context, builder, sig, args):
+        q_a, q_i, st, v_v, inv_v, qm = args
+        r = llvm_call(builder, "llvm.rint.v16f32", V16F, [builder.fmul(v_v, inv_v)])
+        r = llvm_call(builder, "llvm.maxnum.v16f32", V16F, [r, builder.fneg(qm)])
+        r = llvm_call(builder, "llvm.minnum.v16f32", V16F, [r, qm])
+        ints = builder.fptosi(r, V16)
+        codes = builder.trunc(ints, ir.VectorType(ir.IntType(8), 16))
+        words = builder.bitcast(codes, ir.VectorType(I32, 4))
+        i64 = ir.IntType(64)
+        for g in range(4):
+            at = builder.add(q_i, builder.mul(st, ir.Constant(i64, g)))
+            ptr = builder.bitcast(element_ptr(context, builder, sig.args[0], q_a, at), I32.as_pointer())
+            builder.store(builder.extract_element(words, ir.Constant(I32, g)), ptr, align=1)
+        return llvm_call(builder, "llvm.vector.reduce.add.v16i32", I32, [ints])
+
+    return types.int32(q, types.intp, types.intp, zmmf, zmmf, zmmf), codegen
+
+
+@intrinsic
+def _fscores(typingctx, acc, corr, scale, k_index):
+    """``float32(acc[i] - corr[k_index + i]) * scale[k_index + i]`` for 16 lanes (as
+    ``_fscores_store``, in a register)."""
+
+    def codegen(context, builder, sig, args):
+        acc_v, corr_a, scale_a, k_i = args
+        cptr = builder.bitcast(element_ptr(context, builder, sig.args[1], corr_a, k_i), V16.as_pointer())
+        sptr = builder.bitcast(element_ptr(context, builder, sig.args[2], scale_a, k_i), V16F.as_pointer())
+        v = builder.sitofp(builder.sub(acc_v, builder.load(cptr, align=4)), V16F)
+        return builder.fmul(v, builder.load(sptr, align=4))
+
+    return zmmf(zmm, corr, scale, k_index), codegen
+
+
+@intrinsic
+def _fmask(typingctx, v, valid, value):
+    """``v`` with lanes ``valid`` .. 15 set to ``value``."""
+
+    def codegen(context, builder, sig, args):
+        vec, n, val = args
+        lanes = ir.Constant(V16, list(range(16)))
+        keep = builder.icmp_signed("<", lanes, splat_ir(builder, builder.trunc(n, I32), V16))
+        return builder.select(keep, vec, splat_ir(builder, val, V16F))
+
+    return zmmf(zmmf, types.intp, types.float32), codegen
+
+
+@intrinsic
+def _fquantize_interleave4(typingctx, dst, index, v0, v1, v2, v3, inv, qmax):
+    """Codes of 4 tokens x 16 channels (``rint(v_t * inv)`` clamped to +-qmax, lane-wise
+    per channel), stored as 64 bytes channel-major, token-minor: byte 4c + t = code of
+    token t, channel c (the int8 attention's value layout; one byte permutation instead of
+    64 byte stores)."""
+
+    def codegen(context, builder, sig, args):
+        d_a, d_i, *vs, inv_v, qm = args
+        v16b = ir.VectorType(ir.IntType(8), 16)
+        codes = []
+        for v in vs:
+            r = llvm_call(builder, "llvm.rint.v16f32", V16F, [builder.fmul(v, inv_v)])
+            r = llvm_call(builder, "llvm.maxnum.v16f32", V16F, [r, builder.fneg(qm)])
+            r = llvm_call(builder, "llvm.minnum.v16f32", V16F, [r, qm])
+            codes.append(builder.trunc(builder.fptosi(r, V16), v16b))
+        lo = builder.shuffle_vector(codes[0], codes[1], ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+        hi = builder.shuffle_vector(codes[2], codes[3], ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+        order = [16 * t + c for c in range(16) for t in range(4)]  # byte 4c + t <- token t, channel c
+        out = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 64), order))
+        ptr = element_ptr(context, builder, sig.args[0], d_a, d_i)
+        builder.store(out, builder.bitcast(ptr, V64B.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(dst, index, zmmf, zmmf, zmmf, zmmf, zmmf, zmmf), codegen
+
 
 _EPS32 = np.float32(ACT_EPS)
 
@@ -105,7 +221,7 @@ F32 = np.float32
 
 
 def exp32(x: np.ndarray) -> np.ndarray:
-    """exp of float32 x <= 0 as the kernels compute it (``simd._fexp``), in NumPy
+    """exp of float32 x <= 0 as the kernels compute it (``simd.fexp``), in NumPy
     float32, operation for operation."""
     x = np.maximum(x.astype(F32), F32(EXP32_MIN))
     k = np.floor(x * F32(EXP32_INV_LN2) + F32(0.5))
@@ -165,7 +281,7 @@ def attention_int8_ref(
     """The module docstring's rules in NumPy, from float32 qkv (B, N, 3 dim) -> float32
     (B, N, dim). ``q_norm``/``k_norm``: (weight, bias, eps) of the qk LayerNorms.
     ``record``, a dict, receives the codes (q, k: (B, H, N, hd); v: (B, H, hd, N); p)."""
-    qkv = _check_qkv(qkv, heads)
+    qkv = check_qkv(qkv, heads)
     B, N, C3 = qkv.shape
     hd = C3 // 3 // heads
     q, k, v = qkv.reshape(B, N, 3, heads, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
@@ -187,40 +303,40 @@ def attention_int8_ref(
 
 
 # -- layouts and tiles ---------------------------------------------------------------------------
-@_ijit
+@ijit
 def _quantize_slice(x, q, qmax):
     """Codes of a short float32 vector into ``q`` (``quant.quantize_attention``, the same
     float32 operations, 16 lanes a step); returns the scale."""
     fq = np.float32(qmax)
-    m = max(_absmax(x), _EPS32)
+    m = max(row_absmax(x), _EPS32)
     inv = fq / m
     n = x.shape[0]
-    n16 = 0 if _PYTHON else n - n % 16
+    n16 = 0 if PYTHON else n - n % 16
     if n16:
-        inv_v, qmax_v = _fsplat(inv), _fsplat(fq)
+        inv_v, qmax_v = fsplat(inv), fsplat(fq)
         for k in range(0, n16, 16):
-            _fquantize_mul_store(q, k, _fload(x, k), inv_v, qmax_v)
+            _fquantize_mul_store(q, k, fload(x, k), inv_v, qmax_v)
     for k in range(n16, n):
         r = np.rint(x[k] * inv)
         q[k] = np.int8(min(max(r, -fq), fq))
     return m / fq
 
 
-@_ijit
+@ijit
 def _key_at(h, j, d, NB, G):
     """Byte of key j, dimension d (head h) in the key layout: per block of 16 keys, per
     group of 4 dimensions, 16 x 4 bytes (key-major), as the linear layers' weights."""
     return ((h * NB + j // 16) * G + d // 4) * 64 + (j % 16) * 4 + d % 4
 
 
-@_ijit
+@ijit
 def _value_at(h, j, d, CB, J4):
     """Byte of value token j, channel d (head h): per block of 16 channels, per group of 4
     tokens, 16 x 4 bytes (channel-major)."""
     return ((h * CB + d // 16) * J4 + j // 4) * 64 + (d % 16) * 4 + j % 4
 
 
-@_jit
+@jit
 def _tile4(a, K4, b, block0, nblocks, out, tiles):
     """``out[r, n] = sum_k a[r, k] * B[n, k]`` for 4 rows of unsigned bytes ``a`` (row stride
     K4, a multiple of 4) and every column n of blocks ``block0 ..`` of ``b``, laid out as the
@@ -240,37 +356,37 @@ def _tile4(a, K4, b, block0, nblocks, out, tiles):
         stride = nblocks * 16
         blk = 0
         while blk + 1 < nblocks:  # two blocks at a time: each broadcast feeds two products
-            a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = _vzero()
+            a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = vzero()
             for g in range(G):
-                bv = _vload(b, ((block0 + blk) * G + g) * 64)
-                bw = _vload(b, ((block0 + blk + 1) * G + g) * 64)
-                x0, x1 = _vbroadcast4(a, 4 * g), _vbroadcast4(a, K4 + 4 * g)
-                x2, x3 = _vbroadcast4(a, 2 * K4 + 4 * g), _vbroadcast4(a, 3 * K4 + 4 * g)
-                a0, c0 = _dpbusd(a0, x0, bv), _dpbusd(c0, x0, bw)
-                a1, c1 = _dpbusd(a1, x1, bv), _dpbusd(c1, x1, bw)
-                a2, c2 = _dpbusd(a2, x2, bv), _dpbusd(c2, x2, bw)
-                a3, c3 = _dpbusd(a3, x3, bv), _dpbusd(c3, x3, bw)
-            _vstore(out, blk * 16, a0)
-            _vstore(out, stride + blk * 16, a1)
-            _vstore(out, 2 * stride + blk * 16, a2)
-            _vstore(out, 3 * stride + blk * 16, a3)
-            _vstore(out, blk * 16 + 16, c0)
-            _vstore(out, stride + blk * 16 + 16, c1)
-            _vstore(out, 2 * stride + blk * 16 + 16, c2)
-            _vstore(out, 3 * stride + blk * 16 + 16, c3)
+                bv = vload(b, ((block0 + blk) * G + g) * 64)
+                bw = vload(b, ((block0 + blk + 1) * G + g) * 64)
+                x0, x1 = vbroadcast4(a, 4 * g), vbroadcast4(a, K4 + 4 * g)
+                x2, x3 = vbroadcast4(a, 2 * K4 + 4 * g), vbroadcast4(a, 3 * K4 + 4 * g)
+                a0, c0 = dpbusd(a0, x0, bv), dpbusd(c0, x0, bw)
+                a1, c1 = dpbusd(a1, x1, bv), dpbusd(c1, x1, bw)
+                a2, c2 = dpbusd(a2, x2, bv), dpbusd(c2, x2, bw)
+                a3, c3 = dpbusd(a3, x3, bv), dpbusd(c3, x3, bw)
+            vstore(out, blk * 16, a0)
+            vstore(out, stride + blk * 16, a1)
+            vstore(out, 2 * stride + blk * 16, a2)
+            vstore(out, 3 * stride + blk * 16, a3)
+            vstore(out, blk * 16 + 16, c0)
+            vstore(out, stride + blk * 16 + 16, c1)
+            vstore(out, 2 * stride + blk * 16 + 16, c2)
+            vstore(out, 3 * stride + blk * 16 + 16, c3)
             blk += 2
         if blk < nblocks:
-            a0 = a1 = a2 = a3 = _vzero()
+            a0 = a1 = a2 = a3 = vzero()
             for g in range(G):
-                bv = _vload(b, ((block0 + blk) * G + g) * 64)
-                a0 = _dpbusd(a0, _vbroadcast4(a, 4 * g), bv)
-                a1 = _dpbusd(a1, _vbroadcast4(a, K4 + 4 * g), bv)
-                a2 = _dpbusd(a2, _vbroadcast4(a, 2 * K4 + 4 * g), bv)
-                a3 = _dpbusd(a3, _vbroadcast4(a, 3 * K4 + 4 * g), bv)
-            _vstore(out, blk * 16, a0)
-            _vstore(out, stride + blk * 16, a1)
-            _vstore(out, 2 * stride + blk * 16, a2)
-            _vstore(out, 3 * stride + blk * 16, a3)
+                bv = vload(b, ((block0 + blk) * G + g) * 64)
+                a0 = dpbusd(a0, vbroadcast4(a, 4 * g), bv)
+                a1 = dpbusd(a1, vbroadcast4(a, K4 + 4 * g), bv)
+                a2 = dpbusd(a2, vbroadcast4(a, 2 * K4 + 4 * g), bv)
+                a3 = dpbusd(a3, vbroadcast4(a, 3 * K4 + 4 * g), bv)
+            vstore(out, blk * 16, a0)
+            vstore(out, stride + blk * 16, a1)
+            vstore(out, 2 * stride + blk * 16, a2)
+            vstore(out, 3 * stride + blk * 16, a3)
 
 
 def _dims(N: int, hd: int) -> tuple[int, int, int, int]:
@@ -279,7 +395,7 @@ def _dims(N: int, hd: int) -> tuple[int, int, int, int]:
 
 
 # -- accumulators alone (tests: the tiles against the references, any shape) ------------------
-@_jit
+@jit
 def _qk_all(q_codes, k_codes, hdp4, Np16, tiles):
     Nq, hd = q_codes.shape
     Nk = k_codes.shape[0]
@@ -304,7 +420,7 @@ def _qk_all(q_codes, k_codes, hdp4, Np16, tiles):
     return out
 
 
-@_jit
+@jit
 def _pv_all(p_codes, v_codes, hdp16, Np4, tiles):
     Nq, Nk = p_codes.shape
     hd = v_codes.shape[1]
@@ -329,7 +445,7 @@ def _pv_all(p_codes, v_codes, hdp16, Np4, tiles):
 
 def _tiles(path: str | None):
     """The ``tiles`` argument of a path: 0 (VNNI register tiles) or None (scalar loops)."""
-    return 0 if (path or kernel_path()) == "vnni" and not _PYTHON else None
+    return 0 if (path or kernel_path()) == "vnni" and not PYTHON else None
 
 
 def qk_accumulate(q_codes: np.ndarray, k_codes: np.ndarray, path: str | None = None) -> np.ndarray:
@@ -352,26 +468,26 @@ def pv_accumulate(p_codes: np.ndarray, v_codes: np.ndarray, path: str | None = N
 
 
 # -- the fused kernel ---------------------------------------------------------------------------
-@_ijit
+@ijit
 def _normed_max(src, norm_w, norm_b, eps, has_norm, tmp):
     """A token's q or k slice (after the qk LayerNorm, into ``tmp``, when ``has_norm``) and
     its largest magnitude, at least 1e-5: what its codes and scale are made from."""
     if has_norm:
-        _layernorm_row(src, norm_w, norm_b, eps, tmp)
+        layernorm_row(src, norm_w, norm_b, eps, tmp)
         src = tmp
-    return src, max(_absmax(src), _EPS32)
+    return src, max(row_absmax(src), _EPS32)
 
 
-@_ijit
+@ijit
 def _norm_quantize(src, norm_w, norm_b, eps, has_norm, tmp, codes, qmax):
     """Codes of one token's q or k slice (after the qk LayerNorm when ``has_norm``); its scale."""
     if has_norm:
-        _layernorm_row(src, norm_w, norm_b, eps, tmp)
+        layernorm_row(src, norm_w, norm_b, eps, tmp)
         return _quantize_slice(tmp, codes, qmax)
     return _quantize_slice(src, codes, qmax)
 
 
-@_jit
+@jit
 def _prepare_image(flat, b, N, C, heads, qmax, mult, kn_w, kn_b, eps, has_norm, kl, ksum, sk, vl, sv, tmp, codes,
                    rec_k, rec_v, recording):  # fmt: skip
     """Keys and values of image ``b``, every head: codes in the tile layouts, 128 x each
@@ -386,13 +502,13 @@ def _prepare_image(flat, b, N, C, heads, qmax, mult, kn_w, kn_b, eps, has_norm, 
         for j in range(N):
             base = (b * N + j) * C3 + C + h * hd
             at = _key_at(h, j, 0, NB, G)
-            if hd % 16 == 0 and not _PYTHON:  # codes straight into the layout, 4 bytes a group
+            if hd % 16 == 0 and not PYTHON:  # codes straight into the layout, 4 bytes a group
                 src, m = _normed_max(flat[base : base + hd], kn_w, kn_b, eps, has_norm, tmp)
                 sk[h * Np16 + j] = m / fq
-                inv_v, qmax_v = _fsplat(fq / m), _fsplat(fq)
+                inv_v, qmax_v = fsplat(fq / m), fsplat(fq)
                 total = np.int32(0)
                 for c in range(hd // 16):
-                    total += _fquantize_mul_scatter4(kl, at + c * 256, 64, _fload(src, c * 16), inv_v, qmax_v)
+                    total += _fquantize_mul_scatter4(kl, at + c * 256, 64, fload(src, c * 16), inv_v, qmax_v)
             else:
                 sk[h * Np16 + j] = _norm_quantize(flat[base : base + hd], kn_w, kn_b, eps, has_norm, tmp, codes, qmax)
                 total = np.int32(0)
@@ -415,17 +531,17 @@ def _prepare_image(flat, b, N, C, heads, qmax, mult, kn_w, kn_b, eps, has_norm, 
             m = max(vmax[d], _EPS32)
             sv[h * hdp16 + d] = np.float64(m / fq) / mult  # s_v / M: dequantizes P v in one product
             vmax[d] = fq / m  # now the reciprocal that makes codes
-        if hd % 16 == 0 and not _PYTHON:  # 4 tokens x 16 channels a store, in the tile layout
-            zero, qmax_v = _fsplat(np.float32(0.0)), _fsplat(fq)
+        if hd % 16 == 0 and not PYTHON:  # 4 tokens x 16 channels a store, in the tile layout
+            zero, qmax_v = fsplat(np.float32(0.0)), fsplat(fq)
             for g in range(J4):
                 r0 = (b * N + 4 * g) * C3 + 2 * C + h * hd  # the group's first token; the rest follow at C3
                 for cb in range(CB):
                     o = r0 + 16 * cb
-                    v0 = _fload(flat, o)
-                    v1 = _fload(flat, o + C3) if 4 * g + 1 < N else zero
-                    v2 = _fload(flat, o + 2 * C3) if 4 * g + 2 < N else zero
-                    v3 = _fload(flat, o + 3 * C3) if 4 * g + 3 < N else zero
-                    inv_v = _fload(vmax, 16 * cb)
+                    v0 = fload(flat, o)
+                    v1 = fload(flat, o + C3) if 4 * g + 1 < N else zero
+                    v2 = fload(flat, o + 2 * C3) if 4 * g + 2 < N else zero
+                    v3 = fload(flat, o + 3 * C3) if 4 * g + 3 < N else zero
+                    inv_v = fload(vmax, 16 * cb)
                     _fquantize_interleave4(vl, ((h * CB + cb) * J4 + g) * 64, v0, v1, v2, v3, inv_v, qmax_v)
             if recording:
                 for j in range(N):
@@ -445,36 +561,36 @@ def _prepare_image(flat, b, N, C, heads, qmax, mult, kn_w, kn_b, eps, has_norm, 
                 rec_v[b, h, :, j] = codes[:hd]
 
 
-@_ijit
+@ijit
 def _probability_codes(si, r, Np16, ksum, sk, hoff, N, c, z, pc, Np4, levels, mult):
     """Row r: scores from the offset sums, the float32 softmax (module docstring; 16 lanes a
     step, lanes past N: -inf for the max, 0 for the sum), then the ``min(rint(p * M), L)`` codes."""
-    if _PYTHON:  # the intrinsics are compiled-only: the NumPy twin of the same operations
+    if PYTHON:  # the intrinsics are compiled-only: the NumPy twin of the same operations
         acc = si[r * Np16 : r * Np16 + N] - ksum[hoff : hoff + N]
         pc[r * Np4 : r * Np4 + N] = _codes_np(acc, sk[hoff : hoff + N], c, levels, mult)
         pc[r * Np4 + N : (r + 1) * Np4] = 0
         return
     last = Np16 - 16  # lanes past N: -inf for the max, 0 for the sum
-    mv = _fsplat(np.float32(-np.inf))
+    mv = fsplat(np.float32(-np.inf))
     for jb in range(0, Np16, 16):  # scores, and their row max, in one pass
-        v = _fscores(_vload(si, r * Np16 + jb), ksum, sk, hoff + jb)
+        v = _fscores(vload(si, r * Np16 + jb), ksum, sk, hoff + jb)
         if jb == last:
             v = _fmask(v, N - last, np.float32(-np.inf))
-        _fstore(z, jb, v)
-        mv = _fmax(mv, v)
-    m_v, c_v = _fsplat(_fhmax(mv)), _fsplat(c)
-    sv = _fsplat(np.float32(0.0))
+        fstore(z, jb, v)
+        mv = fmax(mv, v)
+    m_v, c_v = fsplat(fhmax(mv)), fsplat(c)
+    sv = fsplat(np.float32(0.0))
     for jb in range(0, Np16, 16):  # exponentials, and their lane sums, in one pass
-        e = _fexp(_fmul(_fsub(_fload(z, jb), m_v), c_v))
+        e = fexp(fmul(fsub(fload(z, jb), m_v), c_v))
         if jb == last:
             e = _fmask(e, N - last, np.float32(0.0))
-        _fstore(z, jb, e)
-        sv = _fadd(sv, e)
+        fstore(z, jb, e)
+        sv = fadd(sv, e)
     inv = np.float32(1.0) / _fhsum_tree(sv)
     # 16 codes a store: lanes past N hold e = 0, code 0, as P V needs up to Np4; the last
     # store runs up to 12 bytes into the next row (written after this one) or the slack
     for jb in range(0, Np16, 16):
-        _fprob_store(pc, r * Np4 + jb, _fload(z, jb), inv, mult, levels)
+        _fprob_store(pc, r * Np4 + jb, fload(z, jb), inv, mult, levels)
 
 
 def _codes_np(acc, sk, c, levels, mult):
@@ -485,7 +601,7 @@ def _codes_np(acc, sk, c, levels, mult):
     return np.minimum(np.rint(e * inv * F32(mult)), F32(levels)).astype(np.uint8)
 
 
-@_pjit
+@pjit
 def _attention_int8(qkv, heads, qmax, levels, mult, scale, qn_w, qn_b, kn_w, kn_b, eps, has_norm, out, P, quantize,
                     q, s, rec_q, rec_k, rec_v, rec_p, recording, tiles):  # fmt: skip
     """The module docstring's attention for every image and head; each thread takes an equal
@@ -530,12 +646,12 @@ def _attention_int8(qkv, heads, qmax, levels, mult, scale, qn_w, qn_b, kn_w, kn_
                     qu[:] = 128  # code 0 in the padding and in rows past the unit
                 for r in range(rows):
                     base = (b * N + i0 + r) * C3 + h * hd
-                    if hd % 16 == 0 and not _PYTHON:  # codes + 128 straight into the tile's rows
+                    if hd % 16 == 0 and not PYTHON:  # codes + 128 straight into the tile's rows
                         src, m = _normed_max(flat[base : base + hd], qn_w, qn_b, eps, has_norm, tmp)
                         sq[r] = m / fq
-                        inv_v, qmax_v = _fsplat(fq / m), _fsplat(fq)
+                        inv_v, qmax_v = fsplat(fq / m), fsplat(fq)
                         for c in range(0, hd, 16):
-                            _fquantize_mul_store_u8(qu, r * hdp4 + c, _fload(src, c), inv_v, qmax_v)
+                            _fquantize_mul_store_u8(qu, r * hdp4 + c, fload(src, c), inv_v, qmax_v)
                     else:
                         sq[r] = _norm_quantize(flat[base : base + hd], qn_w, qn_b, eps, has_norm, tmp, codes, qmax)
                         qrow = qu[r * hdp4 : r * hdp4 + hd]
@@ -559,7 +675,7 @@ def _attention_int8(qkv, heads, qmax, levels, mult, scale, qn_w, qn_b, kn_w, kn_
             for r in range(rows):
                 t = b * N + i0 + r
                 if quantize:
-                    s[t] = _quantize_row(ob[r * C : (r + 1) * C], q[t])
+                    s[t] = quantize_row(ob[r * C : (r + 1) * C], q[t])
                 else:
                     out[t * C : (t + 1) * C] = ob[r * C : (r + 1) * C]
 
@@ -572,7 +688,7 @@ _NO_REC_P = np.empty((0, 0, 0, 0), dtype=np.uint8)
 
 class Int8Attention:
     """The quantized attention of one block, bound to its config and qk norms: the engine
-    calls it as it calls the float attention (``ops.attention*``).
+    calls it as it calls the float attention (``attention.attention*``).
 
     Parameters
     ----------
@@ -603,7 +719,7 @@ class Int8Attention:
             record.update(q=rec[0], k=rec[1], v=rec[2], p=rec[3])
         else:
             rec = (_NO_REC, _NO_REC, _NO_REC, _NO_REC_P, False)
-        P = _parts(B * ((N + 3) // 4))
+        P = job_count(B * ((N + 3) // 4))
         if codes is None:
             dest = (out.reshape(-1), P, False, _NO_CODES, _NO_F32)
         else:
@@ -615,18 +731,14 @@ class Int8Attention:
         return args + (_tiles(path),)
 
     def bind(self, qkv: np.ndarray, heads: int, out: np.ndarray | None = None, codes=None, record=None):
-        """``(kernel, args)`` as ``ops.bind_attention``: into ``out`` or to int8 ``codes``.
+        """``(kernel, args)`` as ``attention.bind_attention``: into ``out`` or to int8 ``codes``.
         ``record``, a dict, gets arrays that each call fills with its codes: q, k (B, H,
         N, hd), v (B, H, hd, N) (the oracle's layouts) and p (B, H, N, N)."""
         return _attention_int8, self._args(qkv, out, codes, None, record)
 
-    def bindable(self, head_dim: int) -> bool:
-        """Whether :meth:`bind` serves this head dimension (any: the kernel pads it)."""
-        return True
-
     def __call__(self, qkv: np.ndarray, heads: int, out: np.ndarray | None = None, record=None) -> np.ndarray:
         """float32 (B, N, dim) attention output, into ``out`` when given."""
-        qkv = _check_qkv(qkv, heads)
+        qkv = check_qkv(qkv, heads)
         B, N, C3 = qkv.shape
         out = check_out(out, (B, N, C3 // 3), np.float32, "out")
         fn, args = self.bind(qkv, heads, out=out, record=record)
@@ -635,9 +747,9 @@ class Int8Attention:
 
     def quantize(self, qkv: np.ndarray, heads: int, out=None, record=None):
         """``quantize_rows(self(qkv))`` in one kernel: the proj layer's int8 codes and scales."""
-        qkv = _check_qkv(qkv, heads)
+        qkv = check_qkv(qkv, heads)
         B, N, C3 = qkv.shape
-        q, s = _codes_out((B * N, C3 // 3), out)
+        q, s = codes_out((B * N, C3 // 3), out)
         fn, args = self.bind(qkv, heads, codes=(q, s), record=record)
         fn(*args)
         return q, s

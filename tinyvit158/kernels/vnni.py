@@ -18,22 +18,21 @@ tile repeats the last row, whose extra sums are never stored. The row sums of x 
 the same instruction (``vpdpbusd`` with a vector of ones: K / 64 instructions a row).
 
 Work split: the (T / 8) x (N / 48) tiles are dealt out in equal shares, one per thread
-(Numba schedules a ``prange`` statically). Measured at batch 1 of cifar10-tiny (65 rows,
-9 row tiles), fixed 64-row jobs gave one core 8 tiles and the other 1, and padding x to
-whole tiles cost 4-27 us a call: together qkv went from 61 to 33 us, fc2 from 81 to 39.
+(Numba schedules a ``prange`` statically): at batch 1 (65 rows, 9 row tiles) fixed-size
+jobs leave one core idle (docs/PERFORMANCE.md).
 
 Micro-kernel: an 8-token x 48-channel tile kept in 24 zmm accumulators. Per group of 4
 input channels it loads 3 x 64 weight bytes, broadcasts 4 activation bytes of each row, and
 issues 24 ``vpdpbusd``; there is no horizontal reduction. Dequantization and bias are fused
 into the tile's vector stores (for widths that are multiples of 48, i.e. every ViT layer;
 others take the int32 tile path and dequantize in NumPy, the same float32 operations).
-Measured on the 2-core AVX-512 machine, the tile alone (prototype, ``bench --kernels`` for
-the whole call): 8 x 3 zmm reached 650-1,150 GOP/s on cifar10-tiny and DeiT-Small shapes,
-against 150-230 for NumPy sgemm; 4 x 4, 6 x 4 and 12 x 2 tiles were within -30%..+10%.
+The tile shapes tried against it are in docs/PERFORMANCE.md. ``_linear_rows`` is fc1 with
+GELU and fc2's codes in one pass over whole output rows, 64 rows at a time, so the MLP's
+float32 hidden layer never goes to memory.
 
 The vector types and intrinsics it uses live in ``kernels/simd.py``. They exist only as
 compiled code: under ``NUMBA_DISABLE_JIT=1`` the engine uses the generic kernel instead
-(see ``kernels.ternary.kernel_path``).
+(see ``kernels.linear.kernel_path``).
 """
 
 from __future__ import annotations
@@ -41,16 +40,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from tinyvit158.kernels.simd import (
-    _dequant_store,
-    _dpbusd,
-    _vbroadcast4,
-    _vhsum,
-    _vload,
-    _vload_u2,
-    _vstore,
-    _vzero,
-)
+from tinyvit158.kernels.jit import pjit
+from tinyvit158.kernels.rowops import gelu_row, quantize_with
+from tinyvit158.kernels.simd import dequant_store, dpbusd, vbroadcast4, vhsum, vload, vload_u2, vstore, vzero
 
 MR, NV = 8, 3  # tile: 8 tokens x 3 vectors of 16 output channels
 NC = 16 * NV  # output channels per block
@@ -72,33 +64,33 @@ def _tile(x, wl, G, K, t0, T, nb):
     x5 = min(t0 + 5, T - 1) * K
     x6 = min(t0 + 6, T - 1) * K
     x7 = min(t0 + 7, T - 1) * K
-    a00 = a01 = a02 = _vzero()
-    a10 = a11 = a12 = _vzero()
-    a20 = a21 = a22 = _vzero()
-    a30 = a31 = a32 = _vzero()
-    a40 = a41 = a42 = _vzero()
-    a50 = a51 = a52 = _vzero()
-    a60 = a61 = a62 = _vzero()
-    a70 = a71 = a72 = _vzero()
+    a00 = a01 = a02 = vzero()
+    a10 = a11 = a12 = vzero()
+    a20 = a21 = a22 = vzero()
+    a30 = a31 = a32 = vzero()
+    a40 = a41 = a42 = vzero()
+    a50 = a51 = a52 = vzero()
+    a60 = a61 = a62 = vzero()
+    a70 = a71 = a72 = vzero()
     for g in range(G):
         wo = (nb * G + g) * 192  # 192 bytes a group: 4 code bytes per output channel
-        w0, w1, w2 = _vload(wl, wo + 0), _vload(wl, wo + 64), _vload(wl, wo + 128)
-        b = _vbroadcast4(x, x0 + 4 * g)
-        a00, a01, a02 = _dpbusd(a00, w0, b), _dpbusd(a01, w1, b), _dpbusd(a02, w2, b)
-        b = _vbroadcast4(x, x1 + 4 * g)
-        a10, a11, a12 = _dpbusd(a10, w0, b), _dpbusd(a11, w1, b), _dpbusd(a12, w2, b)
-        b = _vbroadcast4(x, x2 + 4 * g)
-        a20, a21, a22 = _dpbusd(a20, w0, b), _dpbusd(a21, w1, b), _dpbusd(a22, w2, b)
-        b = _vbroadcast4(x, x3 + 4 * g)
-        a30, a31, a32 = _dpbusd(a30, w0, b), _dpbusd(a31, w1, b), _dpbusd(a32, w2, b)
-        b = _vbroadcast4(x, x4 + 4 * g)
-        a40, a41, a42 = _dpbusd(a40, w0, b), _dpbusd(a41, w1, b), _dpbusd(a42, w2, b)
-        b = _vbroadcast4(x, x5 + 4 * g)
-        a50, a51, a52 = _dpbusd(a50, w0, b), _dpbusd(a51, w1, b), _dpbusd(a52, w2, b)
-        b = _vbroadcast4(x, x6 + 4 * g)
-        a60, a61, a62 = _dpbusd(a60, w0, b), _dpbusd(a61, w1, b), _dpbusd(a62, w2, b)
-        b = _vbroadcast4(x, x7 + 4 * g)
-        a70, a71, a72 = _dpbusd(a70, w0, b), _dpbusd(a71, w1, b), _dpbusd(a72, w2, b)
+        w0, w1, w2 = vload(wl, wo + 0), vload(wl, wo + 64), vload(wl, wo + 128)
+        b = vbroadcast4(x, x0 + 4 * g)
+        a00, a01, a02 = dpbusd(a00, w0, b), dpbusd(a01, w1, b), dpbusd(a02, w2, b)
+        b = vbroadcast4(x, x1 + 4 * g)
+        a10, a11, a12 = dpbusd(a10, w0, b), dpbusd(a11, w1, b), dpbusd(a12, w2, b)
+        b = vbroadcast4(x, x2 + 4 * g)
+        a20, a21, a22 = dpbusd(a20, w0, b), dpbusd(a21, w1, b), dpbusd(a22, w2, b)
+        b = vbroadcast4(x, x3 + 4 * g)
+        a30, a31, a32 = dpbusd(a30, w0, b), dpbusd(a31, w1, b), dpbusd(a32, w2, b)
+        b = vbroadcast4(x, x4 + 4 * g)
+        a40, a41, a42 = dpbusd(a40, w0, b), dpbusd(a41, w1, b), dpbusd(a42, w2, b)
+        b = vbroadcast4(x, x5 + 4 * g)
+        a50, a51, a52 = dpbusd(a50, w0, b), dpbusd(a51, w1, b), dpbusd(a52, w2, b)
+        b = vbroadcast4(x, x6 + 4 * g)
+        a60, a61, a62 = dpbusd(a60, w0, b), dpbusd(a61, w1, b), dpbusd(a62, w2, b)
+        b = vbroadcast4(x, x7 + 4 * g)
+        a70, a71, a72 = dpbusd(a70, w0, b), dpbusd(a71, w1, b), dpbusd(a72, w2, b)
     return (
         a00,
         a01,
@@ -128,7 +120,7 @@ def _tile(x, wl, G, K, t0, T, nb):
 
 
 # A last tile with this many real rows or fewer runs them one at a time (_tile1). The
-# callers (_tiles, fused._linear_rows) branch on it before calling _tile rather than one
+# callers (linear_tiles, _linear_rows) branch on it before calling _tile rather than one
 # helper choosing between the two: that helper, returning the 24-tuple either way, made
 # batch 64 3-8% slower (the accumulators merged through the branch), so the full-tile
 # loop stays as it was.
@@ -138,23 +130,23 @@ SHORT = 2
 @numba.njit(cache=True, inline="always")
 def _tile1(x, wl, G, K, t, nb):
     """Row t alone against block nb: 3 accumulators, the weights read once per row."""
-    a0 = a1 = a2 = _vzero()
+    a0 = a1 = a2 = vzero()
     for g in range(G):
         wo = (nb * G + g) * 192
-        b = _vbroadcast4(x, t * K + 4 * g)
-        a0 = _dpbusd(a0, _vload(wl, wo + 0), b)
-        a1 = _dpbusd(a1, _vload(wl, wo + 64), b)
-        a2 = _dpbusd(a2, _vload(wl, wo + 128), b)
+        b = vbroadcast4(x, t * K + 4 * g)
+        a0 = dpbusd(a0, vload(wl, wo + 0), b)
+        a1 = dpbusd(a1, vload(wl, wo + 64), b)
+        a2 = dpbusd(a2, vload(wl, wo + 128), b)
     return a0, a1, a2
 
 
 @numba.njit(cache=True, inline="always")
 def _store3(out, o, a0, a1, a2, xs, s, scale, n, bias, has_bias, accumulate):
     """A row's 48 outputs of one block from its 3 accumulators, dequantized into ``out`` from
-    ``o`` (channels from ``n``; ``simd._dequant_store``, 16 lanes each)."""
-    _dequant_store(out, o, a0, xs, s, scale, n, bias, has_bias, accumulate)
-    _dequant_store(out, o + 16, a1, xs, s, scale, n + 16, bias, has_bias, accumulate)
-    _dequant_store(out, o + 32, a2, xs, s, scale, n + 32, bias, has_bias, accumulate)
+    ``o`` (channels from ``n``; ``simd.dequant_store``, 16 lanes each)."""
+    dequant_store(out, o, a0, xs, s, scale, n, bias, has_bias, accumulate)
+    dequant_store(out, o + 16, a1, xs, s, scale, n + 16, bias, has_bias, accumulate)
+    dequant_store(out, o + 32, a2, xs, s, scale, n + 32, bias, has_bias, accumulate)
 
 
 class VNNIWeights:
@@ -163,7 +155,7 @@ class VNNIWeights:
     ``packed=False``: one byte per weight, ``wl[block, k // 4, c, k % 4]``.
     ``packed=True``: 2 bits per weight (a quarter of the bytes): the four codes of channel c
     and input group k // 4 share one byte, ``wl[block, k // 4, c] = sum_j u[c, 4 (k // 4) + j] << 2j``;
-    each job spreads its block's codes to bytes once (``simd._vload_u2``), in cache, and
+    each job spreads its block's codes to bytes once (``simd.vload_u2``), in cache, and
     runs its row tiles on them.
     """
 
@@ -205,13 +197,13 @@ def _unpack_block(wl, nb, G, dst, dst_nb):
     for g in range(G):
         src = (nb * G + g) * 48
         o = (dst_nb * G + g) * 192
-        _vstore(dst, o, _vload_u2(wl, src))
-        _vstore(dst, o + 64, _vload_u2(wl, src + 16))
-        _vstore(dst, o + 128, _vload_u2(wl, src + 32))
+        vstore(dst, o, vload_u2(wl, src))
+        vstore(dst, o + 64, vload_u2(wl, src + 16))
+        vstore(dst, o + 128, vload_u2(wl, src + 32))
 
 
 @numba.njit(cache=True)
-def _block_weights(wl, nb, G, packed, scratch):
+def block_weights(wl, nb, G, packed, scratch):
     """The 1-byte layout of channel block ``nb``, and its block index in that array: the
     array itself when not packed, else ``scratch`` after spreading the 2-bit codes into it
     (once per block a job visits, then reused by its row tiles, from L1/L2)."""
@@ -237,13 +229,13 @@ def _all_weights(wl, NB, G, packed):
 def _rowsums(x, K, t0, t1, sums):
     """``sums[t - t0] = sum_k x[t, k]`` for rows t0 <= t < t1 of flat int8 (T, K): one
     ``vpdpbusd`` with a vector of ones per 64 bytes."""
-    ones = _vbroadcast4(_ONES, 0)
+    ones = vbroadcast4(_ONES, 0)
     for t in range(t0, t1):
-        acc = _vzero()
+        acc = vzero()
         k64 = K - K % 64
         for k in range(0, k64, 64):
-            acc = _dpbusd(acc, ones, _vload(x, t * K + k))
-        s = _vhsum(acc)
+            acc = dpbusd(acc, ones, vload(x, t * K + k))
+        s = vhsum(acc)
         for k in range(k64, K):
             s += np.int32(x[t * K + k])
         sums[t - t0] = s
@@ -269,7 +261,7 @@ def _group_tiles(RB):
 
 
 @numba.njit(parallel=True, cache=True)
-def _tiles(x, wl, K, T, N, packed, parts, fused, s_x, scale, bias, has_bias, out, accumulate, acc32):
+def linear_tiles(x, wl, K, T, N, packed, parts, fused, s_x, scale, bias, has_bias, out, accumulate, acc32):
     """Every tile of (T, N): ``parts`` jobs of equal numbers of tiles (one job per thread,
     so at batch 1 both cores get the same work). Dequantization and bias are fused into
     vector stores into ``out`` (flat T * N float32; added to it when ``accumulate``) when
@@ -290,7 +282,7 @@ def _tiles(x, wl, K, T, N, packed, parts, fused, s_x, scale, bias, has_bias, out
                 _rowsums(x, K, g * rt * MR, min((g + 1) * rt * MR, T), sums)
                 have_g = g
             if nb != have_nb:
-                w, wnb = _block_weights(wl, nb, G, packed, scratch)
+                w, wnb = block_weights(wl, nb, G, packed, scratch)
                 have_nb = nb
             if T - t0 <= SHORT:  # a last tile of 1 or 2 real rows: one row at a time (_tile1)
                 for t in range(t0, T):
@@ -299,16 +291,16 @@ def _tiles(x, wl, K, T, N, packed, parts, fused, s_x, scale, bias, has_bias, out
                     if fused:
                         _store3(out, t * N + n, a0, a1, a2, xs, s_x[t], scale, n, bias, has_bias, accumulate)
                     else:
-                        _vstore(stage, 0, a0)
-                        _vstore(stage, 16, a1)
-                        _vstore(stage, 32, a2)
+                        vstore(stage, 0, a0)
+                        vstore(stage, 16, a1)
+                        vstore(stage, 32, a2)
                         for c in range(n, min(n + NC, N)):
                             acc32[t, c] = stage[c - n] - xs
                 continue
             tile = _tile(x, w, G, K, t0, T, wnb)
             # the stores below are _store3 (or the short branch's staging) written out: one
             # helper for both, taking the fused flag, measured proj 3-4% and fc2 ~1% slower at
-            # batch 64 (paired runs, 4 pairs); fc1's pass (fused._linear_rows) timed equal with it
+            # batch 64 (paired runs, 4 pairs); fc1's pass (_linear_rows) timed equal with it
             for r in range(min(MR, T - t0)):
                 t = t0 + r
                 xs = sums[t - g * rt * MR]
@@ -316,15 +308,15 @@ def _tiles(x, wl, K, T, N, packed, parts, fused, s_x, scale, bias, has_bias, out
                     if fused:
                         n = nb * NC + 16 * v
                         a = tile[r * NV + v]
-                        _dequant_store(out, t * N + n, a, xs, s_x[t], scale, n, bias, has_bias, accumulate)
+                        dequant_store(out, t * N + n, a, xs, s_x[t], scale, n, bias, has_bias, accumulate)
                     else:
-                        _vstore(stage, (r * NV + v) * 16, tile[r * NV + v])
+                        vstore(stage, (r * NV + v) * 16, tile[r * NV + v])
                 if not fused:
                     for n in range(nb * NC, min(nb * NC + NC, N)):
                         acc32[t, n] = stage[r * NC + n - nb * NC] - xs  # sum u x - sum x = sum w x
 
 
-def _prepared(x_q: np.ndarray, w: VNNIWeights) -> tuple[np.ndarray, int]:
+def prepared(x_q: np.ndarray, w: VNNIWeights) -> tuple[np.ndarray, int]:
     """x flat, with zero columns up to a multiple of 4 when needed (then a copy)."""
     if x_q.shape[1] != w.kp:
         xp = np.zeros((x_q.shape[0], w.kp), dtype=np.int8)
@@ -333,34 +325,72 @@ def _prepared(x_q: np.ndarray, w: VNNIWeights) -> tuple[np.ndarray, int]:
     return x_q.reshape(-1), w.kp
 
 
-_NONE_F32 = np.empty(0, dtype=np.float32)
-_NONE_I32 = np.empty((0, 0), dtype=np.int32)
+NONE_F32 = np.empty(0, dtype=np.float32)  # the arguments a kernel call does not use
+NONE_I32 = np.empty((0, 0), dtype=np.int32)
 
 
-def matmul(x_q: np.ndarray, w: VNNIWeights) -> np.ndarray:
-    """int32 (T, N) accumulators; inputs are checked by the caller (kernels.ternary)."""
+def tiled_matmul(tiles, x_q: np.ndarray, w: VNNIWeights) -> np.ndarray:
+    """int32 (T, N) sums by ``tiles`` (this module's ``linear_tiles`` or a twin with its
+    signature: ``avx2.linear_tiles``); inputs checked by the caller (``kernels.linear``)."""
     T = x_q.shape[0]
     acc = np.empty((T, w.n), dtype=np.int32)
-    x, K = _prepared(x_q, w)
-    e = _NONE_F32
-    _tiles(x, w.wl, K, T, w.n, w.packed, numba.get_num_threads(), False, e, e, e, False, e, False, acc)
+    x, K = prepared(x_q, w)
+    e = NONE_F32
+    tiles(x, w.wl, K, T, w.n, w.packed, numba.get_num_threads(), False, e, e, e, False, e, False, acc)
     return acc
 
 
-def bind_linear(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, out, accumulate):
-    """``(kernel, args)``: the call :func:`linear` makes, bound to these arrays, for a caller
-    that repeats it on buffers it refills (the engine's plan). Only where ``x_q`` is read in
-    place (K % 4 == 0): else the bound call would hold a padded copy."""
-    x, K = _prepared(x_q, w)
+def bind_tiled(tiles, x_q, s_x, w: VNNIWeights, scale, bias, has_bias, out, accumulate):
+    """``(kernel, args)``: the dequantizing call of ``tiles``, bound to these arrays, for a
+    caller that repeats it on buffers it refills (the engine's plan): float32 (T, N) into
+    ``out`` (C-contiguous), added to it when ``accumulate``, bit-identical to
+    ``linear.linear_ref``. Needs N % 48 == 0, and K % 4 == 0 to read ``x_q`` in place (else
+    the bound call would hold a padded copy)."""
+    x, K = prepared(x_q, w)
     parts, flat = numba.get_num_threads(), out.reshape(-1)
-    return _tiles, (x, w.wl, K, x_q.shape[0], w.n, w.packed, parts, True, s_x, scale, bias, has_bias, flat, accumulate,
-                    _NONE_I32)  # fmt: skip
+    return tiles, (x, w.wl, K, x_q.shape[0], w.n, w.packed, parts, True, s_x, scale, bias, has_bias, flat, accumulate,
+                   NONE_I32)  # fmt: skip
 
 
-def linear(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, out, accumulate) -> np.ndarray:
-    """float32 (T, N), bit-identical to ``ternary.linear_ref``, written into ``out``
-    (C-contiguous float32 (T, N)) or added to it when ``accumulate``. The caller
-    (``kernels.ternary.linear``) checks the inputs and that N % 48 == 0."""
-    fn, args = bind_linear(x_q, s_x, w, scale, bias, has_bias, out, accumulate)
-    fn(*args)
-    return out
+@pjit
+def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s):
+    """Rows of ``linear(x)`` (T, N) into a job buffer, then per row GELU and the int8 codes
+    into ``q`` (T, N) and scales into ``s``. Needs N % 48 == 0."""
+    G = K // 4
+    NB = N // NC
+    RB = (T + MR - 1) // MR
+    RG = RT * MR  # rows a pass: their outputs (fc1: 192 kB) stay in L2
+    for p in numba.prange(parts):
+        w = _all_weights(wl, NB, G, packed)  # every block, spread to bytes once a job
+        sums = np.empty(RG, dtype=np.int32)
+        buf = np.empty(RG * N, dtype=np.float32)
+        b0, b1 = p * RB // parts, (p + 1) * RB // parts
+        for c0 in range(b0, b1, RT):
+            r0, r1 = c0 * MR, min(min(c0 + RT, b1) * MR, T)
+            _rowsums(x, K, r0, r1, sums)
+            for nb in range(NB):
+                for t0 in range(r0, r1, MR):
+                    if T - t0 <= SHORT:  # a last tile of 1 or 2 rows: one row at a time
+                        for t in range(t0, T):
+                            a0, a1, a2 = _tile1(x, w, G, K, t, nb)
+                            n = nb * NC
+                            _store3(buf, (t - r0) * N + n, a0, a1, a2, sums[t - r0], s_x[t], scale, n, bias,
+                                         has_bias, False)  # fmt: skip
+                        continue
+                    tile = _tile(x, w, G, K, t0, T, nb)
+                    for r in range(min(MR, T - t0)):
+                        t, n = t0 + r, nb * NC
+                        a0, a1, a2 = tile[r * NV], tile[r * NV + 1], tile[r * NV + 2]
+                        _store3(buf, (t - r0) * N + n, a0, a1, a2, sums[t - r0], s_x[t], scale, n, bias,
+                                     has_bias, False)  # fmt: skip
+            for t in range(r0, r1):
+                h = buf[(t - r0) * N : (t - r0 + 1) * N]
+                s[t] = quantize_with(h, q[t], gelu_row(h, h))
+
+
+def bind_linear_gelu_quantize(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, q, s):
+    """``(kernel, args)`` of :func:`_linear_rows` (fc1, GELU and fc2's codes in one pass),
+    bound to these arrays, as :func:`bind_linear`; N % 48 == 0."""
+    x, K = prepared(x_q, w)
+    T, parts = x_q.shape[0], numba.get_num_threads()
+    return _linear_rows, (x, w.wl, K, T, w.n, w.packed, parts, s_x, scale, bias, has_bias, q, s)

@@ -232,7 +232,7 @@ class BitLinear(nn.Linear):
 
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm``; at inference (no gradients) computed in float64 and rounded once to
-    float32, as the engine does (``kernels.ops._layernorm_row``): two float64 computations of
+    float32, as the engine does (``kernels.rowops.layernorm_row``): two float64 computations of
     the same value round to the same float32 (except within ~1e-16 of a rounding tie), so
     the int8 codes of the next layer match the engine's. Float32 statistics in both would
     differ in the last bit and flip a code now and then (measured: a source of about a
@@ -252,7 +252,7 @@ class LayerNorm(nn.LayerNorm):
 
 class GELU(nn.GELU):
     """``nn.GELU()`` (erf form) for training; at inference (no gradients) the engine's GELU
-    operation for operation (``kernels.ops._gelu16``: Eigen's rational float32 erf, |error|
+    operation for operation (``kernels.rowops._gelu16``: Eigen's rational float32 erf, |error|
     <= 4.2e-7 against the exact erf), so both compute bit-identical float32 values. With
     PyTorch's own erf the last bits differ and the next int8 code flips at rounding ties:
     the largest single source of engine/PyTorch disagreements (measured 31 -> 19 of 10,000
@@ -319,7 +319,7 @@ class Attention(nn.Module):
             o = attn @ v
         elif torch.is_grad_enabled() or self.plain or not self.exact:
             o = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v
-        else:  # inference: in float64, rounded once to float32, as the engine does (kernels.ops._attention)
+        else:  # inference: in float64, rounded once to float32, as the engine does (kernels.attention._attention)
             o = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
         return self.proj(o.transpose(1, 2).reshape(B, N, D))
 

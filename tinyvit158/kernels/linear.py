@@ -1,17 +1,18 @@
-"""int8 x ternary matrix products with exact int32 accumulation.
+"""Linear layers: int8 x ternary products with exact int32 accumulation, dequantized in
+the store; fc1 + GELU + codes; the float layers' kernel; the kernel path; the references.
 
 ``acc[t, n] = sum_k x_q[t, k] * w[n, k]`` with ``x_q`` in [-127, 127] and ``w`` in
 {-1, 0, +1}: every product is an addition, a subtraction or nothing, and
 ``|acc| <= 127 * K``, so int32 is exact for any K below 2**24.
 
-The generic path is ``kernels/portable.py``: a 6-token x 16-channel tile in LLVM's
-portable float32 vectors, exact because every partial sum is an integer below 2**24 for
-K <= 132,104 (the loops it beat are in docs/PERFORMANCE.md); ``_matmul_dot4`` stays for K
-beyond that bound and for NUMBA_DISABLE_JIT=1. On CPUs with AVX-512 VNNI the ``vnni``
-path (``kernels/vnni.py``) runs the products on ``vpdpbusd``.
-The path is chosen once: ``TINYVIT158_KERNEL=auto`` (default: vnni when llvmlite reports
-the host has avx512f, avx512bw and avx512vnni, and Numba's JIT is on), ``vnni`` or
-``generic``. Both paths are tested against the same references.
+The kernel paths, a table (:data:`PATH_FEATURES`): ``generic`` (``kernels/portable.py``:
+a 6-token x 16-channel tile in LLVM's portable float32 vectors, exact because every
+partial sum is an integer below 2**24 for K <= 132,104; ``_matmul_dot4`` beyond that bound
+and under NUMBA_DISABLE_JIT=1), ``avx2`` (``kernels/avx2.py``: ``vpmaddubsw`` +
+``vpmaddwd``) and ``vnni`` (``kernels/vnni.py``: ``vpdpbusd``). The last two share the
+VNNI weight layout (:data:`_TILED`). ``TINYVIT158_KERNEL=auto`` (the default) takes the
+first of :data:`AUTO_ORDER` whose instructions llvmlite reports on the host (with Numba's
+JIT on); a path's name forces it. Every path is tested against the same references.
 """
 
 from __future__ import annotations
@@ -24,22 +25,38 @@ import numpy as np
 from llvmlite import binding
 
 from tinyvit158.errors import TinyViTError
-from tinyvit158.kernels import portable, vnni
+from tinyvit158.kernels import avx2, portable, vnni
+from tinyvit158.kernels.jit import PYTHON, check_f32_rows, check_out, codes_out, pjit
+from tinyvit158.kernels.rowops import gelu_quantize
 from tinyvit158.packing import unpack
 
 KERNEL_ENV = "TINYVIT158_KERNEL"
-PATHS = ("generic", "vnni")
+# each path: the CPU features (llvmlite's names) its instructions need
+PATH_FEATURES = {"generic": (), "avx2": ("avx2",), "vnni": ("avx512f", "avx512bw", "avx512vnni")}
+PATHS = tuple(PATH_FEATURES)
+AUTO_ORDER = ("vnni", "avx2", "generic")  # fastest first
+_TILED = {
+    "vnni": vnni.linear_tiles,
+    "avx2": avx2.linear_tiles,
+}  # the paths on the VNNI layout: their kernels, one signature
 
 
 @functools.cache
-def cpu_has_vnni() -> bool:
-    """Whether this CPU (as llvmlite sees it) runs AVX-512 VNNI and Numba compiles for it."""
+def cpu_has(path: str) -> bool:
+    """Whether this CPU (as llvmlite sees it) runs ``path``'s instructions and Numba compiles for it."""
+    if not PATH_FEATURES[path]:
+        return True
     features = binding.get_host_cpu_features()
-    return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vnni")) and not numba.config.DISABLE_JIT
+    return all(features.get(f, False) for f in PATH_FEATURES[path]) and not numba.config.DISABLE_JIT
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU runs the AVX-512 VNNI path."""
+    return cpu_has("vnni")
 
 
 def kernel_path() -> str:
-    """The kernel path in use: ``$TINYVIT158_KERNEL`` (auto, vnni, generic), auto by default."""
+    """The kernel path in use: ``$TINYVIT158_KERNEL`` (auto or a path's name), auto by default."""
     return _resolve_path(os.environ.get(KERNEL_ENV, "auto"))
 
 
@@ -47,12 +64,13 @@ def kernel_path() -> str:
 def _resolve_path(setting: str) -> str:  # cached: every linear layer asks, ~1 us a time
     want = setting.strip().lower() or "auto"
     if want == "auto":
-        return "vnni" if cpu_has_vnni() else "generic"
+        return next(p for p in AUTO_ORDER if cpu_has(p))
     if want not in PATHS:
-        raise TinyViTError(f"{KERNEL_ENV}={want!r}; use auto, vnni or generic")
-    if want == "vnni" and not cpu_has_vnni():
+        raise TinyViTError(f"{KERNEL_ENV}={want!r}; use auto, {', '.join(PATHS)}")
+    if not cpu_has(want):
         raise TinyViTError(
-            f"{KERNEL_ENV}=vnni, but this CPU lacks AVX-512 VNNI (or NUMBA_DISABLE_JIT is set); use auto or generic"
+            f"{KERNEL_ENV}={want}, but this CPU lacks {', '.join(PATH_FEATURES[want])} (or NUMBA_DISABLE_JIT "
+            "is set); use auto or generic"
         )
     return want
 
@@ -110,9 +128,9 @@ class PreparedTernary:
         return self._portable
 
     def compact(self, path: str = "vnni") -> None:
-        """Keep only the layout the kernel ``path`` reads (the VNNI one: a quarter of the
-        int8 codes when packed; the generic tile's: one byte a weight)."""
-        if path == "vnni":
+        """Keep only the layout the kernel ``path`` reads (the VNNI one, for the VNNI and
+        AVX2 paths: a quarter of the int8 codes when packed; the generic tile's: one byte a weight)."""
+        if path in _TILED:
             self.vnni  # noqa: B018 - builds it
             self._portable = None
         elif _use_portable(self.in_features):
@@ -245,11 +263,12 @@ def _matmul_dot4(x_q, w):
 def matmul(x_q: np.ndarray, w: PreparedTernary, path: str | None = None) -> np.ndarray:
     """Fast int8 x ternary product: int32 ``(T, N)``, bit-identical to :func:`matmul_ref`.
 
-    ``path``: "generic" or "vnni"; default :func:`kernel_path`.
+    ``path``: one of :data:`PATHS`; default :func:`kernel_path`.
     """
     x_q = _check_x(x_q, w)
-    if (path or kernel_path()) == "vnni":
-        return vnni.matmul(x_q, w.vnni)
+    path = path or kernel_path()
+    if path in _TILED:
+        return vnni.tiled_matmul(_TILED[path], x_q, w.vnni)
     if _use_portable(w.in_features):
         return portable.matmul(x_q, w.portable)
     return _matmul_dot4(x_q, w.codes)
@@ -262,22 +281,6 @@ def _check_sx(s_x: np.ndarray, x_q: np.ndarray) -> np.ndarray:
             f"{getattr(s_x, 'dtype', type(s_x).__name__)} {getattr(s_x, 'shape', '')}"
         )
     return s_x
-
-
-def check_out(out: np.ndarray | None, shape: tuple[int, ...], dtype, what: str) -> np.ndarray:
-    """``out`` when it is a C-contiguous array of ``shape`` and ``dtype``; a new one when None.
-
-    The kernels' ``out=`` arguments let a caller (the engine) reuse its buffers: fresh
-    multi-megabyte arrays cost a page fault per 4 KiB on first touch.
-    """
-    if out is None:
-        return np.empty(shape, dtype=dtype)
-    if not isinstance(out, np.ndarray) or out.dtype != dtype or out.shape != shape or not out.flags.c_contiguous:
-        raise TinyViTError(
-            f"{what} must be a C-contiguous {np.dtype(dtype).name} array of shape {shape}, found "
-            f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}"
-        )
-    return out
 
 
 def linear_ref(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary) -> np.ndarray:
@@ -294,12 +297,14 @@ def fits_vnni_tiles(w: PreparedTernary) -> bool:
 
 
 def bind_linear(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, out: np.ndarray, accumulate: bool):
-    """``(kernel, args)``: the VNNI call :func:`linear` makes for these (checked) arrays,
-    bound once for a caller that repeats it on buffers it refills (the engine's plan).
-    Needs the VNNI path, K % 4 == 0 and N % 48 == 0 (else returns None)."""
-    if kernel_path() != "vnni" or not fits_vnni_tiles(w):
-        return None
-    return vnni.bind_linear(x_q, s_x, w.vnni, w.scale, *w.bias_args, out, accumulate)
+    """``(kernel, args)`` whose call computes :func:`linear` of these (checked) arrays into
+    ``out`` (added to it when ``accumulate``), for a caller that repeats it on buffers it
+    refills (the engine's plan). The VNNI and AVX2 paths bind their raw kernel once (K % 4
+    == 0 and N % 48 == 0: no checks or argument building per call); others bind :func:`linear`."""
+    path = kernel_path()
+    if path in _TILED and fits_vnni_tiles(w):
+        return vnni.bind_tiled(_TILED[path], x_q, s_x, w.vnni, w.scale, *w.bias_args, out, accumulate)
+    return linear, (x_q, s_x, w, None, out, None) if accumulate else (x_q, s_x, w, None, None, out)
 
 
 def linear(
@@ -324,8 +329,10 @@ def linear(
     accumulate = residual is not None
     out = check_out(residual, shape, np.float32, "residual") if accumulate else check_out(out, shape, np.float32, "out")
     path, n = path or kernel_path(), w.out_features
-    if path == "vnni" and n % vnni.NC == 0:  # every ViT width: dequantized in the kernel's stores
-        return vnni.linear(x_q, s_x, w.vnni, w.scale, *w.bias_args, out, accumulate)
+    if path in _TILED and n % vnni.NC == 0:  # every ViT width: dequantized in the kernel's stores
+        fn, args = vnni.bind_tiled(_TILED[path], x_q, s_x, w.vnni, w.scale, *w.bias_args, out, accumulate)
+        fn(*args)
+        return out
     if path == "generic" and n % portable.NC == 0 and _use_portable(w.in_features):
         return portable.linear(x_q, s_x, w.portable, w.scale, *w.bias_args, out, accumulate)
     y = matmul(x_q, w, path).astype(np.float32) * s_x[:, None] * w.scale[None, :]  # linear_ref's operations
@@ -335,3 +342,57 @@ def linear(
     else:
         out[...] = y
     return out
+
+
+def _fused(w: PreparedTernary) -> bool:
+    return kernel_path() == "vnni" and w.out_features % vnni.NC == 0 and not PYTHON
+
+
+def bind_linear_gelu_quantize(x_q, s_x, w: PreparedTernary, q, s):
+    """``(kernel, args)`` whose call computes :func:`linear_gelu_quantize` into ``(q, s)``,
+    for a caller that repeats it (the engine's plan; see :func:`bind_linear`): the
+    one-pass kernel where it runs, else the checked function."""
+    if _fused(w):
+        return vnni.bind_linear_gelu_quantize(x_q, s_x, w.vnni, w.scale, *w.bias_args, q, s)
+    return linear_gelu_quantize, (x_q, s_x, w, (q, s))
+
+
+def linear_gelu_quantize(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, out=None):
+    """``gelu_quantize(linear(x_q, s_x, w))``, bit-identical, in one pass on the VNNI path:
+    int8 codes (T, N) and float32 scales (T,), into ``out`` (a (codes, scales) pair) when given."""
+    x_q = _check_x(x_q, w)
+    s_x = _check_sx(s_x, x_q)
+    q, s = codes_out((x_q.shape[0], w.out_features), out)
+    if not _fused(w):
+        return gelu_quantize(linear(x_q, s_x, w), (q, s))
+    fn, args = vnni.bind_linear_gelu_quantize(x_q, s_x, w.vnni, w.scale, *w.bias_args, q, s)
+    fn(*args)
+    return q, s
+
+
+@pjit
+def _float_linear(x, w_t, b):
+    T, K = x.shape
+    N = w_t.shape[1]
+    out = np.empty((T, N), dtype=np.float32)
+    for t in numba.prange(T):
+        acc = b.copy()
+        for k in range(K):
+            xv = x[t, k]
+            for n in range(N):
+                acc[n] += xv * w_t[k, n]
+        out[t] = acc
+    return out
+
+
+def float_linear(x: np.ndarray, w_t: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``x @ w_t + b`` in float32 for the float layers (head, optional patch embedding).
+
+    A Numba loop rather than BLAS: these layers are small, and OpenBLAS's threads keep
+    spinning for a while after each call, stealing both cores from the Numba kernels that
+    follow (measured: int8 kernels slowed 10-100x right after an sgemm).
+    """
+    x = check_f32_rows(x, "float_linear")
+    if w_t.shape[0] != x.shape[1] or b.shape != (w_t.shape[1],):
+        raise TinyViTError(f"float_linear: x {x.shape}, weight {w_t.shape}, bias {b.shape} do not fit")
+    return _float_linear(x, np.ascontiguousarray(w_t, np.float32), np.ascontiguousarray(b, np.float32))
