@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tinyvit158 import integer as I
 from tinyvit158.config import get_preset
-from tinyvit158.errors import ConfigError, TinyViTError
+from tinyvit158.errors import ConfigError
 from tinyvit158.weights import load_weights, random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_every_stage_is_an_integer_within_its_bound(int_ckpt, images):
         assert np.abs(v).max() <= limit, stage
 
 
-def test_integer_numerics_needs_integer_attention_and_runs_only_in_the_reference(int_ckpt):
+def test_integer_numerics_needs_integer_attention(int_ckpt):
     cfg = get_preset("cifar10-tiny")
     with pytest.raises(ConfigError, match="needs attention='int8'"):
         cfg.replace(numerics="integer")
@@ -149,12 +149,12 @@ def test_integer_numerics_needs_integer_attention_and_runs_only_in_the_reference
     assert "numerics" not in cfg.to_json()  # float files stay byte for byte what they were
     assert '"numerics": "integer"' in int_ckpt.config.to_json()
     from tinyvit158.engine import Engine
-    from tinyvit158.pipeline import make_model
+    from tinyvit158.pipeline import engine_name, make_model
 
-    with pytest.raises(TinyViTError, match="runs in its int64 reference only"):
-        Engine(int_ckpt)
     assert isinstance(make_model(int_ckpt, "oracle"), I.IntegerOracle)
-    assert isinstance(make_model(int_ckpt, "fast"), I.IntegerOracle)  # with a note: no fast kernels yet
+    assert isinstance(make_model(int_ckpt, "fast"), Engine)  # tests/test_integer_engine.py: the same integers
+    assert engine_name(int_ckpt.config, "oracle") == "integer reference"
+    assert engine_name(int_ckpt.config, "fast") == "fast"
 
 
 def test_a_float_head_becomes_int8_codes_per_channel():

@@ -10,6 +10,8 @@ inputs:
   the same weights with fully quantized attention (``attention="int8"``, 8-bit q, k, v and
   probabilities: ``kernels/qattn.py``) in place of the float64 one; ``engine-attn4``: with
   4-bit q, k, v and probabilities (clipped at 1/4: ``weights/cifar10-tiny-attn4``'s numerics);
+  ``engine-int``: the same weights in integer numerics (every value an integer:
+  ``weights/cifar10-tiny-int``'s numerics, ``kernels/intops.py``);
 - ``numpy-fp32``: the same model in NumPy float32: weights dequantized (codes x gamma),
   BLAS matmuls, no activation quantization, every op vectorized over the batch;
 - ``torch-fp32``: the same in PyTorch float32 on the CPU as a PyTorch user writes it
@@ -55,8 +57,8 @@ from tinyvit158.peers import PEERS
 from tinyvit158.weights import Checkpoint, default_weights_path, load_weights, random_checkpoint
 
 VARIANTS = (
-    "engine", "engine-int8attn", "engine-attn4", "engine-bytes", "engine-generic", "engine-avx2", "numpy-fp32",
-    "torch-fp32", "torch-int8", *PEERS,
+    "engine", "engine-int8attn", "engine-attn4", "engine-int", "engine-bytes", "engine-generic", "engine-avx2",
+    "numpy-fp32", "torch-fp32", "torch-int8", *PEERS,
 )  # fmt: skip
 FORCED_PATH = {"engine-generic": "generic", "engine-avx2": "avx2"}  # variant -> the kernel path it forces
 
@@ -71,6 +73,7 @@ def runnable_variants() -> list[str]:
 QUANTIZED_ATTENTION = {  # the engine variants with quantized attention: their config changes
     "engine-int8attn": {"attention": "int8"},
     "engine-attn4": {"attention": "int8", "attention_bits": 4, "attention_prob_bits": 4, "attention_prob_clip": 0.25},
+    "engine-int": {"attention": "int8", "numerics": "integer"},
 }
 
 
@@ -164,6 +167,7 @@ def build(variant: str, ckpt: Checkpoint, args=None):
         layout = ", 2-bit weights" if tiled and engine.packed else ", 1-byte weights" if tiled else ""
         cfg = ckpt.config
         attn = f", {cfg.attention_bits}-bit attention" if cfg.attention == "int8" else ""
+        attn += ", integer numerics" if cfg.numerics == "integer" else ""
         return engine, engine.weight_bytes, f"{path} kernels{layout}{attn}"
     if variant == "numpy-fp32":
         model = NumpyFloatViT(ckpt)

@@ -34,8 +34,11 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
+from tinyvit158 import integer
 from tinyvit158.config import BLOCK_LINEARS
+from tinyvit158.constants import INT_ONE, INT_SAT
 from tinyvit158.errors import TinyViTError
+from tinyvit158.integer import IntegerParams, to_q16
 from tinyvit158.kernels import (
     PreparedTernary,
     attention_op,
@@ -48,9 +51,12 @@ from tinyvit158.kernels import (
     kernel_path,
     layernorm,
     layernorm_quantize,
+    matmul,
     quantize_rows,
 )
+from tinyvit158.kernels.intops import attention_codes, codes_rows, gelu_codes, layernorm_codes, requantize
 from tinyvit158.oracle import patchify
+from tinyvit158.quant import ACT_QMAX
 from tinyvit158.runtime import ThreadGovernor, quiet_spin
 from tinyvit158.weights import Checkpoint, load_weights
 
@@ -73,6 +79,19 @@ class Step:
     reads: tuple[str, np.ndarray] | None = None
     makes: dict[str, np.ndarray] = field(default_factory=dict)
     ends: tuple[str, np.ndarray] | None = None
+
+
+@dataclass
+class Plan:
+    """A model's steps for one batch size: ``features`` leave the residual stream in
+    ``tokens``, ``head`` the logits in ``logits`` (integer numerics: their Q16 integers in
+    ``q16`` too)."""
+
+    features: list[Step]
+    head: list[Step]
+    tokens: np.ndarray
+    logits: np.ndarray
+    q16: np.ndarray | None = None
 
 
 class Engine:
@@ -100,11 +119,6 @@ class Engine:
 
     def __init__(self, ckpt: Checkpoint, packed: bool = PACKED_DEFAULT):
         self.cfg = cfg = ckpt.config
-        if cfg.numerics != "float":
-            raise TinyViTError(
-                f"numerics={cfg.numerics!r} runs in its int64 reference only so far (integer.IntegerOracle; "
-                "--engine oracle on the command line), not in the fast engine"
-            )
         quiet_spin()
         self.packed = packed
         t = ckpt.tensors
@@ -128,6 +142,8 @@ class Engine:
         # each block's attention kernel (float or int8, as the config says), called alike
         self.attn = [attention_op(cfg, self.p, i) for i in range(cfg.depth)]
         self.blocks = "bitlinear" if cfg.bitlinear_norm else "ternary"  # the key into BLOCKS
+        self.mode = NUMERICS[cfg.numerics]
+        self.mode_params = self.mode.prepare(self, ckpt)
         self.record: dict[str, np.ndarray] | None = None  # layer -> int8 input codes (tests, ledger)
         self.timings: dict[str, float] | None = None  # part -> seconds (bench --layers)
         self.trace: dict[str, np.ndarray] | None = None  # stage -> output, the oracle's stage names
@@ -221,14 +237,15 @@ class Engine:
     def _trace_norm(self, x: np.ndarray) -> None:
         self.trace["norm"] = layernorm(x.reshape(-1, x.shape[2]), *self._norm("norm")).reshape(x.shape)
 
-    def _plan(self, B: int) -> tuple[list[Step], list[Step]]:
-        """This thread's steps for batch ``B`` (features, head), bound once per kernel path
-        and instrumentation: a forward runs them back to back, with no checks, lookups or
-        argument building between them on the VNNI path (at batch 1 those took a fifth)."""
+    def _plan(self, B: int) -> Plan:
+        """This thread's steps for batch ``B``, bound once per kernel path and
+        instrumentation, by the config's numerics (:data:`NUMERICS`): a forward runs them
+        back to back, with no checks, lookups or argument building between them on the VNNI
+        path (at batch 1 those took a fifth)."""
         bufs = self._workspace.__dict__["bufs"]
         key = "plan", kernel_path(), self.record is not None, self.trace is not None
         if key not in bufs:
-            bufs[key] = self._embed_steps(B) + BLOCKS[self.blocks](self, B), self._head_steps(B)
+            bufs[key] = self.mode.plan(self, B)
         return bufs[key]
 
     def _run(self, steps: list[Step]) -> None:
@@ -271,23 +288,32 @@ class Engine:
         images = self.check_images(images)
         B = images.shape[0]
         self._batch(B)
-        features, _ = self._plan(B)
+        plan = self._plan(B)
         np.copyto(self._buf("images", images.shape), images)
-        self._run(features)
-        return self._buf("x", (B, self.cfg.num_tokens, self.cfg.dim))
+        self._run(plan.features)
+        return plan.tokens
 
     def forward_head(self, x: np.ndarray) -> np.ndarray:
-        """Tokens [B, N+1, D] -> float32 logits [B, classes]."""
+        """Tokens [B, N+1, D] (Q16 int64 in integer numerics) -> logits [B, classes]."""
         B = x.shape[0]
         self._batch(B)
-        tokens = self._buf("x", (B, self.cfg.num_tokens, self.cfg.dim))
-        if x is not tokens:
-            np.copyto(tokens, x)
-        self._run(self._plan(B)[1])
-        return self._buf("logits", (B, self.cfg.num_classes)).copy()
+        plan = self._plan(B)
+        if x is not plan.tokens:
+            np.copyto(plan.tokens, x)
+        self._run(plan.head)
+        return plan.logits.copy()
+
+    def integers(self, images: np.ndarray) -> np.ndarray:
+        """Integer numerics: normalized images -> the Q16 int64 logits (``forward`` gives
+        their exact float64 view), as ``integer.IntegerOracle.integers``."""
+        if self.cfg.numerics != "integer":
+            raise TinyViTError(f"integers() is for numerics='integer'; this model's numerics are {self.cfg.numerics!r}")
+        self.forward(images)
+        return self._plan(images.shape[0]).q16.copy()
 
     def forward(self, images: np.ndarray) -> np.ndarray:
-        """Normalized float images [B, C, H, W] -> float32 logits [B, classes]. Runs with
+        """Normalized float images [B, C, H, W] -> logits [B, classes] (float32; integer
+        numerics: the Q16 integers' exact float64 view). Runs with
         the current Numba thread count or with 1, whichever is faster now (:class:`ThreadGovernor`)."""
         n = numba.get_num_threads()
         batch = images.shape[0] if isinstance(images, np.ndarray) and images.ndim else 0
@@ -363,6 +389,118 @@ def _bitlinear_blocks(eng: Engine, B: int) -> list[Step]:
 
 
 BLOCKS: dict[str, Callable[[Engine, int], list[Step]]] = {"ternary": _ternary_blocks, "bitlinear": _bitlinear_blocks}
+
+
+def _float_plan(eng: Engine, B: int) -> Plan:
+    cfg = eng.cfg
+    tokens = eng._buf("x", (B, cfg.num_tokens, cfg.dim))
+    features = eng._embed_steps(B) + BLOCKS[eng.blocks](eng, B)
+    return Plan(features, eng._head_steps(B), tokens, eng._buf("logits", (B, cfg.num_classes)))
+
+
+# -- integer numerics: every value an integer (``integer.py`` states the rules) -------------
+def _integer_prepare(eng: Engine, ckpt: Checkpoint) -> IntegerParams:
+    ip = IntegerParams(ckpt)
+    for layer in eng.ternary:  # the products read the engine's ternary layouts; keep the integers' scales only
+        ip.linear[layer] = (None, *ip.linear[layer][1:])
+    return ip
+
+
+def _integer_plan(eng: Engine, B: int) -> Plan:
+    """Patch codes, the blocks (LayerNorm codes, qkv, attention to codes, proj into the
+    residual stream, LayerNorm codes, fc1, GELU codes, fc2 into the stream), the final
+    LayerNorm's codes of the class tokens and the head: Q16 int64 between the products."""
+    cfg, ip = eng.cfg, eng.mode_params
+    N1, D, H, Np = cfg.num_tokens, cfg.dim, cfg.hidden_dim, cfg.num_patches
+    T = B * N1
+    i64 = np.int64
+
+    def codes(rows: int, width: int, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+        q = eng._buf(f"icodes{name}{rows}x{width}", (rows, width), np.int8)
+        return q, eng._buf(f"iR{name}{rows}", (rows,), i64)
+
+    def site(layer: str, src: tuple, dest: np.ndarray, part: str, stage: str | None = None) -> Step:
+        _, g, e, bias = ip.linear[layer]
+        w = eng.ternary.get(layer) or ip.linear[layer][0]
+        ends = None if stage is None else (stage, dest.reshape(B, -1, dest.shape[1]))
+        acc = eng._buf(f"iacc{dest.shape[0]}x{dest.shape[1]}", dest.shape, np.int32)
+        return Step(part, _int_linear, (*src, w, g, e, bias, dest, acc), reads=(layer, src[0]), ends=ends)
+
+    images = eng._buf("images", (B, cfg.in_chans, cfg.image_size, cfg.image_size))
+    i32 = np.int32  # Q16 activations: every one is saturated at |v| <= SAT < 2**24
+    x3 = eng._buf("xi", (B, N1, D), i32)
+    x = x3.reshape(T, D)
+    emb, qkv = eng._buf("embi", (B * Np, D), i32), eng._buf("qkvi", (T, 3 * D), i32)
+    out, hidden = eng._buf("outi", (T, D), i32), eng._buf("hiddeni", (T, H), i32)
+    patches, cx, ch = codes(B * Np, cfg.patch_dim), codes(T, D), codes(T, H)
+    steps = [
+        Step("patch_embed", _int_patch_codes, (images, cfg.patch_size, *patches)),
+        site("patch_embed.proj", patches, emb, "patch_embed", "patch_embed"),
+        Step("patch_embed", _int_tokens, (emb.reshape(B, Np, D), ip.cls_token[0], ip.pos_embed[0], x3)),
+    ]
+    bits, pbits, clip = cfg.attention_bits, cfg.attention_prob_bits, cfg.attention_prob_clip
+    for i in range(cfg.depth):
+        blk = f"blocks.{i}"
+        steps += [
+            Step("norm+quant", layernorm_codes, (x, *ip.norms[f"{blk}.norm1"], ip.eps, ACT_QMAX, cx)),
+            site(f"{blk}.attn.qkv", cx, qkv, "qkv", f"{blk}.attn.qkv"),
+            Step("attention+quant", attention_codes, (qkv, B, cfg.heads, bits, pbits, clip, cx)),
+            site(f"{blk}.attn.proj", cx, out, "proj", f"{blk}.attn.proj"),
+            Step("proj", _int_residual, (x, out)),
+            Step("norm+quant", layernorm_codes, (x, *ip.norms[f"{blk}.norm2"], ip.eps, ACT_QMAX, cx)),
+            site(f"{blk}.mlp.fc1", cx, hidden, "fc1", f"{blk}.mlp.fc1"),
+            Step("gelu+quant", gelu_codes, (hidden, ACT_QMAX, ch)),
+            site(f"{blk}.mlp.fc2", ch, out, "fc2", f"{blk}.mlp.fc2"),
+            Step("fc2", _int_residual, (x, out), ends=(blk, x3)),
+        ]
+    cls, ccls = eng._buf("clsi", (B, D), i32), codes(B, D, "cls")
+    q16, logits = eng._buf("q16", (B, cfg.num_classes), i64), eng._buf("logitsi", (B, cfg.num_classes), np.float64)
+    head = [
+        Step(None, np.copyto, (cls, x3[:, 0])),
+        Step("norm+quant", layernorm_codes, (cls, *ip.norms["norm"], ip.eps, ACT_QMAX, ccls)),
+        site("head", ccls, q16, "head"),
+        Step(None, np.divide, (q16, float(INT_ONE), logits), ends=("logits", q16)),
+    ]
+    return Plan(steps, head, x3, logits, q16)
+
+
+def _int_patch_codes(images, p, q, R) -> None:
+    flat = patchify(images, p).reshape(q.shape)
+    codes_rows(to_q16(flat), ACT_QMAX, (q, R))
+
+
+def _int_tokens(emb, cls, pos, x) -> None:
+    x[:, 0] = np.clip(cls + pos[0], -INT_SAT, INT_SAT)
+    np.clip(emb + pos[1:], -INT_SAT, INT_SAT, out=x[:, 1:])
+
+
+def _int_linear(q, R, w, g, e, bias, dest, acc) -> None:
+    """A linear layer of codes ``q`` standing for ``q R / 127``: ternary ``w`` through the
+    kernels' exact int32 products (into ``acc``), int8 weights (a float layer's) through the
+    reference."""
+    if isinstance(w, PreparedTernary):
+        requantize(matmul(q, w, out=acc), R, g, e, bias, dest)
+    else:
+        np.copyto(dest, integer.linear(q, R, w, g, e, bias).reshape(dest.shape))
+
+
+def _int_residual(x, y) -> None:
+    np.add(x, y, out=x)
+    np.clip(x, -INT_SAT, INT_SAT, out=x)
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """A numeric mode: what it prepares from the checkpoint, and its steps for a batch size."""
+
+    prepare: Callable
+    plan: Callable[[Engine, int], Plan]
+
+
+NUMERICS = {
+    "float": Numerics(lambda eng, ckpt: None, _float_plan),
+    "integer": Numerics(_integer_prepare, _integer_plan),
+}
 
 
 # -- the small steps the kernels module has no kernel for ------------------------------------

@@ -46,12 +46,6 @@ RANDOM_NOTE = (
 )
 
 
-INTEGER_NOTE = (
-    "note: integer numerics have no fast kernels yet; running the int64 reference "
-    "(integer.IntegerOracle: the same integers, ~0.25 s an image)"
-)
-
-
 def load_model(weights: str | None) -> tuple[Checkpoint, str]:
     """The checkpoint of ``weights`` (default: the shipped file) and the name to show for it:
     the path as given, or the shipped file's name (no machine path)."""
@@ -83,19 +77,17 @@ def image_paths(args: list[str]) -> list[Path | str]:
 
 
 def make_model(ckpt: Checkpoint, engine: str = "fast"):
-    """The fast ``Engine`` or the float64 ``Oracle`` of a checkpoint; for integer numerics
-    the int64 ``IntegerOracle`` either way (said on stderr for "fast": no fast kernels yet)."""
-    if ckpt.config.numerics == "integer":
-        if engine == "fast":
-            print(INTEGER_NOTE, file=sys.stderr)
-        return IntegerOracle(ckpt)
-    return Engine(ckpt) if engine == "fast" else Oracle(ckpt)
+    """The fast ``Engine`` of a checkpoint (its numerics, float or integer), or its
+    reference: the float64 ``Oracle``, or for integer numerics the int64 ``IntegerOracle``."""
+    if engine == "fast":
+        return Engine(ckpt)
+    return IntegerOracle(ckpt) if ckpt.config.numerics == "integer" else Oracle(ckpt)
 
 
 def engine_name(cfg: ViTConfig, engine: str) -> str:
-    """What runs a config, for the commands' reports: "fast", "oracle", or "integer reference"
-    (integer numerics run in their int64 reference either way, so far)."""
-    return "integer reference" if cfg.numerics == "integer" else engine
+    """What runs a config, for the commands' reports: "fast", "oracle", or (integer numerics'
+    reference) "integer reference"."""
+    return "integer reference" if cfg.numerics == "integer" and engine != "fast" else engine
 
 
 def numerics_line(cfg: ViTConfig, engine: str) -> str:
@@ -184,8 +176,6 @@ def classify(
     ``record``: with ``explain``, the codes of the first batch that holds an image (for the
     ledger), else None."""
     if ray is not None:
-        if ckpt.config.numerics == "integer":
-            raise TinyViTError("--ray runs the fast engine, which integer numerics do not have yet")
         for idx, logits, errors in cluster.ray_stream(paths, ckpt, batch, actors, ray or None, ray_timeout):
             yield idx, logits, errors, None
         return

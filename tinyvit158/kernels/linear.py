@@ -260,18 +260,21 @@ def _matmul_dot4(x_q, w):
     return out
 
 
-def matmul(x_q: np.ndarray, w: PreparedTernary, path: str | None = None) -> np.ndarray:
-    """Fast int8 x ternary product: int32 ``(T, N)``, bit-identical to :func:`matmul_ref`.
+def matmul(x_q: np.ndarray, w: PreparedTernary, path: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Fast int8 x ternary product: int32 ``(T, N)``, bit-identical to :func:`matmul_ref`,
+    into ``out`` (C-contiguous int32 (T, N)) when given.
 
     ``path``: one of :data:`PATHS`; default :func:`kernel_path`.
     """
     x_q = _check_x(x_q, w)
+    out = check_out(out, (x_q.shape[0], w.out_features), np.int32, "out")
     path = path or kernel_path()
     if path in _TILED:
-        return vnni.tiled_matmul(_TILED[path], x_q, w.vnni)
+        return vnni.tiled_matmul(_TILED[path], x_q, w.vnni, out)
     if _use_portable(w.in_features):
-        return portable.matmul(x_q, w.portable)
-    return _matmul_dot4(x_q, w.codes)
+        return portable.matmul(x_q, w.portable, out)
+    out[...] = _matmul_dot4(x_q, w.codes)
+    return out
 
 
 def _check_sx(s_x: np.ndarray, x_q: np.ndarray) -> np.ndarray:

@@ -104,10 +104,9 @@ _NONE_F32 = np.empty(0, dtype=np.float32)
 _NONE_I32 = np.empty((0, 0), dtype=np.int32)
 
 
-def matmul(x_q: np.ndarray, w: PortableWeights) -> np.ndarray:
-    """int32 (T, N) sums; inputs checked by the caller (kernels.linear), K <= K_EXACT."""
+def matmul(x_q: np.ndarray, w: PortableWeights, acc: np.ndarray) -> np.ndarray:
+    """int32 (T, N) sums into ``acc``; inputs checked by the caller (kernels.linear), K <= K_EXACT."""
     T = x_q.shape[0]
-    acc = np.empty((T, w.n), dtype=np.int32)
     e = _NONE_F32
     _tiles(x_q.reshape(-1), w.wb, w.k, T, w.n, numba.get_num_threads(), False, e, e, e, False, e, False, acc)
     return acc

@@ -329,11 +329,10 @@ NONE_F32 = np.empty(0, dtype=np.float32)  # the arguments a kernel call does not
 NONE_I32 = np.empty((0, 0), dtype=np.int32)
 
 
-def tiled_matmul(tiles, x_q: np.ndarray, w: VNNIWeights) -> np.ndarray:
-    """int32 (T, N) sums by ``tiles`` (this module's ``linear_tiles`` or a twin with its
-    signature: ``avx2.linear_tiles``); inputs checked by the caller (``kernels.linear``)."""
+def tiled_matmul(tiles, x_q: np.ndarray, w: VNNIWeights, acc: np.ndarray) -> np.ndarray:
+    """int32 (T, N) sums into ``acc`` by ``tiles`` (this module's ``linear_tiles`` or a twin
+    with its signature: ``avx2.linear_tiles``); inputs checked by the caller (``kernels.linear``)."""
     T = x_q.shape[0]
-    acc = np.empty((T, w.n), dtype=np.int32)
     x, K = prepared(x_q, w)
     e = NONE_F32
     tiles(x, w.wl, K, T, w.n, w.packed, numba.get_num_threads(), False, e, e, e, False, e, False, acc)

@@ -1,0 +1,119 @@
+"""Integer numerics in the fast engine (``engine.NUMERICS["integer"]``, ``kernels/intops.py``):
+each kernel against its int64 reference in ``integer.py``, and the engine's Q16 logits
+``array_equal`` to ``integer.IntegerOracle``'s on every kernel path, at 1 and 2 threads and
+at several batch sizes; on the shipped file, equal to the golden vectors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+import safetensors.numpy
+from kernel_paths import KERNEL_PATHS, kernel
+
+from tinyvit158 import integer as I
+from tinyvit158.config import get_preset
+from tinyvit158.engine import Engine
+from tinyvit158.kernels import PreparedTernary, intops, matmul
+from tinyvit158.weights import load_weights, random_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = get_preset("cifar10-tiny").replace(numerics="integer", attention="int8")
+CONFIGS = {
+    "cifar10-tiny-depth2": BASE.replace(depth=2),
+    "attn4-clip-float-patch-ternary-head": BASE.replace(
+        depth=1, attention_bits=4, attention_prob_bits=4, attention_prob_clip=0.25, ternary_patch_embed=False,
+        ternary_head=True, qkv_bias=False,
+    ),
+    "deit-tiny-shapes-depth1": get_preset("deit-tiny").replace(depth=1, numerics="integer", attention="int8"),
+}  # fmt: skip
+
+
+def images(cfg, b, seed):
+    x = np.random.default_rng(seed).standard_normal((b, cfg.in_chans, cfg.image_size, cfg.image_size))
+    return (x * 1.5).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_row_kernels_equal_their_references(seed):
+    rng = np.random.default_rng(seed)
+    T, D = 37, 96
+    z = rng.integers(-I.SAT, I.SAT + 1, (T, D)).astype(np.int64)
+    z[0] = I.SAT  # a constant row: zero variance, codes all zero
+    z[1, ::2], z[1, 1::2] = -I.SAT, I.SAT  # the extremes
+    G, B = (I.to_q16(rng.standard_normal(D) * 3) for _ in range(2))
+    E = int(np.rint(np.ldexp(1e-6, 32)))
+    out = np.zeros((T, D), np.int8), np.zeros(T, np.int64)
+    q, R = intops.layernorm_codes(z, G, B, E, 127, out)
+    q_ref, R_ref = I.layer_norm_codes(z, G, B, E)
+    assert np.array_equal(q, q_ref) and np.array_equal(R, R_ref)
+
+    h = rng.integers(-(2**25), 2**25 + 1, (T, D)).astype(np.int64)
+    q, R = intops.gelu_codes(h, 127, out)
+    q_ref, R_ref = I.codes(I.gelu(h))
+    assert np.array_equal(q, q_ref) and np.array_equal(R, R_ref)
+    for qmax in (127, 7):
+        q, R = intops.codes_rows(h, qmax, out)
+        q_ref, R_ref = I.codes(h, qmax)
+        assert np.array_equal(q, q_ref) and np.array_equal(R, R_ref)
+
+    codes = rng.integers(-1, 2, (48, D)).astype(np.int8)
+    xq = rng.integers(-127, 128, (T, D)).astype(np.int8)
+    R = rng.integers(0, I.SAT + 1, T).astype(np.int64)
+    g, e = I.dyadic(rng.uniform(1e-4, 2.0, 48))
+    bias = I.to_q16(rng.standard_normal(48))
+    y = np.zeros((T, 48), np.int64)
+    for b in (bias, None):
+        intops.requantize(matmul(xq, PreparedTernary(codes, np.ones(48, np.float32))), R, g, e, b, y)
+        assert np.array_equal(y, I.linear(xq, R, codes, g, e, b))
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_engine_integers_equal_the_reference(path, name, monkeypatch):
+    """array_equal, no tolerance: every batch size, thread count and kernel path gives the
+    reference's integers, and ``forward`` their exact float64 view."""
+    path_name, packed = kernel(path)
+    monkeypatch.setenv("TINYVIT158_KERNEL", path_name)
+    ck = random_checkpoint(CONFIGS[name], seed=3)
+    engine, oracle = Engine(ck, packed=packed), I.IntegerOracle(ck)
+    x = images(ck.config, 3, 7)
+    want = oracle.integers(x)
+    n = numba.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, n)}):
+            numba.set_num_threads(threads)
+            assert np.array_equal(engine.integers(x), want), threads
+            assert np.array_equal(np.concatenate([engine.integers(x[i : i + 1]) for i in range(3)]), want)
+    finally:
+        numba.set_num_threads(n)
+    logits = engine(x)
+    assert logits.dtype == np.float64 and np.array_equal(logits, want / I.ONE)
+
+
+def test_engine_traces_the_reference_stages():
+    ck = random_checkpoint(CONFIGS["cifar10-tiny-depth2"], seed=1)
+    engine, oracle = Engine(ck), I.IntegerOracle(ck)
+    x = images(ck.config, 2, 2)
+    engine.trace, oracle.trace, engine.record, engine.timings = {}, {}, {}, {}
+    engine(x)
+    oracle.integers(x)
+    # the probabilities and GELU's values stay inside their kernels (fused with the codes)
+    skipped = {s for s in oracle.trace if s.endswith((".attn.p", ".mlp.gelu"))}
+    assert set(engine.trace) == set(oracle.trace) - skipped
+    for stage, v in engine.trace.items():
+        assert np.array_equal(v, oracle.trace[stage]), stage
+    assert set(engine.record) == {layer for layer in ck.config.linear_shapes() if ck.config.is_ternary(layer)} | {
+        "head"
+    }
+    assert {"qkv", "attention+quant", "proj", "fc1", "gelu+quant", "fc2", "norm+quant", "head"} <= set(engine.timings)
+
+
+def test_the_shipped_integer_file_meets_its_golden_vectors():
+    """The engine on the golden inputs (Q16 images): the reference's Q16 logits, exactly."""
+    golden = safetensors.numpy.load_file(str(ROOT / "weights" / "cifar10-tiny-int.golden.safetensors"))
+    engine = Engine(load_weights(ROOT / "weights" / "cifar10-tiny-int.safetensors"))
+    x = golden["input"].astype(np.float64) / I.ONE
+    assert np.array_equal(engine.integers(x.astype(np.float32)), golden["logits"])

@@ -1,0 +1,255 @@
+"""Integer numerics (``numerics="integer"``): the steps between the int8 x ternary products.
+
+Each kernel computes, row by row, what its NumPy int64 reference in ``tinyvit158/integer.py``
+computes over whole arrays (the tests pair them, ``array_equal``): integer addition,
+multiplication, comparison and Python's floor division, so any order of work gives the
+same integers. Lanes: the codes are int8, every other value int64, and every bound that
+keeps an intermediate inside int64 is the reference's (stated there). One float operation
+appears, inside ``_isqrt``: float64's correctly rounded square root as a first guess,
+corrected to ``floor(sqrt(v))`` exactly, as the reference does.
+
+- :func:`layernorm_codes`: the integer LayerNorm of Q16 rows, straight to int8 codes and
+  their Q16 absmax ``R``.
+- :func:`requantize`: a product's int32 sums to Q16, ``round_div(acc R g, qmax 2**e) + B``.
+- :func:`codes_rows`, :func:`gelu_codes`: a row's codes (after i-GELU).
+- :func:`attention_codes`: the integer attention of one batch, to the proj layer's codes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from tinyvit158.constants import (
+    EXP_A,
+    EXP_B,
+    EXP_C,
+    FRAC,
+    GELU_A,
+    GELU_B,
+    INT_LN2,
+    INT_ONE,
+    INT_SAT,
+    INV_SQRT2,
+)
+from tinyvit158.kernels.jit import jit, job_count, pjit
+from tinyvit158.quant import ACT_QMAX
+
+I64 = np.int64
+
+
+@jit
+def _round_div(a, b):
+    """``floor((2a + b) / (2b))`` for ``b > 0`` (Python's floor division, as NumPy's)."""
+    return (2 * a + b) // (2 * b)
+
+
+@jit
+def _shift_round(a, k):
+    return (a + (I64(1) << (k - 1))) >> k
+
+
+@jit
+def _isqrt(v):
+    r = I64(math.floor(math.sqrt(np.float64(v))))
+    if r * r > v:
+        r -= 1
+    if (r + 1) * (r + 1) <= v:
+        r += 1
+    return r
+
+
+@jit
+def _row_codes(v, q, qmax):
+    """Codes of one int64 row into ``q`` (int8): ``sign(v) floor((2 qmax |v| + m) / (2 m))``,
+    0 where ``m = max |v| = 0``; returns m."""
+    m = I64(0)
+    for k in range(v.shape[0]):
+        a = abs(v[k])
+        m = a if a > m else m
+    if m == 0:
+        q[:] = 0
+        return m
+    for k in range(v.shape[0]):
+        c = (2 * qmax * abs(v[k]) + m) // (2 * m)
+        q[k] = c if v[k] >= 0 else -c
+    return m
+
+
+@pjit
+def _layernorm_codes(z, G, B, E, qmax, q, R, P):
+    T, D = z.shape
+    for p in numba.prange(P):
+        d = np.empty(D, dtype=np.int64)
+        for t in range(p * T // P, (p + 1) * T // P):
+            total = I64(0)
+            for k in range(D):
+                total += z[t, k]
+            mu = _round_div(total, I64(D))
+            ss = I64(0)
+            for k in range(D):
+                d[k] = z[t, k] - mu
+                ss += d[k] * d[k]
+            s = _isqrt(_round_div(ss, I64(D)) + E)
+            for k in range(D):
+                d[k] = G[k] * d[k] + B[k] * s
+            m = _row_codes(d, q[t], qmax)
+            R[t] = min(_round_div(m, s), INT_SAT)
+
+
+def layernorm_codes(z: np.ndarray, G: np.ndarray, B: np.ndarray, E: int, qmax: int, out) -> tuple:
+    """``integer.layer_norm_codes`` of int64 rows ``z`` (T, D) into ``out`` = (int8 codes
+    (T, D), int64 R (T,))."""
+    q, R = out
+    _layernorm_codes(z, G, B, I64(E), I64(qmax), q, R, job_count(z.shape[0]))
+    return q, R
+
+
+@pjit
+def _requantize(acc, R, g, e, B, has_bias, out, P):
+    """``round_div(acc R g, 127 * 2**e)`` as ``((2 acc R g + b) >> (e + 1)) // 127`` with
+    ``b = 127 * 2**e``: floor division by 2**(e+1), then by 127, is floor division by their
+    product, and a constant divisor compiles to a multiplication."""
+    T, N = acc.shape
+    for p in numba.prange(P):
+        for t in range(p * T // P, (p + 1) * T // P):
+            r = I64(R[t])
+            for n in range(N):
+                num = 2 * (I64(acc[t, n]) * r * g[n]) + (ACT_QMAX << e[n])
+                y = (num >> (e[n] + 1)) // ACT_QMAX
+                if has_bias:
+                    y += B[n]
+                out[t, n] = min(max(y, -INT_SAT), INT_SAT)
+
+
+def requantize(acc: np.ndarray, R: np.ndarray, g, e, B, out: np.ndarray) -> np.ndarray:
+    """``integer.linear``'s second half: int32 sums ``acc`` (T, N) of codes whose rows stand
+    for ``q R / 127`` -> Q16 int64 into ``out`` (T, N), saturated at ``+-SAT``."""
+    has_bias = B is not None
+    _requantize(acc, R, g, e, B if has_bias else g, has_bias, out, job_count(acc.shape[0]))
+    return out
+
+
+@pjit
+def _codes_rows(v, qmax, q, R, P):
+    T = v.shape[0]
+    for p in numba.prange(P):
+        for t in range(p * T // P, (p + 1) * T // P):
+            R[t] = _row_codes(v[t], q[t], qmax)
+
+
+def codes_rows(v: np.ndarray, qmax: int, out) -> tuple:
+    """``integer.codes`` of int64 rows ``v`` (T, K) into ``out`` = (int8 (T, K), int64 (T,))."""
+    q, R = out
+    _codes_rows(v, I64(qmax), q, R, job_count(v.shape[0]))
+    return q, R
+
+
+@jit
+def _gelu(h):
+    u = _shift_round(abs(h) * INV_SQRT2, FRAC)
+    t = min(u, -GELU_B) + GELU_B
+    erf = _shift_round(GELU_A * t * t, 2 * FRAC) + INT_ONE
+    sign = 1 if h > 0 else -1 if h < 0 else 0
+    return _shift_round(h * (INT_ONE + sign * erf), FRAC + 1)
+
+
+@pjit
+def _gelu_codes(h, qmax, q, R, P):
+    T, N = h.shape
+    for p in numba.prange(P):
+        g = np.empty(N, dtype=np.int64)
+        for t in range(p * T // P, (p + 1) * T // P):
+            for n in range(N):
+                g[n] = _gelu(h[t, n])
+            R[t] = _row_codes(g, q[t], qmax)
+
+
+def gelu_codes(h: np.ndarray, qmax: int, out) -> tuple:
+    """``integer.codes(integer.gelu(h))`` of int64 rows (T, N) into ``out``."""
+    q, R = out
+    _gelu_codes(h, I64(qmax), q, R, job_count(h.shape[0]))
+    return q, R
+
+
+@jit
+def _exp_neg(x):
+    z = (-x) // INT_LN2
+    if z > 62:
+        return I64(0)
+    p = x + z * INT_LN2
+    poly = _shift_round(EXP_A * (p + EXP_B) * (p + EXP_B), 2 * FRAC) + EXP_C
+    return poly >> z
+
+
+@pjit
+def _attention_codes(qkv, Bn, N, H, hd, qmax, L, j, inv_sqrt, out_qmax, q, R, P):
+    """Every image and head (``P`` jobs over image x head): codes of q, k per token and head,
+    of v per head and channel; integer scores, i-exp probabilities, P V; the Q16 output
+    rows into an image-major buffer, then per token the proj layer's codes."""
+    D = H * hd
+    o = np.empty((Bn * N, D), dtype=np.int64)
+    U = Bn * H
+    for p in numba.prange(P):
+        qc = np.empty((N, hd), dtype=np.int8)
+        kc = np.empty((N, hd), dtype=np.int8)
+        vc = np.empty((hd, N), dtype=np.int8)
+        Rq = np.empty(N, dtype=np.int64)
+        Rk = np.empty(N, dtype=np.int64)
+        Rv = np.empty(hd, dtype=np.int64)
+        row = np.empty(N, dtype=np.int64)
+        col = np.empty(N, dtype=np.int64)
+        pc = np.empty(N, dtype=np.int32)
+        for u in range(p * U // P, (p + 1) * U // P):
+            b, h = u // H, u % H
+            base = b * N
+            for i in range(N):
+                Rq[i] = _row_codes(qkv[base + i, h * hd : (h + 1) * hd], qc[i], qmax)
+                Rk[i] = _row_codes(qkv[base + i, D + h * hd : D + (h + 1) * hd], kc[i], qmax)
+            for d in range(hd):
+                for i in range(N):
+                    col[i] = qkv[base + i, 2 * D + h * hd + d]
+                Rv[d] = _row_codes(col, vc[d], qmax)
+            for i in range(N):
+                m = I64(-(1 << 62))
+                for jj in range(N):
+                    acc = np.int32(0)  # |q.k| <= qmax**2 hd < 2**31
+                    for d in range(hd):
+                        acc += np.int32(qc[i, d]) * np.int32(kc[jj, d])
+                    rqk = _shift_round(Rq[i] * Rk[jj], FRAC)
+                    t = _round_div(I64(acc) * rqk, qmax * qmax)
+                    s = _shift_round(t * inv_sqrt, FRAC)
+                    row[jj] = s
+                    m = s if s > m else m
+                total = I64(0)
+                for jj in range(N):
+                    row[jj] = _exp_neg(row[jj] - m)
+                    total += row[jj]
+                for jj in range(N):
+                    pc[jj] = np.int32(min(_round_div(L * row[jj] * (I64(1) << j), total), L))
+                for d in range(hd):
+                    acc = np.int32(0)  # |p.v| <= L qmax N < 2**31
+                    for jj in range(N):
+                        acc += np.int32(pc[jj]) * np.int32(vc[d, jj])
+                    o[base + i, h * hd + d] = _round_div(I64(acc) * Rv[d], L * qmax * (I64(1) << j))
+    T = Bn * N
+    for p in numba.prange(P):
+        for t in range(p * T // P, (p + 1) * T // P):
+            R[t] = _row_codes(o[t], q[t], out_qmax)
+
+
+def attention_codes(qkv: np.ndarray, images: int, heads: int, bits: int, prob_bits: int, clip: float, out) -> tuple:
+    """The integer attention (``integer.IntegerOracle.attention`` from its qkv to the proj
+    layer's codes) of Q16 int64 ``qkv`` (B * N, 3 D) into ``out`` = (int8 (B * N, D),
+    int64 (B * N,))."""
+    q, R = out
+    T, D3 = qkv.shape
+    N, hd = T // images, D3 // 3 // heads
+    qmax = (1 << (bits - 1)) - 1
+    L, j = (1 << prob_bits) - 1, round(-math.log2(clip))
+    inv_sqrt = round(INT_ONE / math.sqrt(hd))
+    P = job_count(images * heads)
+    _attention_codes(qkv, images, N, heads, hd, I64(qmax), I64(L), I64(j), I64(inv_sqrt), I64(ACT_QMAX), q, R, P)
+    return q, R
