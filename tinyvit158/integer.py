@@ -39,19 +39,9 @@ import math
 
 import numpy as np
 
+from tinyvit158 import constants
 from tinyvit158.config import BLOCK_NORMS
-from tinyvit158.constants import (
-    EXP_A,
-    EXP_B,
-    EXP_C,
-    FRAC,
-    GELU_A,
-    GELU_B,
-    INT_LN2,
-    INT_ONE,
-    INT_SAT,
-    INV_SQRT2,
-)
+from tinyvit158.constants import FRAC, INT_LN2, INT_ONE, INT_SAT, INV_SQRT2
 from tinyvit158.errors import TinyViTError
 from tinyvit158.oracle import patchify
 from tinyvit158.quant import ACT_QMAX, code_max
@@ -140,8 +130,8 @@ def gelu(h: np.ndarray) -> np.ndarray:
     """i-GELU of Q16 values ``|h| <= 2**25``, in Q16."""
     h = np.asarray(h, I64)
     u = shift_round(np.abs(h) * INV_SQRT2, FRAC)  # |h| / sqrt 2
-    t = np.minimum(u, -GELU_B) + GELU_B  # in [B, 0]
-    erf = shift_round(GELU_A * t * t, 2 * FRAC) + ONE  # A t**2 + 1 in Q16: |A t t| < 2**48
+    t = np.minimum(u, -constants.GELU_B) + constants.GELU_B  # in [B, 0]
+    erf = shift_round(constants.GELU_A * t * t, 2 * FRAC) + ONE  # A t**2 + 1 in Q16: |A t t| < 2**48
     return shift_round(h * (ONE + np.sign(h) * erf), FRAC + 1)
 
 
@@ -150,7 +140,9 @@ def exp_neg(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, I64)
     z = (-x) // LN2
     p = x + z * LN2  # in (-LN2, 0]
-    poly = shift_round(EXP_A * (p + EXP_B) ** 2, 2 * FRAC) + EXP_C  # |A (p + B)**2| < 2**48
+    poly = (
+        shift_round(constants.EXP_A * (p + constants.EXP_B) ** 2, 2 * FRAC) + constants.EXP_C
+    )  # |A (p + B)**2| < 2**48
     return np.where(z > 62, 0, poly >> np.minimum(z, 62))
 
 

@@ -132,21 +132,6 @@ def requantize(acc: np.ndarray, R: np.ndarray, g, e, B, out: np.ndarray) -> np.n
     return out
 
 
-@pjit
-def _codes_rows(v, qmax, q, R, P):
-    T = v.shape[0]
-    for p in numba.prange(P):
-        for t in range(p * T // P, (p + 1) * T // P):
-            R[t] = _row_codes(v[t], q[t], qmax)
-
-
-def codes_rows(v: np.ndarray, qmax: int, out) -> tuple:
-    """``integer.codes`` of int64 rows ``v`` (T, K) into ``out`` = (int8 (T, K), int64 (T,))."""
-    q, R = out
-    _codes_rows(v, I64(qmax), q, R, job_count(v.shape[0]))
-    return q, R
-
-
 @jit
 def _gelu(h):
     u = _shift_round(abs(h) * INV_SQRT2, FRAC)
@@ -157,21 +142,27 @@ def _gelu(h):
 
 
 @pjit
-def _gelu_codes(h, qmax, q, R, P):
-    T, N = h.shape
+def _codes_of_rows(v, gelu, qmax, q, R, P):
+    """The codes of each row of ``v`` (T, N), or of its i-GELU when ``gelu``."""
+    T, N = v.shape
     for p in numba.prange(P):
         g = np.empty(N, dtype=np.int64)
         for t in range(p * T // P, (p + 1) * T // P):
             for n in range(N):
-                g[n] = _gelu(h[t, n])
+                g[n] = _gelu(v[t, n]) if gelu else v[t, n]
             R[t] = _row_codes(g, q[t], qmax)
+
+
+def codes_rows(v: np.ndarray, qmax: int, out) -> tuple:
+    """``integer.codes`` of int64 rows ``v`` (T, K) into ``out`` = (int8 (T, K), int64 (T,))."""
+    _codes_of_rows(v, False, I64(qmax), *out, job_count(v.shape[0]))
+    return out
 
 
 def gelu_codes(h: np.ndarray, qmax: int, out) -> tuple:
     """``integer.codes(integer.gelu(h))`` of int64 rows (T, N) into ``out``."""
-    q, R = out
-    _gelu_codes(h, I64(qmax), q, R, job_count(h.shape[0]))
-    return q, R
+    _codes_of_rows(h, True, I64(qmax), *out, job_count(h.shape[0]))
+    return out
 
 
 @jit

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from tinyvit158 import constants
 from tinyvit158 import integer as ref
 
 I64 = torch.int64
@@ -86,8 +87,8 @@ def layer_norm_codes(z: torch.Tensor, G: torch.Tensor, B: torch.Tensor, E: int, 
 def gelu(h: torch.Tensor) -> torch.Tensor:
     """``integer.gelu`` (i-GELU), Q16."""
     u = shift_round(h.abs() * ref.INV_SQRT2, 16)
-    t = torch.clamp(u, max=-ref.GELU_B) + ref.GELU_B
-    erf = shift_round(ref.GELU_A * t * t, 32) + ONE
+    t = torch.clamp(u, max=-constants.GELU_B) + constants.GELU_B
+    erf = shift_round(constants.GELU_A * t * t, 32) + ONE
     return shift_round(h * (ONE + torch.sign(h) * erf), 17)
 
 
@@ -95,7 +96,7 @@ def exp_neg(x: torch.Tensor) -> torch.Tensor:
     """``integer.exp_neg`` (i-exp) of Q16 values ``x <= 0``."""
     z = torch.div(-x, ref.LN2, rounding_mode="floor")
     p = x + z * ref.LN2
-    poly = shift_round(ref.EXP_A * (p + ref.EXP_B) ** 2, 32) + ref.EXP_C
+    poly = shift_round(constants.EXP_A * (p + constants.EXP_B) ** 2, 32) + constants.EXP_C
     return torch.where(z > 62, torch.zeros_like(poly), torch.bitwise_right_shift(poly, z.clamp_max(62)))
 
 
