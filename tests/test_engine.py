@@ -276,6 +276,6 @@ def test_plan_follows_the_kernel_path(monkeypatch):
     monkeypatch.setenv("TINYVIT158_KERNEL", "generic")
     generic_logits = engine(images)
     plans = {k[1]: v for k, v in engine._workspace.__dict__["bufs"].items() if k[0] == "plan"}
-    fc1 = {path: [s.fn for s in steps if s.part == "fc1+gelu+quant"] for path, (steps, _) in plans.items()}
+    fc1 = {path: [s.fn for s in plan.features if s.part == "fc1+gelu+quant"] for path, plan in plans.items()}
     assert fc1["generic"] == [linear_gelu_quantize] * 2 and linear_gelu_quantize not in fc1["vnni"]
     assert np.array_equal(generic_logits, vnni_logits)  # the two paths are bit-identical

@@ -99,3 +99,26 @@ def test_int8_attention_counts_its_integer_products(model):
     assert (t["int8_macs"], t["u8_macs"]) == (100, 100)
     assert "int8 attention: 100 int8 x int8 (q k^T) and 100 unsigned x int8 (P v)" in format_ledger(count(q))
     assert totals(count(model))["int8_macs"] == 0
+
+
+def test_integer_numerics_leave_no_float_operation(model):
+    """numerics="integer" (T = 5, D 4, hidden 8, 1 head): each linear layer's input codes (one
+    multiplication and one division an input) and requantization (two and one an output),
+    the LayerNorms (3 an element; 3 divisions and a square root a row), i-GELU (4 an element),
+    the attention (codes of q, k, v; 7 and 3 a score; 1 and 1 an output); the float head
+    becomes int8 x int8. Not one float multiplication or addition is left."""
+    from tinyvit158.ledger import PJ_I32_MULT
+    from tinyvit158.weights import Checkpoint
+
+    q = Checkpoint(CFG.replace(attention="int8", numerics="integer"), model.tensors)
+    rows = {r.layer: r for r in count(q)}
+    qkv, att, norm1, act, head = (rows[k] for k in ("blocks.0.attn.qkv", "blocks.0.attn", "blocks.0.norm1",
+                                                    "blocks.0.mlp.act", "head"))  # fmt: skip
+    assert (qkv.int_mults, qkv.int_divs) == (5 * 4 + 2 * 5 * 12, 5 * 4 + 5 * 12)
+    assert (att.int_mults, att.int_divs) == (3 * 5 * 4 + 7 * 25 + 5 * 4, 3 * 5 * 4 + 3 * 25 + 5 * 4)
+    assert (norm1.int_mults, norm1.int_divs, norm1.int_sqrts) == (3 * 20, 3 * 5, 5)
+    assert act.int_mults == 4 * 40 and (head.kind, head.int8_macs) == ("int8 linear", 4 * 2)
+    assert qkv.energy_ternary_pj == pytest.approx(240 * PJ_I32_ADD + 140 * PJ_I32_MULT)
+    t = totals(count(q))
+    assert t["tern_mults"] == 0 and t["tern_float_adds"] == 0
+    assert "no float operation from the input codes to the logits" in format_ledger(count(q))

@@ -22,6 +22,12 @@ For one image through a ternary ViT, and for the float32 ViT it replaces, it cou
   traffic is reported in bytes, not priced: its energy depends on where the weights live
   (Horowitz: 10 pJ per 64-bit read from an 8 KB SRAM, 1.3-2.6 nJ from DRAM).
 
+With ``numerics="integer"`` nothing between the input codes and the logits is float: the
+multiplications left are integer ones (``int_mults``, charged as 32-bit integer multiplies,
+3.1 pJ), with integer divisions (``int_divs``) and square roots (``int_sqrts``, one a
+LayerNorm row) counted but not priced (Horowitz gives no figure); a float head becomes
+int8 x int8 multiply-accumulates. Shifts, comparisons and additions are not counted.
+
 ``python -m tinyvit158.predict IMAGE --explain`` prints the ledger of that run.
 """
 
@@ -39,6 +45,7 @@ PJ_F32_ADD = 0.9
 PJ_F32_MULT = 3.7
 PJ_I32_ADD = 0.1
 PJ_I8_MULT = 0.2
+PJ_I32_MULT = 3.1
 PJ_I8_MAC = PJ_I8_MULT + PJ_I32_ADD  # an 8-bit product added into an int32 accumulator
 PJ_F32_MAC = PJ_F32_ADD + PJ_F32_MULT
 
@@ -46,6 +53,12 @@ PJ_F32_MAC = PJ_F32_ADD + PJ_F32_MULT
 LAYERNORM_MULTS = 3  # (x - mean) * rstd, * gamma, and the square in the variance
 GELU_MULTS = 3  # 0.5 * x * (1 + erf(x / sqrt 2)): x / sqrt 2, * x, * 0.5 (erf counted apart)
 SOFTMAX_MULTS = 2  # the scale of the scores and the division by the row sum
+# integer numerics (integer.py's rules), per element unless said
+INT_CODE = (1, 1)  # (multiplications, divisions) of a code: 2 qmax |v| + m, // 2m
+INT_REQUANT = (2, 1)  # acc * R * g, then // (127 * 2**e)
+INT_LN = 3  # multiplications: d**2, G d, B s (+ per row: 3 divisions, one square root)
+INT_GELU = 4  # |h| / sqrt 2, A t t (two), h (1 + erf)
+INT_SCORE = (7, 3)  # R_q R_k, acc R_qk, / qmax**2, * 1/sqrt(hd); i-exp: / ln 2, z ln 2, A (p + B)**2; L e, / sum
 
 
 @dataclass
@@ -63,6 +76,9 @@ class Row:
     transcendentals: int = 0  # exp and erf evaluations, same in both models
     int8_macs: int = 0  # int8 x int8 multiply-accumulates (int8 attention: q k^T)
     u8_macs: int = 0  # unsigned x int8 multiply-accumulates (int8 attention: P v)
+    int_mults: int = 0  # integer numerics: integer multiplications
+    int_divs: int = 0
+    int_sqrts: int = 0
     bytes_f32: int = 0
     bytes_ternary2: int = 0
     bytes_ternary3: int = 0
@@ -75,6 +91,7 @@ class Row:
     @property
     def energy_ternary_pj(self) -> float:
         ints = self.tern_addsub * PJ_I32_ADD + (self.int8_macs + self.u8_macs) * PJ_I8_MAC
+        ints += self.int_mults * PJ_I32_MULT
         return ints + self.tern_mults * PJ_F32_MULT + self.tern_float_adds * PJ_F32_ADD
 
 
@@ -82,6 +99,7 @@ def count(ckpt: Checkpoint, record: dict[str, np.ndarray] | None = None) -> list
     """The ledger of one image. ``record``: the engine's int8 input codes per layer (optional)."""
     cfg = ckpt.config
     T, D, H, hd = cfg.num_tokens, cfg.dim, cfg.heads, cfg.head_dim
+    integer = cfg.numerics == "integer"
     rows: list[Row] = []
 
     def linear(layer: str, tokens: int) -> Row:
@@ -100,13 +118,26 @@ def count(ckpt: Checkpoint, record: dict[str, np.ndarray] | None = None) -> list
                 x_q = record[layer][:tokens]  # this image's tokens
                 per_input = nonzero.sum(axis=0)  # non-zero weights reading each input feature
                 row.tern_addsub_nonzero_x = int(((x_q != 0) * per_input).sum())
+        elif integer:  # a float layer becomes int8 codes, one scale per output channel
+            row.kind, row.int8_macs = "int8 linear", tokens * k * n
+            row.bytes_ternary2 = row.bytes_ternary3 = n * k + 4 * n
         else:  # a float layer stays float: its MACs are float multiplies and adds
             row.tern_mults = row.tern_float_adds = tokens * k * n
             row.bytes_ternary2 = row.bytes_ternary3 = row.bytes_f32
+        if integer:  # the input's codes, then the requantization of every output to Q16
+            row.tern_mults = 0
+            row.int_mults = tokens * k * INT_CODE[0] + tokens * n * INT_REQUANT[0]
+            row.int_divs = tokens * k * INT_CODE[1] + tokens * n * INT_REQUANT[1]
         return row
 
     def elementwise(layer: str, kind: str, n: int, mults: int, transcendental: int = 0) -> Row:
-        return Row(layer, kind, f32_other_mults=n * mults, tern_mults=n * mults, transcendentals=transcendental)
+        row = Row(layer, kind, f32_other_mults=n * mults, tern_mults=n * mults, transcendentals=transcendental)
+        if integer:
+            row.tern_mults = 0
+            row.int_mults = n * (INT_LN if kind == "layernorm" else INT_GELU)
+            if kind == "layernorm":  # per row: the mean, the variance, R; the square root
+                row.int_divs, row.int_sqrts = 3 * (n // D), n // D
+        return row
 
     rows.append(linear("patch_embed.proj", cfg.num_patches))
     for i in range(cfg.depth):
@@ -126,6 +157,10 @@ def count(ckpt: Checkpoint, record: dict[str, np.ndarray] | None = None) -> list
         else:
             att.tern_mults = macs + soft * SOFTMAX_MULTS
             att.tern_float_adds = macs
+        if integer:  # codes of q, k, v; every score; every output (acc R_v, / (L qmax 2**j))
+            att.kind, att.tern_mults, att.tern_float_adds = "integer attention", 0, 0
+            att.int_mults = 3 * T * D * INT_CODE[0] + soft * INT_SCORE[0] + T * D
+            att.int_divs = 3 * T * D * INT_CODE[1] + soft * INT_SCORE[1] + T * D
         rows.append(att)
         rows.append(linear(f"{b}.attn.proj", T))
         rows.append(elementwise(f"{b}.norm2", "layernorm", T * D, LAYERNORM_MULTS))
@@ -148,6 +183,9 @@ def totals(rows: list[Row]) -> dict[str, float]:
         "transcendentals": sum(r.transcendentals for r in rows),
         "int8_macs": sum(r.int8_macs for r in rows),
         "u8_macs": sum(r.u8_macs for r in rows),
+        "int_mults": sum(r.int_mults for r in rows),
+        "int_divs": sum(r.int_divs for r in rows),
+        "int_sqrts": sum(r.int_sqrts for r in rows),
         "bytes_f32": sum(r.bytes_f32 for r in rows),
         "bytes_ternary2": sum(r.bytes_ternary2 for r in rows),
         "bytes_ternary3": sum(r.bytes_ternary3 for r in rows),
@@ -181,21 +219,22 @@ def format_ledger(rows: list[Row], per_block: bool = True) -> str:
         lines.append(
             f"{key:<22} {_n(sum(r.f32_macs for r in rs)):>9} {_n(sum(r.tern_addsub for r in rs)):>11} "
             f"{_n(sum(r.int8_macs + r.u8_macs for r in rs)):>9} "
-            f"{_n(sum(r.tern_mults for r in rs)):>11} {(f'{np.mean(z):.0%}' if z else '-'):>6} "
+            f"{_n(sum(r.tern_mults + r.int_mults for r in rs)):>11} {(f'{np.mean(z):.0%}' if z else '-'):>6} "
             f"{_n(sum(r.bytes_f32 for r in rs)):>10} {_n(sum(r.bytes_ternary2 for r in rs)):>9} "
             f"{_n(sum(r.bytes_ternary3 for r in rs)):>9} {sum(r.energy_f32_pj for r in rs) / 1e6:7.2f} "
             f"{sum(r.energy_ternary_pj for r in rs) / 1e6:7.2f}"
         )
     t = totals(rows)
+    mults = t["tern_mults"] + t["int_mults"]  # float ones, or in integer numerics integer ones
     lines.append(
         f"{'total':<22} {_n(t['f32_macs']):>9} {_n(t['tern_addsub_int']):>11} "
-        f"{_n(t['int8_macs'] + t['u8_macs']):>9} {_n(t['tern_mults']):>11} {'':>6} "
+        f"{_n(t['int8_macs'] + t['u8_macs']):>9} {_n(t['tern_mults'] + t['int_mults']):>11} {'':>6} "
         f"{_n(t['bytes_f32']):>10} {_n(t['bytes_ternary2']):>9} {_n(t['bytes_ternary3']):>9} "
         f"{t['energy_f32_uj']:7.2f} {t['energy_ternary_uj']:7.2f}"
     )
     lines.append(
         f"per image: the float32 model does {_n(t['f32_mults'])} multiplications; the ternary model "
-        f"{_n(t['tern_mults'])} ({t['tern_mults'] / t['f32_mults']:.1%}) and {_n(t['tern_addsub_int'])} integer "
+        f"{_n(mults)} ({mults / t['f32_mults']:.1%}) and {_n(t['tern_addsub_int'])} integer "
         f"additions/subtractions; arithmetic energy {t['energy_f32_uj']:.2f} uJ -> {t['energy_ternary_uj']:.2f} uJ "
         f"({t['energy_f32_uj'] / t['energy_ternary_uj']:.1f}x less; Horowitz 2014, 45 nm)"
     )
@@ -203,6 +242,12 @@ def format_ledger(rows: list[Row], per_block: bool = True) -> str:
         lines.append(
             f"int8 attention: {_n(t['int8_macs'])} int8 x int8 (q k^T) and {_n(t['u8_macs'])} unsigned x int8 (P v) "
             f"multiply-accumulates into int32 replace float ones ({PJ_I8_MAC:.1f} pJ each vs {PJ_F32_MAC:.1f})"
+        )
+    if t["int_mults"]:
+        lines.append(
+            f"integer numerics: no float operation from the input codes to the logits; {_n(t['int_mults'])} integer "
+            f"multiplications ({PJ_I32_MULT:.1f} pJ each), {_n(t['int_divs'])} integer divisions and "
+            f"{_n(t['int_sqrts'])} integer square roots (not priced)"
         )
     if "tern_addsub_nonzero_x" in t:
         lines.append(f"skipping zero activation codes too: {_n(t['tern_addsub_nonzero_x'])} additions/subtractions")
