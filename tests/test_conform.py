@@ -32,8 +32,12 @@ def test_the_pytorch_twin_gives_the_golden_logits(golden):
 
 
 def test_an_own_dump_conforms_and_a_broken_one_says_where(tmp_path, golden, capsys):
+    fast = tmp_path / "fast.safetensors"
+    assert main(["--dump", str(fast)]) == 0  # the fast engine: the logits and four of the five steps
+    assert main([str(fast)]) == 0 and "conforms" in capsys.readouterr().out
+    assert "step.blocks.0.attn.p" not in safetensors.numpy.load_file(str(fast))
     own = tmp_path / "own.safetensors"
-    assert main(["--dump", str(own)]) == 0
+    assert main(["--dump", str(own), "--engine", "oracle"]) == 0
     assert main([str(own)]) == 0 and "conforms" in capsys.readouterr().out
     dump = dict(safetensors.numpy.load_file(str(own)))
     dump["step.blocks.0.attn.proj"][12, 40] += 1

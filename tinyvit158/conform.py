@@ -34,6 +34,7 @@ import safetensors.numpy
 
 from tinyvit158.cli import prog
 from tinyvit158.data import data_arg, load_cifar10
+from tinyvit158.engine import Engine
 from tinyvit158.errors import TinyViTError
 from tinyvit158.files import atomic_write_bytes, check_input, check_output
 from tinyvit158.image import normalize
@@ -84,6 +85,16 @@ def run(model_file: Path, q16_images: np.ndarray) -> tuple[np.ndarray, dict[str,
     return np.stack(logits).astype(np.int64), steps, np.stack(hashes)
 
 
+def run_engine(model_file: Path, q16_images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The fast engine on Q16 inputs: (logits, the steps of image 0 it keeps: all but the
+    probabilities, which stay inside its attention kernel)."""
+    engine = Engine(load_weights(model_file))
+    engine.trace = {}
+    logits = engine.integers((q16_images.astype(np.float64) / (1 << FRAC)).astype(np.float32))
+    steps = {f"step.{s}": engine.trace[s][0].astype(np.int32) for s in STEPS if s in engine.trace}
+    return logits, steps
+
+
 def make_golden(out: Path, data: str) -> None:
     test = load_cifar10(data, "test", limit=IMAGES)
     model = shipped(MODEL_NAME)
@@ -128,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dump", nargs="?", help="a safetensors file of another implementation's logits (and steps)")
     p.add_argument("--golden", help=f"the golden vectors (default: the shipped {GOLDEN_NAME})")
     p.add_argument("--dump", dest="write_dump", metavar="OUT", help="write this package's own dump to OUT")
+    p.add_argument(
+        "--engine", choices=("fast", "oracle"), default="fast",
+        help="with --dump: the fast engine (default) or the int64 reference (every step)",
+    )  # fmt: skip
     p.add_argument("--make-golden", metavar="OUT", help="regenerate the golden vectors from the test split (--data)")
     p.add_argument("--data", help="CIFAR-10 location, for --make-golden (default: $TINYVIT158_DATA)")
     args = p.parse_args(argv)
@@ -141,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         golden = read(args.golden or shipped(GOLDEN_NAME))
         if args.write_dump:
             out = check_output(args.write_dump, [args.golden or shipped(GOLDEN_NAME)])
-            logits, steps, _ = run(shipped(MODEL_NAME), golden["input"])
+            model = shipped(MODEL_NAME)
+            logits, steps = (
+                run_engine(model, golden["input"]) if args.engine == "fast" else run(model, golden["input"])[:2]
+            )
             atomic_write_bytes(out, safetensors.numpy.save({"logits": logits, **steps}), mode=0o666)
             print(f"wrote {out}")
             return 0
