@@ -86,7 +86,7 @@ def _layernorm_codes(z, G, B, E, qmax, q, R, P):
         for t in range(p * T // P, (p + 1) * T // P):
             total = I64(0)
             for k in range(D):
-                total += z[t, k]
+                total += I64(z[t, k])
             mu = _round_div(total, I64(D))
             ss = I64(0)
             for k in range(D):
@@ -149,7 +149,7 @@ def _codes_of_rows(v, gelu, qmax, q, R, P):
         g = np.empty(N, dtype=np.int64)
         for t in range(p * T // P, (p + 1) * T // P):
             for n in range(N):
-                g[n] = _gelu(v[t, n]) if gelu else v[t, n]
+                g[n] = _gelu(I64(v[t, n])) if gelu else v[t, n]  # int64 also as Python (int32 buffers)
             R[t] = _row_codes(g, q[t], qmax)
 
 
