@@ -1,4 +1,4 @@
-"""The constants that fix the bits of the float numerics: every implementation (the Numba
+"""The constants that fix the bits of both numerics: every implementation (the Numba
 kernels, their NumPy references, the PyTorch twin) imports them from here.
 
 - GELU's erf: Eigen's rational float32 approximation on [-4, 4] (``|error| <= 4.2e-7``
@@ -7,6 +7,9 @@ kernels, their NumPy references, the PyTorch twin) imports them from here.
 - exp for the int8 attention's float32 softmax (Cephes ``expf``): ``x = k ln2 + r``,
   ``|r| <= ln2 / 2``, ``exp(r) = 1 + r + r^2 P(r)``; ``ln 2 = EXP32_LN2_HI + EXP32_LN2_LO``
   with ``k * EXP32_LN2_HI`` exact; ``|error| <= 2`` ulps.
+- exp for the float attention's float64 softmax: the same reduction, Taylor to degree 13.
+- integer numerics (``docs/FORMAT.md`` 7.5): Q16 and its saturation; I-BERT's i-GELU and
+  i-exp coefficients in Q16.
 """
 
 import math

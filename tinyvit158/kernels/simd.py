@@ -1,11 +1,14 @@
-"""512-bit vectors for Numba: the few AVX-512 operations the fast kernels are built from.
+"""Vectors for Numba: the few vector operations the fast kernels are built from.
 
-Numba has no vector types. ``zmm`` (16 x int32), ``zmmf`` (16 x float32) and ``zmmd``
-(8 x float64) are Numba types whose LLVM representation is a vector, so a jitted function can hold them in named
-local variables that LLVM keeps in zmm registers. Each intrinsic below emits one or two
-LLVM instructions; they are the whole vocabulary of the micro-kernels in ``vnni.py`` and
-of ``attention.py``. Loads and stores take an array and an element index and do no
-bounds checks: the callers guarantee the 16 (or 64 byte) lanes lie inside the array.
+Numba has no vector types. ``zmm`` (16 x int32), ``zmmf`` (16 x float32), ``zmmd`` (8 x
+float64) and ``ymm`` (8 x int32, AVX2's register) are Numba types whose LLVM
+representation is a vector, so a jitted function can hold them in named local variables
+that LLVM keeps in registers (a 512-bit one in two ymm registers where the CPU has no
+AVX-512). Each intrinsic below emits one or two LLVM instructions; they are the whole
+vocabulary of the micro-kernels (``vnni.py``, ``avx2.py``, ``portable.py``) and of
+``attention.py``. Only ``dpbusd`` (AVX-512 VNNI) and the ``y*`` int8 products (AVX2) name
+x86 instructions; the rest is portable LLVM. Loads and stores take an array and an element
+index and do no bounds checks: the callers guarantee the lanes lie inside the array.
 """
 
 from __future__ import annotations
