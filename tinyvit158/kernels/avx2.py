@@ -25,8 +25,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from tinyvit158.kernels.jit import pjit
+from tinyvit158.kernels.rowops import gelu_row, quantize_with
 from tinyvit158.kernels.simd import ybroadcast4, ydequant_store, yload, ymaddubs16, ystore, ywiden, yzero
-from tinyvit158.kernels.vnni import NC, block_weights
+from tinyvit158.kernels.vnni import NC, VNNIWeights, all_weights, block_weights, prepared
 
 MR = 4  # tokens per tile
 HALF = NC // 2  # channels per tile: 3 ymm of 8
@@ -125,3 +127,42 @@ def linear_tiles(x, wl, K, T, N, packed, parts, fused, s_x, scale, bias, has_bia
                     n0 = nb * NC + h * HALF
                     for n in range(n0, min(n0 + HALF, N)):
                         acc32[t, n] = stage[r * HALF + n - n0] - xs  # sum u x - sum x = sum w x
+
+
+@pjit
+def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s):
+    """fc1, GELU and fc2's codes in one pass, as ``vnni._linear_rows``: 64 rows at a time,
+    every output channel dequantized into a job buffer (in L2), then each row's GELU and
+    int8 codes into ``q`` and ``s``. Needs N % 48 == 0."""
+    G = K // 4
+    NB = N // NC
+    RB = (T + MR - 1) // MR
+    RG = RT * MR
+    for p in numba.prange(parts):
+        w = all_weights(wl, NB, G, packed)  # every block, spread to bytes once a job
+        sums = np.empty(RG, dtype=np.int32)
+        buf = np.empty(RG * N, dtype=np.float32)
+        b0, b1 = p * RB // parts, (p + 1) * RB // parts
+        for c0 in range(b0, b1, RT):
+            r0, r1 = c0 * MR, min(min(c0 + RT, b1) * MR, T)
+            _rowsums(x, K, r0, r1, sums)
+            for hb in range(2 * NB):
+                nb, h = hb // 2, hb % 2
+                for t0 in range(r0, r1, MR):
+                    tile = _tile(x, w, G, K, t0, T, nb, h)
+                    for r in range(min(MR, r1 - t0)):
+                        t = t0 + r
+                        for v in range(3):
+                            n = nb * NC + h * HALF + 8 * v
+                            ydequant_store(buf, (t - r0) * N + n, tile[r * 3 + v], sums[t - r0], s_x[t], scale, n,
+                                           bias, has_bias, False)  # fmt: skip
+            for t in range(r0, r1):
+                row = buf[(t - r0) * N : (t - r0 + 1) * N]
+                s[t] = quantize_with(row, q[t], gelu_row(row, row))
+
+
+def bind_linear_gelu_quantize(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, q, s):
+    """``(kernel, args)`` of :func:`_linear_rows`, bound to these arrays (``vnni``'s twin)."""
+    x, K = prepared(x_q, w)
+    T, parts = x_q.shape[0], numba.get_num_threads()
+    return _linear_rows, (x, w.wl, K, T, w.n, w.packed, parts, s_x, scale, bias, has_bias, q, s)

@@ -347,28 +347,36 @@ def linear(
     return out
 
 
-def _fused(w: PreparedTernary) -> bool:
-    return kernel_path() == "vnni" and w.out_features % vnni.NC == 0 and not PYTHON
+# the paths with a one-pass fc1 + GELU + codes kernel: its binder, of one signature
+_FUSED_FC1 = {"vnni": vnni.bind_linear_gelu_quantize, "avx2": avx2.bind_linear_gelu_quantize}
+
+
+def _fused(w: PreparedTernary):
+    """The one-pass binder for ``w`` on the path in use, or None (then: the steps)."""
+    fused = _FUSED_FC1.get(kernel_path())
+    return fused if fused is not None and w.out_features % vnni.NC == 0 and not PYTHON else None
 
 
 def bind_linear_gelu_quantize(x_q, s_x, w: PreparedTernary, q, s):
     """``(kernel, args)`` whose call computes :func:`linear_gelu_quantize` into ``(q, s)``,
     for a caller that repeats it (the engine's plan; see :func:`bind_linear`): the
-    one-pass kernel where it runs, else the checked function."""
-    if _fused(w):
-        return vnni.bind_linear_gelu_quantize(x_q, s_x, w.vnni, w.scale, *w.bias_args, q, s)
+    one-pass kernel where the path has one, else the checked function."""
+    fused = _fused(w)
+    if fused is not None:
+        return fused(x_q, s_x, w.vnni, w.scale, *w.bias_args, q, s)
     return linear_gelu_quantize, (x_q, s_x, w, (q, s))
 
 
 def linear_gelu_quantize(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, out=None):
-    """``gelu_quantize(linear(x_q, s_x, w))``, bit-identical, in one pass on the VNNI path:
+    """``gelu_quantize(linear(x_q, s_x, w))``, bit-identical, in one pass on the VNNI and AVX2 paths:
     int8 codes (T, N) and float32 scales (T,), into ``out`` (a (codes, scales) pair) when given."""
     x_q = _check_x(x_q, w)
     s_x = _check_sx(s_x, x_q)
     q, s = codes_out((x_q.shape[0], w.out_features), out)
-    if not _fused(w):
+    fused = _fused(w)
+    if fused is None:
         return gelu_quantize(linear(x_q, s_x, w), (q, s))
-    fn, args = vnni.bind_linear_gelu_quantize(x_q, s_x, w.vnni, w.scale, *w.bias_args, q, s)
+    fn, args = fused(x_q, s_x, w.vnni, w.scale, *w.bias_args, q, s)
     fn(*args)
     return q, s
 

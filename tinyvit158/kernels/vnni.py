@@ -214,7 +214,7 @@ def block_weights(wl, nb, G, packed, scratch):
 
 
 @numba.njit(cache=True)
-def _all_weights(wl, NB, G, packed):
+def all_weights(wl, NB, G, packed):
     """The 1-byte layout of every block: ``wl`` itself, or its 2-bit codes spread into a
     new array (for a job that visits every block: once, then from L2)."""
     if not packed:
@@ -360,7 +360,7 @@ def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s
     RB = (T + MR - 1) // MR
     RG = RT * MR  # rows a pass: their outputs (fc1: 192 kB) stay in L2
     for p in numba.prange(parts):
-        w = _all_weights(wl, NB, G, packed)  # every block, spread to bytes once a job
+        w = all_weights(wl, NB, G, packed)  # every block, spread to bytes once a job
         sums = np.empty(RG, dtype=np.int32)
         buf = np.empty(RG * N, dtype=np.float32)
         b0, b1 = p * RB // parts, (p + 1) * RB // parts
