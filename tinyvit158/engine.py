@@ -16,11 +16,15 @@ input (LayerNorm -> int8, GELU -> int8, attention -> int8), so a block is:
 where ``x_q`` came from the previous block (the first block's from ``norm1``). BitLinear
 blocks (``bitlinear_norm``) give each ternary layer its own LayerNorm before its codes.
 
-One executor: a model is a list of :class:`Step` s, each a kernel bound to this thread's
-buffers, built once per batch size (and kernel path) from the table :data:`BLOCKS`, keyed
-by the blocks' kind, and run back to back by :meth:`Engine._run`, which alone times,
-records and traces. The VNNI path binds the raw kernels (each step one parallel region,
-fc1 + GELU + codes one pass); other paths bind the checked kernel functions.
+One executor: a model is a :class:`Plan`, lists of :class:`Step` s, each a kernel bound to
+this thread's buffers, built once per batch size (and kernel path) by the config's numeric
+mode (the table :data:`NUMERICS`; in float numerics the blocks come from :data:`BLOCKS`,
+keyed by their kind), and run back to back by :meth:`Engine._run`, which alone times,
+records and traces. The VNNI and AVX2 paths bind raw kernels (each step one parallel
+region, fc1 + GELU + codes one pass); the generic path binds the checked kernel functions.
+In integer numerics (``numerics="integer"``) the same products feed the integer steps of
+``kernels/intops.py``: every value from the first codes to the logits an integer, equal to
+``integer.IntegerOracle``'s.
 """
 
 from __future__ import annotations
