@@ -31,9 +31,13 @@ def execute(path: Path) -> nbformat.NotebookNode:
     return nb
 
 
+# what ipykernel's python3 kernel reports: saved as JupyterLab would save it, the file opens unmodified
+KERNEL_DISPLAY_NAME = "Python 3 (ipykernel)"
+
+
 def tidy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     nb.metadata = {
-        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "kernelspec": {"name": "python3", "display_name": KERNEL_DISPLAY_NAME, "language": "python"},
         "language_info": {"name": "python"},
     }
     count = 0

@@ -21,6 +21,20 @@ def test_committed_notebook_is_valid(path):
     nbformat.validate(nbformat.read(path, as_version=4))
 
 
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_committed_notebook_opens_unmodified(path):
+    """JupyterLab rewrites a notebook whose metadata differs from what it would save: the
+    committed file is byte for byte what nbformat writes back, and its kernelspec is the
+    installed python3 kernel's (ipykernel's display name), so nothing changes on opening."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    raw = path.read_bytes()
+    assert (nbformat.writes(nbformat.read(path, as_version=4)) + "\n").encode() == raw
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    kernelspec = nbformat.read(path, as_version=4).metadata.kernelspec
+    assert (kernelspec.name, kernelspec.display_name, kernelspec.language) == ("python3", spec.display_name, "python")
+
+
 def test_tidy_keeps_notebooks_valid():
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("1")
