@@ -388,7 +388,7 @@ def test_work_split_does_not_change_results(parts, packed):
     rowops._gelu_quantize(h, q, s, parts)
     assert all(np.array_equal(a, b) for a, b in zip((q, s), gelu_quantize(h), strict=True))
     q, s = np.zeros((t, n), np.int8), np.zeros(t, np.float32)
-    vnni._linear_rows(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, s_x, w.scale, w.bias, True, q, s)
+    vnni.linear_rows(x_q.reshape(-1), vl.wl, k, t, n, packed, parts, s_x, w.scale, w.bias, True, q, s)
     assert all(np.array_equal(a, b) for a, b in zip((q, s), gelu_quantize(linear_ref(x_q, s_x, w)), strict=True))
     qkv = rng.standard_normal((2, t, 3 * 2 * 16)).astype(np.float32)
     o = np.zeros((2, t, 32), np.float32)

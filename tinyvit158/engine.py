@@ -404,10 +404,7 @@ def _float_plan(eng: Engine, B: int) -> Plan:
 
 # -- integer numerics: every value an integer (``integer.py`` states the rules) -------------
 def _integer_prepare(eng: Engine, ckpt: Checkpoint) -> IntegerParams:
-    ip = IntegerParams(ckpt)
-    for layer in eng.ternary:  # the products read the engine's ternary layouts; keep the integers' scales only
-        ip.linear[layer] = (None, *ip.linear[layer][1:])
-    return ip
+    return IntegerParams(ckpt, ternary_codes=False)  # the products read the engine's ternary layouts
 
 
 def _integer_plan(eng: Engine, B: int) -> Plan:

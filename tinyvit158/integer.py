@@ -160,9 +160,10 @@ class IntegerParams:
     """A checkpoint's parameters as the integers the rules use: each linear layer's codes
     (ternary; the head's int8 per output channel), its scale's dyadic ``(g, e)`` and its bias
     in Q16; each LayerNorm's gamma and beta in Q16; the class token and position embedding
-    in Q16."""
+    in Q16. ``ternary_codes=False`` leaves the ternary layers' codes out (None), for a caller
+    that reads them in its own layout (the engine)."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, ternary_codes: bool = True):
         cfg = self.cfg = ckpt.config
         self.eps = int(np.rint(np.ldexp(cfg.norm_eps, 2 * FRAC)))
         self.linear: dict[str, tuple] = {}
@@ -170,16 +171,18 @@ class IntegerParams:
             bias = ckpt.tensors.get(f"{layer}.bias")
             B = None if bias is None else to_q16(bias)
             if cfg.is_ternary(layer):
-                w, scale, _ = ckpt.ternary(layer)
+                scale = ckpt.tensors[f"{layer}.weight_scale"]
+                w = ckpt.ternary(layer)[0].astype(I64) if ternary_codes else None
             else:  # a float layer becomes int8 codes, one absmax scale per output channel
                 wf = ckpt.float_weight(layer).astype(np.float64)
                 peak = np.abs(wf).max(axis=1)
                 w = np.rint(wf * (ACT_QMAX / np.where(peak == 0, 1, peak))[:, None])
                 scale = peak / ACT_QMAX
+                w = w.astype(I64)
             g, e = dyadic(scale)
             if np.any(e < 0):  # a scale of 2**15 or more: no weight scale comes near
                 raise TinyViTError(f"{layer}: a weight scale of 2**15 or more has no integer form here")
-            self.linear[layer] = (w.astype(I64), g, e, B)
+            self.linear[layer] = (w, g, e, B)
         self.norms = {
             name: (to_q16(ckpt.tensors[f"{name}.weight"]), to_q16(ckpt.tensors[f"{name}.bias"]))
             for name in [f"blocks.{i}.{norm}" for i in range(cfg.depth) for norm in BLOCK_NORMS] + ["norm"]

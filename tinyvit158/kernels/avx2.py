@@ -28,7 +28,7 @@ import numpy as np
 from tinyvit158.kernels.jit import pjit
 from tinyvit158.kernels.rowops import gelu_row, quantize_with
 from tinyvit158.kernels.simd import ybroadcast4, ydequant_store, yload, ymaddubs16, ystore, ywiden, yzero
-from tinyvit158.kernels.vnni import NC, VNNIWeights, all_weights, block_weights, prepared
+from tinyvit158.kernels.vnni import NC, all_weights, block_weights
 
 MR = 4  # tokens per tile
 HALF = NC // 2  # channels per tile: 3 ymm of 8
@@ -130,8 +130,8 @@ def linear_tiles(x, wl, K, T, N, packed, parts, fused, s_x, scale, bias, has_bia
 
 
 @pjit
-def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s):
-    """fc1, GELU and fc2's codes in one pass, as ``vnni._linear_rows``: 64 rows at a time,
+def linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s):
+    """fc1, GELU and fc2's codes in one pass, as ``vnni.linear_rows`` (bound by ``vnni.bind_rows``): 64 rows at a time,
     every output channel dequantized into a job buffer (in L2), then each row's GELU and
     int8 codes into ``q`` and ``s``. Needs N % 48 == 0."""
     G = K // 4
@@ -159,10 +159,3 @@ def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s
             for t in range(r0, r1):
                 row = buf[(t - r0) * N : (t - r0 + 1) * N]
                 s[t] = quantize_with(row, q[t], gelu_row(row, row))
-
-
-def bind_linear_gelu_quantize(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, q, s):
-    """``(kernel, args)`` of :func:`_linear_rows`, bound to these arrays (``vnni``'s twin)."""
-    x, K = prepared(x_q, w)
-    T, parts = x_q.shape[0], numba.get_num_threads()
-    return _linear_rows, (x, w.wl, K, T, w.n, w.packed, parts, s_x, scale, bias, has_bias, q, s)

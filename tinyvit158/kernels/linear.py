@@ -347,12 +347,12 @@ def linear(
     return out
 
 
-# the paths with a one-pass fc1 + GELU + codes kernel: its binder, of one signature
-_FUSED_FC1 = {"vnni": vnni.bind_linear_gelu_quantize, "avx2": avx2.bind_linear_gelu_quantize}
+# the paths with a one-pass fc1 + GELU + codes kernel: the kernel, of one signature (``vnni.linear_rows``)
+_FUSED_FC1 = {"vnni": vnni.linear_rows, "avx2": avx2.linear_rows}
 
 
 def _fused(w: PreparedTernary):
-    """The one-pass binder for ``w`` on the path in use, or None (then: the steps)."""
+    """The one-pass kernel for ``w`` on the path in use, or None (then: the steps)."""
     fused = _FUSED_FC1.get(kernel_path())
     return fused if fused is not None and w.out_features % vnni.NC == 0 and not PYTHON else None
 
@@ -363,7 +363,7 @@ def bind_linear_gelu_quantize(x_q, s_x, w: PreparedTernary, q, s):
     one-pass kernel where the path has one, else the checked function."""
     fused = _fused(w)
     if fused is not None:
-        return fused(x_q, s_x, w.vnni, w.scale, *w.bias_args, q, s)
+        return vnni.bind_rows(fused, x_q, s_x, w.vnni, w.scale, *w.bias_args, q, s)
     return linear_gelu_quantize, (x_q, s_x, w, (q, s))
 
 
@@ -376,7 +376,7 @@ def linear_gelu_quantize(x_q: np.ndarray, s_x: np.ndarray, w: PreparedTernary, o
     fused = _fused(w)
     if fused is None:
         return gelu_quantize(linear(x_q, s_x, w), (q, s))
-    fn, args = fused(x_q, s_x, w.vnni, w.scale, *w.bias_args, q, s)
+    fn, args = vnni.bind_rows(fused, x_q, s_x, w.vnni, w.scale, *w.bias_args, q, s)
     fn(*args)
     return q, s
 

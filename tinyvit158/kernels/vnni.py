@@ -26,7 +26,7 @@ input channels it loads 3 x 64 weight bytes, broadcasts 4 activation bytes of ea
 issues 24 ``vpdpbusd``; there is no horizontal reduction. Dequantization and bias are fused
 into the tile's vector stores (for widths that are multiples of 48, i.e. every ViT layer;
 others take the int32 tile path and dequantize in NumPy, the same float32 operations).
-The tile shapes tried against it are in docs/PERFORMANCE.md. ``_linear_rows`` is fc1 with
+The tile shapes tried against it are in docs/PERFORMANCE.md. ``linear_rows`` is fc1 with
 GELU and fc2's codes in one pass over whole output rows, 64 rows at a time, so the MLP's
 float32 hidden layer never goes to memory.
 
@@ -120,7 +120,7 @@ def _tile(x, wl, G, K, t0, T, nb):
 
 
 # A last tile with this many real rows or fewer runs them one at a time (_tile1). The
-# callers (linear_tiles, _linear_rows) branch on it before calling _tile rather than one
+# callers (linear_tiles, linear_rows) branch on it before calling _tile rather than one
 # helper choosing between the two: that helper, returning the 24-tuple either way, made
 # batch 64 3-8% slower (the accumulators merged through the branch), so the full-tile
 # loop stays as it was.
@@ -300,7 +300,7 @@ def linear_tiles(x, wl, K, T, N, packed, parts, fused, s_x, scale, bias, has_bia
             tile = _tile(x, w, G, K, t0, T, wnb)
             # the stores below are _store3 (or the short branch's staging) written out: one
             # helper for both, taking the fused flag, measured proj 3-4% and fc2 ~1% slower at
-            # batch 64 (paired runs, 4 pairs); fc1's pass (_linear_rows) timed equal with it
+            # batch 64 (paired runs, 4 pairs); fc1's pass (linear_rows) timed equal with it
             for r in range(min(MR, T - t0)):
                 t = t0 + r
                 xs = sums[t - g * rt * MR]
@@ -352,7 +352,7 @@ def bind_tiled(tiles, x_q, s_x, w: VNNIWeights, scale, bias, has_bias, out, accu
 
 
 @pjit
-def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s):
+def linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s):
     """Rows of ``linear(x)`` (T, N) into a job buffer, then per row GELU and the int8 codes
     into ``q`` (T, N) and scales into ``s``. Needs N % 48 == 0."""
     G = K // 4
@@ -387,9 +387,10 @@ def _linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s
                 s[t] = quantize_with(h, q[t], gelu_row(h, h))
 
 
-def bind_linear_gelu_quantize(x_q, s_x, w: VNNIWeights, scale, bias, has_bias, q, s):
-    """``(kernel, args)`` of :func:`_linear_rows` (fc1, GELU and fc2's codes in one pass),
-    bound to these arrays, as :func:`bind_linear`; N % 48 == 0."""
+def bind_rows(rows, x_q, s_x, w: VNNIWeights, scale, bias, has_bias, q, s):
+    """``(kernel, args)`` of the one-pass fc1 + GELU + codes kernel ``rows`` (this module's
+    :func:`linear_rows` or its twin ``avx2.linear_rows``), bound to these arrays, as
+    :func:`bind_tiled`; N % 48 == 0."""
     x, K = prepared(x_q, w)
     T, parts = x_q.shape[0], numba.get_num_threads()
-    return _linear_rows, (x, w.wl, K, T, w.n, w.packed, parts, s_x, scale, bias, has_bias, q, s)
+    return rows, (x, w.wl, K, T, w.n, w.packed, parts, s_x, scale, bias, has_bias, q, s)
