@@ -216,7 +216,7 @@ def test_compensation_lowers_the_layer_error_on_images_it_did_not_see():
 
     cfg = get_preset("cifar10-tiny").replace(depth=2, scale_granularity="channel")
     sd = timm_state_dict(cfg, seed=8)
-    ckpt = ptq.ternarize_state(sd, cfg, {})
+    ckpt, _ = ptq.ternarize_state(sd, cfg, {})
     rng = np.random.default_rng(0)
     calib, unseen = (rng.standard_normal((16, 3, 32, 32)).astype(np.float32) for _ in range(2))
     fixed, report = ptq.compensate(ckpt, sd, calib)
@@ -233,7 +233,7 @@ def test_compensation_lowers_the_layer_error_on_images_it_did_not_see():
 
     assert error(fixed) < 0.9 * error(ckpt)
     with pytest.raises(TinyViTError, match="--granularity channel"):
-        ptq.compensate(ptq.ternarize_state(sd, cfg.replace(scale_granularity="tensor"), {}), sd, calib)
+        ptq.compensate(ptq.ternarize_state(sd, cfg.replace(scale_granularity="tensor"), {})[0], sd, calib)
 
 
 def test_compensate_from_the_command_line(tmp_path):
@@ -302,3 +302,121 @@ def test_a_float_run_whose_ternarization_is_exact_agrees_with_its_conversion(tmp
     margin = np.diff(np.sort(float_logits, axis=1)[:, -2:], axis=1)[:, 0]
     clear = margin > 0.1 * scale
     assert clear.any() and np.array_equal(engine.argmax(1)[clear], float_logits.argmax(1)[clear])
+
+
+# -- ViT-1.58b checkpoints and models that are already ternary ----------------------------------
+def vit158b_state_dict(ckpt, buffers: bool, seed: int = 0):
+    """``ckpt`` written with ViT-1.58b's names (DLYuanGod/ViT-1.58b): every ternary layer a
+    BitLinear whose ``.norm`` is the file's; with ``buffers``, latent weights that are not
+    ternary beside the ``quant_weight`` codes and the scalar ``weight_scale`` = 1 / gamma;
+    without, the weights are gamma x codes."""
+    cfg, rng = ckpt.config, np.random.default_rng(seed)
+    sd = {k: v for k, v in ckpt.tensors.items() if not k.endswith(("weight_packed", "weight_scale"))}
+    for layer in cfg.linear_shapes():
+        if not cfg.is_ternary(layer):
+            sd[f"{layer}.weight"] = ckpt.float_weight(layer)
+            continue
+        codes, gamma, _ = ckpt.ternary(layer)
+        w = codes * gamma[:, None]
+        if buffers:
+            sd[f"{layer}.quant_weight"] = codes.astype(np.float32)
+            sd[f"{layer}.weight_scale"] = np.float32(1 / gamma[0]).reshape(())
+            w = w * (1 + rng.uniform(-0.3, 0.3, w.shape))  # latent: absmean would give other codes and gamma
+        sd[f"{layer}.weight"] = w
+    sd["patch_embed.proj.weight"] = sd["patch_embed.proj.weight"].reshape(cfg.dim, cfg.in_chans, cfg.patch_size, -1)
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("buffers", [True, False])
+def test_a_vit158b_checkpoint_converts_to_its_bitlinear_model(tmp_path, buffers):
+    cfg = get_preset("cifar10-tiny").replace(depth=2, bitlinear_norm=True)
+    original = random_checkpoint(cfg, seed=5)
+    src = save_safetensors(tmp_path / "vit158b.safetensors", vit158b_state_dict(original, buffers))
+    proc = run_module("tinyvit158.convert", src, "--out", tmp_path / "t.safetensors", "--preset", "cifar10-tiny")
+    assert proc.returncode == 0, proc.stderr
+    route = "from quant_weight and weight_scale" if buffers else "already ternary"
+    assert f"ternary layers: 9 {route}" in proc.stderr
+    got = load_weights(tmp_path / "t.safetensors")
+    assert got.config == cfg.replace(name="cifar10-tiny")  # bitlinear_norm read from the .norm tensors
+    for layer in cfg.linear_shapes():
+        if cfg.is_ternary(layer):
+            (c1, g1, _), (c0, g0, _) = got.ternary(layer), original.ternary(layer)
+            assert np.array_equal(c1, c0), layer
+            if buffers:  # gamma = 1 / weight_scale: float32 (1 / float32(1 / gamma)), within one ulp
+                assert np.all(np.abs(g1 - g0) <= np.spacing(g0)), layer
+            else:
+                assert np.array_equal(g1, g0), layer
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    if buffers:
+        np.testing.assert_allclose(Engine(got)(x), Engine(original)(x), rtol=0, atol=1e-3 * np.ptp(Engine(original)(x)))
+    else:
+        assert all(np.array_equal(got.tensors[k], original.tensors[k]) for k in original.tensors)
+        assert np.array_equal(Engine(got)(x), Engine(original)(x))
+
+
+def test_lsq_is_the_least_squares_scale_of_the_absmean_codes(tmp_path):
+    from tinyvit158 import ptq
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.1, (6, 40))
+    codes, gamma, route = ptq.ternary_codes({}, "x", w, "channel", "lsq")
+    assert route == "lsq" and np.array_equal(codes, ptq.ternarize(w, "channel")[0])
+    for n in range(6):  # d/da ||w - a c||^2 = 0 at a = <w, c> / <c, c>; no other a does better
+        a = w[n] @ codes[n] / (codes[n] @ codes[n])
+        assert gamma[n] == np.float32(a)
+        errs = [np.sum((w[n] - s * codes[n]) ** 2) for s in (a, a * 0.99, a * 1.01, ptq.ternarize(w, "channel")[1][n])]
+        assert errs[0] <= min(errs[1:])
+    # a weight that is nearly ternary: lsq finds its scale, absmean its scale x the non-zero fraction
+    c = rng.integers(-1, 2, (8, 64))
+    near = c * 0.02 * (1 + rng.uniform(-1e-3, 1e-3, c.shape))
+    _, g_lsq, _ = ptq.ternary_codes({}, "x", near, "tensor", "lsq")
+    _, g_abs, _ = ptq.ternary_codes({}, "x", near, "tensor", "absmean")
+    assert abs(g_lsq[0] / 0.02 - 1) < 1e-3 and abs(g_abs[0] / 0.02 - np.mean(c != 0)) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda sd: sd.pop("blocks.0.attn.qkv.weight_scale"), "'blocks.0.attn.qkv.quant_weight': without"),
+        (lambda sd: sd["blocks.0.mlp.fc1.quant_weight"].__setitem__((0, 0), 2.0), "codes in -1, 0, 1"),
+        (lambda sd: sd.__setitem__("blocks.1.mlp.fc2.weight_scale", np.array([-1], np.float32)), "one positive"),
+        (lambda sd: [sd.pop(f"blocks.1.attn.proj.norm.{p}") for p in ("weight", "bias")], "'blocks.1.attn.proj.norm"),
+    ],
+)
+def test_malformed_vit158b_checkpoints_are_one_line(tmp_path, edit, match):
+    cfg = get_preset("cifar10-tiny").replace(depth=2, bitlinear_norm=True)
+    sd = vit158b_state_dict(random_checkpoint(cfg, seed=5), buffers=True)
+    edit(sd)
+    src = save_safetensors(tmp_path / "bad.safetensors", sd)
+    proc = run_module("tinyvit158.convert", src, "--out", tmp_path / "x.safetensors", "--preset", "cifar10-tiny")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert match in proc.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_per_row_ternary_weights_need_channel_scales(tmp_path):
+    cfg = get_preset("cifar10-tiny").replace(depth=1, scale_granularity="channel")
+    original = random_checkpoint(cfg, seed=8)  # one gamma per row
+    src = save_safetensors(tmp_path / "f.safetensors", timm_state_dict(cfg, ternary_exact_from=original))
+    args = ["--out", tmp_path / "t.safetensors", "--preset", "cifar10-tiny"]
+    proc = run_module("tinyvit158.convert", src, *args)
+    assert proc.returncode == 1 and "--granularity channel" in proc.stderr
+    proc = run_module("tinyvit158.convert", src, *args, "--granularity", "channel")
+    assert proc.returncode == 0, proc.stderr
+    got = load_weights(tmp_path / "t.safetensors")
+    assert all(np.array_equal(got.tensors[k], original.tensors[k]) for k in original.tensors if "weight_" in k)
+
+
+def test_the_shipped_model_as_float_gamma_times_codes_converts_back_to_itself(tmp_path):
+    """Written as a float timm state dict (each weight exactly gamma x code, one gamma a
+    tensor), the shipped model converts per tensor, without calibration, to its own file:
+    the same tensors, so the same accuracy (absmean would give gamma x the non-zero fraction)."""
+    from pathlib import Path
+
+    shipped = load_weights(Path(__file__).resolve().parents[1] / "weights" / "cifar10-tiny.safetensors")
+    src = save_safetensors(tmp_path / "float.safetensors", vit158b_state_dict(shipped, buffers=False))
+    proc = run_module("tinyvit158.convert", src, "--out", tmp_path / "t.safetensors", "--preset", "cifar10-tiny")
+    assert proc.returncode == 0 and "ternary layers: 25 already ternary" in proc.stderr, proc.stderr
+    got = load_weights(tmp_path / "t.safetensors")
+    assert got.config.replace(name="x") == shipped.config.replace(name="x")
+    assert got.tensors.keys() == shipped.tensors.keys()
+    assert all(np.array_equal(got.tensors[k], shipped.tensors[k]) for k in shipped.tensors)

@@ -314,3 +314,35 @@ def test_fine_tuning_a_float_run_into_channel_scales(tmp_path, tarball):
     )
     with pytest.raises(TinyViTError, match="other fields"):
         train(wider, str(tarball), tmp_path / "wider", progress=False)
+
+
+def test_fine_tuning_into_bitlinear_norms_fits_them_to_keep_each_input(tmp_path):
+    """A run with ``bitlinear_norm`` from a file without: the new norms are the init's
+    returned layers, and fitting them brings every BitLinear layer's normalized input close
+    to the input it normalizes (identity norms would not)."""
+    from tinyvit158.train.trainer import fit_bitlinear_norms, init_from
+    from tinyvit158.weights import random_checkpoint
+
+    cfg = RECIPE.config()
+    save_weights(tmp_path / "w.safetensors", random_checkpoint(cfg, seed=4))
+    model = QATViT(cfg.replace(bitlinear_norm=True))
+    layers = init_from(model, str(tmp_path / "w.safetensors"), "cpu")
+    assert layers == sorted(layer for layer in cfg.linear_shapes() if cfg.is_ternary(layer))
+    images, _ = make_images(16, 5)
+
+    def input_errors():
+        seen = {}
+        hooks = [model.get_submodule(layer).norm.register_forward_hook(
+            lambda mod, inp, out, layer=layer: seen.__setitem__(layer, float(((out - inp[0]) ** 2).mean()
+                                                                               / (inp[0] ** 2).mean())))
+            for layer in layers]  # fmt: skip
+        torch_logits(model, images)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    before = input_errors()
+    fit_bitlinear_norms(model, images, layers)
+    after = input_errors()
+    assert all(after[layer] <= before[layer] for layer in layers), (before, after)  # fitted on these very images
+    assert sum(after.values()) < 0.2 * sum(before.values()), (before, after)

@@ -9,7 +9,11 @@ Sources:
   ``model`` or ``state_dict`` as DeiT's checkpoints are; or a tinyvit158 trainer checkpoint.
   Post-training ternarization (``ptq.py``): the shapes set the config, ``--preset`` and
   ``--set`` the rest (heads, eps, mean/std, class names); ``--granularity`` per tensor or
-  per output channel; ``--compensate`` fits each layer's output to the float layer's on
+  per output channel; a weight already ternary keeps its codes and scale exactly;
+  ``--scale lsq`` takes the least-squares scale of the absmean codes instead of mean |W|;
+  ViT-1.58b checkpoints (BitLinear ``.norm`` tensors, ``quant_weight`` and ``weight_scale``
+  buffers) convert to ``bitlinear_norm`` models, biases kept (ViT-1.58b's own inference
+  path drops them, its training keeps them); ``--compensate`` fits each layer's output to the float layer's on
   ``--calib-images`` CIFAR-10 training images (``--calib DATA``) and folds the fit into
   gamma and the bias. Anything else (a distillation token, other norms, LayerScale, a
   missing or misshapen tensor, a NaN, an integer tensor) is refused in one line naming it.
@@ -127,10 +131,15 @@ def calibration_images(data: str, cfg: ViTConfig, n: int) -> np.ndarray:
     return np.stack([load_image(train.images[i], cfg) for i in idx])
 
 
+ROUTES = {"buffers": "from quant_weight and weight_scale", "ternary": "already ternary (codes and scale exact)",
+          "absmean": "absmean", "lsq": "absmean codes, least-squares scale"}  # fmt: skip
+
+
 def from_float(args, changes: dict) -> Checkpoint:
     """The ``convert`` route for a float model (module docstring)."""
     src = Path(args.source)
     sd, cfg = read_float_model(src)
+    trained = cfg
     ptq.check_state_dict(sd)
     if cfg is None:
         fields = dict(changes)
@@ -142,8 +151,11 @@ def from_float(args, changes: dict) -> Checkpoint:
         cfg = cfg.replace(**changes)
     cfg = cfg.replace(scale_granularity=args.granularity or cfg.scale_granularity)
     source = {"converted_from": {"file": src.name, "route": "post-training ternarization",
-                                 "granularity": cfg.scale_granularity, "changes": changes}}  # fmt: skip
-    ckpt = ptq.ternarize_state(sd, cfg, source)
+                                 "granularity": cfg.scale_granularity, "scale": args.scale,
+                                 "changes": changes}}  # fmt: skip
+    ckpt, routes = ptq.ternarize_state(sd, cfg, source, args.scale, exact=trained is None)
+    source["converted_from"]["scales"] = routes
+    print(f"ternary layers: {', '.join(f'{n} {ROUTES[r]}' for r, n in routes.items())}", file=sys.stderr)
     if args.compensate:
         if not args.calib:
             raise TinyViTError("--compensate needs calibration images: --calib DATA (the CIFAR-10 folder)")
@@ -164,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--preset", help="what the shapes do not say (heads, eps, mean/std, classes): e.g. deit-tiny")
     p.add_argument("--granularity", choices=("tensor", "channel"), help="one weight scale per tensor or channel")
+    p.add_argument("--scale", choices=ptq.SCALES, default="absmean",
+                   help="post-training scale of the absmean codes: mean |W| (absmean) or their least-squares "
+                   "scale, mean |W| over the non-zero codes (lsq)")  # fmt: skip
     p.add_argument("--compensate", action="store_true", help="fit each layer to the float one (needs --calib)")
     p.add_argument("--calib", metavar="DATA", help="CIFAR-10 location: calibration images for --compensate")
     p.add_argument("--calib-images", type=int, default=64, metavar="N", help="calibration images (default 64)")

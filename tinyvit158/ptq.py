@@ -8,8 +8,19 @@ A float state dict -> a tinyvit158 checkpoint:
    blocks, MLP width from ``fc1``, classes from ``head``, the qkv bias from its presence.
    What shapes cannot tell (heads, LayerNorm eps, mean/std, class names) comes from a
    preset and ``--set``;
-2. every ternary layer through ``quant.ternarize`` (absmean, per tensor or per output
-   channel), everything else copied as float32.
+2. every ternary layer's codes and scales (:func:`ternary_codes`), by the first route that
+   applies: ViT-1.58b's ``quant_weight`` and ``weight_scale`` buffers (the codes and
+   gamma = 1 / weight_scale); a weight that is already ternary, at most the three values
+   {-a, 0, +a} per row or per tensor (its codes and a, exactly); else ``quant.ternarize``
+   (absmean, per tensor or per output channel) with gamma = mean |W| (``--scale absmean``)
+   or the least-squares scale of those codes, mean |W| over the non-zero codes (``--scale
+   lsq``; Ternary Weight Networks, Li et al. 2016). Everything else is copied as float32.
+
+ViT-1.58b's BitLinear (DLYuanGod/ViT-1.58b) holds a LayerNorm on its input:
+``<layer>.norm.weight`` and ``.bias`` set ``bitlinear_norm``, and the layers that have them
+(the blocks' four; the patch embedding and head when theirs are BitLinear too) are the
+ternary ones. Biases are kept, as the model trained with them; ViT-1.58b's own inference
+path drops them.
 
 Compensation (after "Quantization without Tears", QwT: a closed-form correction of each
 quantized layer against the float one). For each ternary layer in forward order, the
@@ -43,9 +54,14 @@ from tinyvit158.quant import quantize_activations, ternarize
 from tinyvit158.weights import Checkpoint, tensor_spec
 
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
+# a BitLinear layer's tensors beside weight and bias: its own LayerNorm, and the codes and
+# scale ViT-1.58b's forward caches as buffers
+_BITLINEAR = ("norm.weight", "norm.bias", "quant_weight", "weight_scale")
 _BLOCK_TENSORS = {f"{site}.{p}" for site in BLOCK_LINEARS + BLOCK_NORMS for p in ("weight", "bias")}
-_TOP = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
-        "head.weight", "head.bias"}  # fmt: skip
+_BLOCK_TENSORS |= {f"{site}.{p}" for site in BLOCK_LINEARS for p in _BITLINEAR}
+_TOP = {"cls_token", "pos_embed", "norm.weight", "norm.bias"}
+_TOP |= {f"{layer}.{p}" for layer in ("patch_embed.proj", "head") for p in ("weight", "bias", *_BITLINEAR)}
+SCALES = ("absmean", "lsq")
 _REFUSED = {
     "dist_token": "a distillation token (DeiT's distilled models): convert the plain DeiT",
     "head_dist": "a distillation head (DeiT's distilled models): convert the plain DeiT",
@@ -95,6 +111,15 @@ def config_from_shapes(sd: dict[str, np.ndarray], base: ViTConfig, heads: int | 
     if heads is None:
         raise TinyViTError("the heads cannot be read from the shapes: give --preset (e.g. deit-tiny) or --set heads=N")
     names = base.class_names if len(base.class_names) == classes else tuple(f"class_{i}" for i in range(classes))
+    bitlinear = {name[: -len(".norm.weight")] for name in sd if name.endswith(".norm.weight")}
+    if bitlinear:  # ViT-1.58b: the BitLinear layers are the ternary ones; the blocks' are all BitLinear
+        for i in range(depth):
+            for site in BLOCK_LINEARS:
+                if f"blocks.{i}.{site}" not in bitlinear:
+                    raise TinyViTError(f"tensor 'blocks.{i}.{site}.norm.weight': missing (a BitLinear model has a "
+                                       "norm on every block linear)")  # fmt: skip
+        base = base.replace(bitlinear_norm=True, ternary_patch_embed="patch_embed.proj" in bitlinear,
+                            ternary_head="head" in bitlinear)  # fmt: skip
     return base.replace(
         image_size=grid * pe.shape[2], patch_size=pe.shape[2], in_chans=pe.shape[1], dim=dim, depth=depth, heads=heads,
         mlp_ratio=hidden / dim, num_classes=classes, class_names=names, qkv_bias="blocks.0.attn.qkv.bias" in sd,
@@ -117,16 +142,76 @@ def float_weights(sd: dict[str, np.ndarray], cfg: ViTConfig) -> dict[str, tuple[
     return out
 
 
-def ternarize_state(sd: dict[str, np.ndarray], cfg: ViTConfig, source: dict) -> Checkpoint:
-    """The checkpoint of a float state dict: ternary layers ternarized and packed, the rest float32."""
+def exact_ternary(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The codes and per-row scale a of a weight whose rows each hold at most {-a, 0, +a}
+    (a per tensor when the rows agree), exactly; None for any other weight."""
+    a = np.abs(w)
+    top = a.max(axis=1, keepdims=True)
+    if not np.all((a == 0) | (a == top)):
+        return None
+    scale = top[:, 0]
+    if np.any(scale == 0) and np.any(scale > 0):  # an all-zero row: any scale; the others' smallest
+        scale = np.where(scale == 0, scale[scale > 0].min(), scale)
+    return np.sign(w).astype(np.int8), scale.astype(np.float32)
+
+
+def lsq_scale(w: np.ndarray, codes: np.ndarray, granularity: str) -> np.ndarray:
+    """The least-squares scale of fixed ternary codes: mean |W| over the non-zero codes (per
+    row or per tensor), argmin_a ||W - a codes||^2; 0 for a group with no non-zero code."""
+    nz = codes != 0
+    a, axis = np.abs(np.asarray(w, np.float64)) * nz, 1 if granularity == "channel" else None
+    count = nz.sum(axis=axis)
+    alpha = np.where(count > 0, a.sum(axis=axis) / np.maximum(count, 1), 0.0)
+    return np.broadcast_to(alpha, (w.shape[0],)).astype(np.float32)
+
+
+def ternary_codes(sd: dict[str, np.ndarray], layer: str, w: np.ndarray, granularity: str,
+                  scale: str = "absmean", exact: bool = True) -> tuple[np.ndarray, np.ndarray, str]:  # fmt: skip
+    """``layer``'s codes (N, K) int8, gamma (N,) float32 and the route that gave them (the
+    module docstring's order: ``buffers``, ``ternary``, ``absmean`` or ``lsq``). Without
+    ``exact``, latent weights trained with absmean in the loop (a trainer checkpoint) take
+    absmean even where they happen to be ternary (a run just started from a weight file)."""
+    q, s = sd.get(f"{layer}.quant_weight"), sd.get(f"{layer}.weight_scale")
+    n = w.shape[0]
+    if (q is None) != (s is None):
+        have, lack = ("quant_weight", "weight_scale") if s is None else ("weight_scale", "quant_weight")
+        raise TinyViTError(f"tensor '{layer}.{have}': without '{layer}.{lack}' (ViT-1.58b stores both)")
+    if q is not None:
+        if q.size != w.size or not np.all(np.isin(q, (-1.0, 0.0, 1.0))):
+            raise TinyViTError(f"tensor '{layer}.quant_weight': expected {w.shape} codes in -1, 0, 1")
+        s = np.asarray(s, np.float64).reshape(-1)
+        if s.size not in (1, n) or not np.all(s > 0):
+            raise TinyViTError(f"tensor '{layer}.weight_scale': expected one positive scale (or {n}), found {s}")
+        if granularity == "tensor" and np.ptp(s) > 0:
+            raise TinyViTError(f"tensor '{layer}.weight_scale': one scale per row; convert with --granularity channel")
+        gamma = np.broadcast_to(1.0 / s, (n,)).astype(np.float32)
+        return q.reshape(w.shape).astype(np.int8), gamma, "buffers"
+    exact = exact_ternary(w) if exact else None
+    if exact is not None:
+        if granularity == "tensor" and np.ptp(exact[1]) > 0:
+            raise TinyViTError(f"tensor '{layer}.weight': already ternary with one scale per row; "
+                               "convert with --granularity channel")  # fmt: skip
+        return (*exact, "ternary")
+    if scale not in SCALES:
+        raise TinyViTError(f"--scale {scale!r}: choose one of {', '.join(SCALES)}")
+    codes, gamma = ternarize(w, granularity)
+    return codes, (lsq_scale(w, codes, granularity) if scale == "lsq" else gamma), scale
+
+
+def ternarize_state(sd: dict[str, np.ndarray], cfg: ViTConfig, source: dict, scale: str = "absmean",
+                    exact: bool = True) -> tuple[Checkpoint, dict[str, int]]:  # fmt: skip
+    """The checkpoint of a float state dict: ternary layers' codes (:func:`ternary_codes`)
+    packed, the rest float32, and the number of layers each route gave."""
     layers = float_weights(sd, cfg)
     tensors: dict[str, np.ndarray] = {}
+    routes: dict[str, int] = {}
     for name, (_, shape) in tensor_spec(cfg).items():
         layer = name.rsplit(".", 1)[0]
         if name.endswith(".weight_packed"):
-            codes, scale = ternarize(layers[layer][0], cfg.scale_granularity)
+            codes, gamma, route = ternary_codes(sd, layer, layers[layer][0], cfg.scale_granularity, scale, exact)
+            routes[route] = routes.get(route, 0) + 1
             tensors[name] = pack(codes, cfg.packing)
-            tensors[f"{layer}.weight_scale"] = scale
+            tensors[f"{layer}.weight_scale"] = gamma
         elif name.endswith(".weight_scale"):
             continue
         else:
@@ -136,7 +221,7 @@ def ternarize_state(sd: dict[str, np.ndarray], cfg: ViTConfig, source: dict) -> 
                 raise TinyViTError(f"tensor {name!r}: shape {sd[name].shape}, expected {shape}")
             tensors[name] = sd[name].reshape(shape).astype(np.float32)
     tensors = {name: tensors[name] for name in tensor_spec(cfg)}
-    return Checkpoint(cfg, tensors, source)
+    return Checkpoint(cfg, tensors, source), routes
 
 
 def compensate(ckpt: Checkpoint, sd: dict[str, np.ndarray], images: np.ndarray) -> tuple[Checkpoint, dict]:

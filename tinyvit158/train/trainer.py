@@ -193,11 +193,21 @@ def _inputs(fields: dict) -> tuple:
 # config fields a fine-tuning run may change from its --init weights (new numerics to learn)
 RETRAINABLE = (
     "attention", "attention_bits", "attention_prob_bits", "attention_prob_clip", "qk_norm", "scale_granularity",
-    "numerics",
+    "numerics", "bitlinear_norm",
 )  # fmt: skip
 
 
-def init_from(model: QATViT, path: str, device: str) -> None:
+NORM_FIT_IMAGES = 512  # training images that fit new BitLinear norms (fit_bitlinear_norms)
+
+
+def _new_tensor(key: str) -> bool:
+    """A tensor a fine-tuning run may add to its --init weights: the qk norms, a BitLinear
+    layer's own LayerNorm (``<layer>.norm.weight``, never the final ``norm.weight``)."""
+    parts = key.split(".")
+    return parts[-2].endswith(("q_norm", "k_norm")) or (len(parts) > 2 and parts[-2] == "norm")
+
+
+def init_from(model: QATViT, path: str, device: str) -> list[str]:
     """Copy a trained run's model weights into ``model`` (same architecture) to fine-tune it.
 
     ``path`` may also be a weight file: its latent weights are then the codes times gamma
@@ -205,8 +215,9 @@ def init_from(model: QATViT, path: str, device: str) -> None:
     ternarization gives back exactly the file's codes and (to float rounding) its gamma,
     so fine-tuning starts from the file's function. The run may change the attention's
     numerics and the weight scales' granularity (:data:`RETRAINABLE`; e.g. TerViT's
-    per-channel scales from a float run); new tensors (the qk norms) keep their
-    initialization.
+    per-channel scales from a float run, ViT-1.58b's BitLinear norms); new tensors (the qk
+    norms, the BitLinear norms) keep their initialization. Returns the layers whose
+    BitLinear norms are new (:func:`fit_bitlinear_norms` fits them).
     """
     if str(path).endswith(".safetensors"):
         ckpt = load_weights(path)
@@ -219,9 +230,40 @@ def init_from(model: QATViT, path: str, device: str) -> None:
         raise TinyViTError(f"--init {path}: its model ({source_cfg.name}) has other fields than this run's "
                            f"(beyond {RETRAINABLE})")  # fmt: skip
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.split(".")[-2].endswith(("q_norm", "k_norm")) for k in missing):
+    if unexpected or not all(map(_new_tensor, missing)):
         raise TinyViTError(f"--init {path}: tensors do not fit: missing {missing}, unexpected {unexpected}")
     print(f"starting from the weights of {path}", file=sys.stderr)
+    return sorted({k.rsplit(".", 2)[0] for k in missing if k.split(".")[-2] == "norm"})
+
+
+def fit_bitlinear_norms(model: QATViT, images_u8: np.ndarray, layers: list[str]) -> None:
+    """Fit the new BitLinear norms of ``layers`` so each layer's input stays what it was:
+    per channel j, the least-squares line y_j ~ w_j LN(y)_j + b_j over the tokens of
+    ``images_u8``, layer by layer in forward order (each fitted on inputs made by the
+    fitted layers before it). Identity norms would rescale every token by its own spread
+    and drop its mean; fitted, fine-tuning starts near the --init model's function."""
+    todo, hooks = set(layers), []
+
+    def fit(mod, inputs, name):
+        y = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+        z = F.layer_norm(y, y.shape[-1:], eps=mod.norm.eps)
+        zc, yc = z - z.mean(0), y - y.mean(0)
+        w = (zc * yc).sum(0) / (zc * zc).sum(0).clamp_min(1e-12)
+        mod.norm.weight.data.copy_(w.float())
+        mod.norm.bias.data.copy_((y.mean(0) - w * z.mean(0)).float())
+
+    for name, mod in model.named_modules():
+        if name in todo:
+            hooks.append(mod.register_forward_pre_hook(lambda mod, inputs, name=name: fit(mod, inputs, name)))
+    training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(normalize(to_input(images_u8), model.cfg).to(device))
+    model.train(training)
+    for h in hooks:
+        h.remove()
+    print(f"fitted the BitLinear norms of {len(layers)} layers on {len(images_u8)} training images", file=sys.stderr)
 
 
 def lr_at(step: int, total: int, warmup: int, r: Recipe) -> float:
@@ -323,8 +365,9 @@ def train(
         opt.load_state_dict(state["optimizer"])
         start_epoch, best = state["epoch"], state["best_val_acc"]
         print(f"resuming {last} after epoch {start_epoch} (best val acc {best:.4f})", file=sys.stderr)
-    elif recipe.init:
-        init_from(model, recipe.init, device)
+    new_norms: list[str] = []
+    if not last.exists() and recipe.init:
+        new_norms = init_from(model, recipe.init, device)
     if start_epoch >= recipe.epochs:
         print(f"{out}: all {recipe.epochs} epochs done", file=sys.stderr)
         return {"epoch": start_epoch, "best_val_acc": best}
@@ -340,6 +383,8 @@ def train(
     if recipe.limit_train:
         train_idx = train_idx[: recipe.limit_train]
         val_idx = val_idx[: max(recipe.limit_train // 4, 10)]
+    if new_norms:
+        fit_bitlinear_norms(model, data.images[np.sort(train_idx)[:NORM_FIT_IMAGES]], new_norms)
     steps_per_epoch = len(train_idx) // recipe.batch
     total_steps = steps_per_epoch * recipe.epochs
     warmup_steps = steps_per_epoch * recipe.warmup_epochs
