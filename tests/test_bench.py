@@ -12,13 +12,13 @@ from tinyvit158.kernels import PATHS
 def test_bench_smoke_json():
     out = subprocess.run(
         [sys.executable, "-m", "tinyvit158.bench", "--batch", "1", "2", "--repeats", "2", "--warmup", "0",
-         "--variants", "engine", "numpy-fp32", "torch-fp32", "--layers", "--json"],
+         "--variants", "engine", "engine-bitlinear", "numpy-fp32", "torch-fp32", "--layers", "--json"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     runs = {(r["variant"], r["batch"]) for r in report["results"]}
-    assert runs == {(v, b) for v in ("engine", "numpy-fp32", "torch-fp32") for b in (1, 2)}
+    assert runs == {(v, b) for v in ("engine", "engine-bitlinear", "numpy-fp32", "torch-fp32") for b in (1, 2)}
     for r in report["results"]:
         assert "error" not in r, r
         assert r["median_s"] > 0 and r["peak_rss_bytes"] > 0 and r["weight_bytes"] > 0
@@ -26,6 +26,8 @@ def test_bench_smoke_json():
             parts = set(r["layers_s"])
             assert {"qkv", "attention+quant", "proj", "norm+quant", "fc1+gelu+quant", "fc2"} <= parts
             assert "fc1+gelu+quant" in parts or {"fc1", "gelu+quant"} <= parts
+        if r["variant"] == "engine-bitlinear":  # each ternary layer's input: norm or GELU, its own norm, codes
+            assert "BitLinear norms" in r["desc"] and {"qkv", "norm+quant", "gelu+quant", "quant"} <= set(r["layers_s"])
     assert report["info"]["kernel_path"] in PATHS
 
 

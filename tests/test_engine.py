@@ -264,6 +264,48 @@ def test_one_executor_times_records_and_traces_every_kind_of_block():
         engine.record = engine.trace = engine.timings = oracle.trace = None
 
 
+def _bitlinear_steps(x, norm, act, own, out=None):
+    """A BitLinear layer's input codes as three separate steps: the block's norm or GELU,
+    then the layer's own LayerNorm and codes."""
+    from tinyvit158.kernels import gelu, layernorm, layernorm_quantize
+
+    def steps():  # at call time: the plan binds buffers whose contents change
+        return layernorm_quantize(layernorm(x, *norm) if norm is not None else gelu(x) if act else x, *own, out)
+
+    return steps, ()
+
+
+@pytest.mark.parametrize("norm, act", [(True, False), (False, True), (False, False)])
+def test_bitlinear_input_kernel_is_the_steps_in_one_pass(norm, act):
+    from tinyvit158.kernels import bind_bitlinear_quantize
+
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((37, 192)) * rng.uniform(0.01, 30, (37, 1))).astype(np.float32)
+    x[3] = 0.0  # a constant row: the eps branch of both norms
+    ln = lambda s: (rng.normal(1, 0.3, 192).astype(np.float32), rng.normal(0, 0.2, 192).astype(np.float32), s)  # noqa: E731
+    first, own = (ln(1e-6) if norm else None), ln(1e-5)
+    fn, args = bind_bitlinear_quantize(x, first, act, own)
+    q, s = fn(*args)
+    fn, args = _bitlinear_steps(x, first, act, own)
+    q0, s0 = fn(*args)
+    assert np.array_equal(q, q0) and np.array_equal(s, s0)
+
+
+def test_bitlinear_plan_equals_its_steps(monkeypatch):
+    """The BitLinear model's fused plan gives the logits of the plan with every layer's
+    input made step by step, bit for bit (1 and 64 images)."""
+    import tinyvit158.engine as engine_module
+
+    cfg = CONFIGS["cifar10-tiny"].replace(depth=2, bitlinear_norm=True)
+    ckpt = random_checkpoint(cfg, seed=6)
+    x = images(cfg, 64, 2)
+    fused = Engine(ckpt)
+    a, a1 = fused(x), fused(x[:1])
+    monkeypatch.setattr(engine_module, "bind_bitlinear_quantize", _bitlinear_steps)
+    steps = Engine(ckpt)
+    assert np.array_equal(a, steps(x)) and np.array_equal(a1, steps(x[:1]))
+
+
 @pytest.mark.skipif(not cpu_has_vnni(), reason="CPU lacks AVX-512 VNNI")
 def test_plan_follows_the_kernel_path(monkeypatch):
     """A plan bound on the VNNI path is not used once TINYVIT158_KERNEL asks for generic."""

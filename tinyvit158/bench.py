@@ -11,7 +11,9 @@ inputs:
   probabilities: ``kernels/qattn.py``) in place of the float64 one; ``engine-attn4``: with
   4-bit q, k, v and probabilities (clipped at 1/4: ``weights/cifar10-tiny-attn4``'s numerics);
   ``engine-int``: the same weights in integer numerics (every value an integer:
-  ``weights/cifar10-tiny-int``'s numerics, ``kernels/intops.py``);
+  ``weights/cifar10-tiny-int``'s numerics, ``kernels/intops.py``); ``engine-bitlinear``:
+  ViT-1.58b's BitLinear blocks (``bitlinear_norm``: a LayerNorm on every ternary layer's
+  input), the same weights with identity norms (timed only: no agreement reported);
 - ``numpy-fp32``: the same model in NumPy float32: weights dequantized (codes x gamma),
   BLAS matmuls, no activation quantization, every op vectorized over the batch;
 - ``torch-fp32``: the same in PyTorch float32 on the CPU as a PyTorch user writes it
@@ -57,8 +59,8 @@ from tinyvit158.peers import PEERS
 from tinyvit158.weights import Checkpoint, default_weights_path, load_weights, random_checkpoint
 
 VARIANTS = (
-    "engine", "engine-int8attn", "engine-attn4", "engine-int", "engine-bytes", "engine-generic", "engine-avx2",
-    "numpy-fp32", "torch-fp32", "torch-int8", *PEERS,
+    "engine", "engine-int8attn", "engine-attn4", "engine-int", "engine-bitlinear", "engine-bytes", "engine-generic",
+    "engine-avx2", "numpy-fp32", "torch-fp32", "torch-int8", *PEERS,
 )  # fmt: skip
 FORCED_PATH = {"engine-generic": "generic", "engine-avx2": "avx2"}  # variant -> the kernel path it forces
 
@@ -161,6 +163,8 @@ def build(variant: str, ckpt: Checkpoint, args=None):
 
         if variant in QUANTIZED_ATTENTION:
             ckpt = Checkpoint(ckpt.config.replace(**QUANTIZED_ATTENTION[variant]), ckpt.tensors, ckpt.source)
+        if variant == "engine-bitlinear":
+            ckpt = with_identity_bitlinear_norms(ckpt)
         engine = Engine(ckpt, packed=variant != "engine-bytes")
         path = kernel_path()
         tiled = path in ("vnni", "avx2")  # the paths with a 2-bit layout
@@ -168,6 +172,7 @@ def build(variant: str, ckpt: Checkpoint, args=None):
         cfg = ckpt.config
         attn = f", {cfg.attention_bits}-bit attention" if cfg.attention == "int8" else ""
         attn += ", integer numerics" if cfg.numerics == "integer" else ""
+        attn += ", BitLinear norms" if cfg.bitlinear_norm else ""
         return engine, engine.weight_bytes, f"{path} kernels{layout}{attn}"
     if variant == "numpy-fp32":
         model = NumpyFloatViT(ckpt)
@@ -194,6 +199,20 @@ def build(variant: str, ckpt: Checkpoint, args=None):
             return model(torch.from_numpy(x)).numpy()
 
     return run, nbytes, desc
+
+
+def with_identity_bitlinear_norms(ckpt: Checkpoint) -> Checkpoint:
+    """``ckpt`` as a BitLinear model (``bitlinear_norm``) whose new norms are the identity:
+    another function, the same cost."""
+    cfg = ckpt.config.replace(bitlinear_norm=True)
+    tensors = dict(ckpt.tensors)
+    for layer, (_, k) in cfg.linear_shapes().items():
+        if cfg.is_ternary(layer):
+            tensors[f"{layer}.norm.weight"], tensors[f"{layer}.norm.bias"] = (
+                np.ones(k, np.float32),
+                np.zeros(k, np.float32),
+            )
+    return Checkpoint(cfg, tensors, ckpt.source)
 
 
 def bench_weights(model: str, weights: str | None) -> str:
@@ -237,7 +256,7 @@ def child(args) -> dict:
         "repeats": len(times), "weight_bytes": int(nbytes), "load_s": load_s,
         "peak_rss_bytes": peak_rss_bytes(),
     }  # fmt: skip
-    if args.agree:  # top-1 on real test images, compared with the engine's by the parent
+    if args.agree and args.child != "engine-bitlinear":  # top-1 on test images, compared by the parent
         images = np.load(args.agree)
         result["predictions"] = np.concatenate(
             [np.asarray(model(images[i : i + args.batch])).argmax(1) for i in range(0, len(images), args.batch)]

@@ -46,6 +46,7 @@ from tinyvit158.integer import IntegerParams, to_q16
 from tinyvit158.kernels import (
     PreparedTernary,
     attention_op,
+    bind_bitlinear_quantize,
     bind_layernorm_quantize,
     bind_linear,
     bind_linear_gelu_quantize,
@@ -54,7 +55,6 @@ from tinyvit158.kernels import (
     gelu_quantize,
     kernel_path,
     layernorm,
-    layernorm_quantize,
     matmul,
     quantize_rows,
 )
@@ -203,9 +203,8 @@ class Engine:
                 steps.append(Step(pre, _float_pre, (src, ln, act, x)))
             return steps + [Step(part, _float_linear_into, (x, *self.float[layer], dest, residual))]
         codes = self._codes_buf(src)
-        if self.cfg.bitlinear_norm:
-            own = self._norm(f"{layer}.norm")
-            first = Step(pre, _bitlinear_pre, (src, ln, act, own, self._buf(f"{layer}.in", src.shape), codes))
+        if self.cfg.bitlinear_norm:  # the block's norm or GELU, the layer's own norm, codes: one pass
+            first = Step(pre, *bind_bitlinear_quantize(src, ln, act, self._norm(f"{layer}.norm"), codes))
         elif norm:
             first = Step(pre, *bind_layernorm_quantize(src, *ln, codes))
         else:
@@ -518,15 +517,6 @@ def _float_pre(src: np.ndarray, ln, act: bool, out: np.ndarray) -> None:
     """``act(norm(src))`` in float32 into ``out`` (``ln``: (weight, bias, eps) or None)."""
     x = layernorm(src, *ln) if ln is not None else src
     np.copyto(out, gelu(x) if act else x)
-
-
-def _bitlinear_pre(src, ln, act, own, tmp, codes) -> None:
-    """A BitLinear layer's input: float32 norm/GELU, then its own LayerNorm and codes."""
-    x = src
-    if ln is not None or act:
-        _float_pre(src, ln, act, tmp)
-        x = tmp
-    layernorm_quantize(x, *own, codes)
 
 
 def _float_linear_into(x, w_t, b, dest: np.ndarray, residual: bool) -> None:

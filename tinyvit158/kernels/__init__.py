@@ -33,6 +33,7 @@ from tinyvit158.kernels.linear import (
 )
 from tinyvit158.kernels.qattn import Int8Attention
 from tinyvit158.kernels.rowops import (
+    bind_bitlinear_quantize,
     bind_layernorm_quantize,
     gelu,
     gelu_quantize,
@@ -64,6 +65,7 @@ __all__ = [
     "attention",
     "attention_quantize",
     "attention_ref",
+    "bind_bitlinear_quantize",
     "bind_layernorm_quantize",
     "bind_linear",
     "bind_linear_gelu_quantize",

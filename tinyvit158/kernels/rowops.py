@@ -326,3 +326,34 @@ def gelu_quantize(x: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = Non
     a (codes, scales) pair, when given)."""
     x = check_f32_rows(x, "gelu")
     return _gelu_quantize(x, *codes_out(x.shape, out), job_count(x.shape[0]))
+
+
+@pjit
+def _bitlinear_quantize(x, first, g1, b1, eps1, g2, b2, eps2, q, s, P):
+    T, K = x.shape
+    for p in numba.prange(P):
+        buf, normed = np.empty(K, dtype=np.float32), np.empty(K, dtype=np.float32)
+        for t in range(p * T // P, (p + 1) * T // P):
+            row = x[t]
+            if first == 1:
+                layernorm_row(row, g1, b1, eps1, buf)
+                row = buf
+            elif first == 2:
+                gelu_row(row, buf)
+                row = buf
+            layernorm_row(row, g2, b2, eps2, normed)
+            s[t] = quantize_row(normed, q[t])
+    return q, s
+
+
+def bind_bitlinear_quantize(x: np.ndarray, norm, act: bool, own, out=None):
+    """``(kernel, args)`` for a BitLinear layer's input codes in one pass over each row:
+    ``quantize_rows(layernorm(first(x), *own))`` with ``first`` the block's LayerNorm
+    (``norm``: (weight, bias, eps)), GELU (``act``) or nothing; bit-identical to those
+    steps one after another (the same row functions in the same order)."""
+    x, g2, b2 = _check_norm(x, *own[:2])
+    g1, b1 = (g2, b2) if norm is None else _check_norm(x, *norm[:2])[1:]
+    first = 1 if norm is not None else 2 if act else 0
+    eps1 = float(norm[2]) if norm is not None else 0.0
+    return _bitlinear_quantize, (x, first, g1, b1, eps1, g2, b2, float(own[2]), *codes_out(x.shape, out),
+                                 job_count(x.shape[0]))  # fmt: skip
