@@ -70,6 +70,29 @@ def test_row_kernels_equal_their_references(seed):
         assert np.array_equal(y, I.linear(xq, R, codes, g, e, b))
 
 
+def test_row_codes_are_exact_at_every_tie_and_on_both_sides_of_the_float64_bound():
+    """Codes round half up: rows whose every element sits exactly on a tie (|v| = t (2c - 1)
+    with m = 2 qmax t) or one off it, with m small, just below 2**45 (the float64 quotients)
+    and above it (the int64 divisions)."""
+    rows = []
+    for qmax in (127, 7):
+        c = np.arange(1, qmax + 1)
+        for t in (1, 3, (intops.EXACT - 1) // (2 * qmax), intops.EXACT // (2 * qmax) + 1, 2**50 // (2 * qmax)):
+            m = 2 * qmax * t
+            for off in (-1, 0, 1):
+                v = np.concatenate([[m, -m], t * (2 * c - 1) + off, -(t * (2 * c - 1) + off)])
+                rows.append((qmax, np.minimum(v, m).astype(np.int64)))
+    # exact ties where the float64 estimate falls just below the quotient c: floor(c 2m fl(1/(2m)))
+    # = c - 1 (found by a seeded search over m < 2**45), so only the correction step is right
+    for c, m in ((1, 29628570479850), (3, 13788472014314), (5, 2059171680226), (64, 32114731857096)):
+        rows.append((127, np.array([m, m * (2 * c - 1) // 254, -(m * (2 * c - 1) // 254)], np.int64)))
+    for qmax, v in rows:
+        out = np.zeros((1, v.size), np.int8), np.zeros(1, np.int64)
+        q, R = intops.codes_rows(v[None], qmax, out)
+        q_ref, R_ref = I.codes(v[None], qmax)
+        assert np.array_equal(q, q_ref) and np.array_equal(R, R_ref), (qmax, int(R_ref[0]))
+
+
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_engine_integers_equal_the_reference(path, name, monkeypatch):

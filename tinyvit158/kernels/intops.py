@@ -4,9 +4,10 @@ Each kernel computes, row by row, what its NumPy int64 reference in ``tinyvit158
 computes over whole arrays (the tests pair them, ``array_equal``): integer addition,
 multiplication, comparison and Python's floor division, so any order of work gives the
 same integers. Lanes: the codes are int8, every other value int64, and every bound that
-keeps an intermediate inside int64 is the reference's (stated there). One float operation
-appears, inside ``_isqrt``: float64's correctly rounded square root as a first guess,
-corrected to ``floor(sqrt(v))`` exactly, as the reference does.
+keeps an intermediate inside int64 is the reference's (stated there). Float64 appears as a
+carrier of exact integers only: in ``_isqrt`` (the correctly rounded square root as a first
+guess, corrected to ``floor(sqrt(v))``, as the reference does) and in ``_row_codes``'
+quotients (integers below 2**53, a reciprocal's estimate corrected to the exact floor).
 
 - :func:`layernorm_codes`: the integer LayerNorm of Q16 rows, straight to int8 codes and
   their Q16 absmax ``R``.
@@ -61,19 +62,35 @@ def _isqrt(v):
     return r
 
 
+EXACT = 2**45  # m below: 2 qmax |v| + m and the products checked stay below 2**53, exact in float64
+
+
 @jit
 def _row_codes(v, q, qmax):
     """Codes of one int64 row into ``q`` (int8): ``sign(v) floor((2 qmax |v| + m) / (2 m))``,
-    0 where ``m = max |v| = 0``; returns m."""
+    0 where ``m = max |v| = 0``; returns m. For ``m < 2**45`` each quotient is taken on the
+    integers held exactly in float64: a reciprocal's estimate (within one of it), corrected
+    to the exact floor by one step either way, as ``_isqrt`` is; 2x a 64-bit division."""
     m = I64(0)
     for k in range(v.shape[0]):
-        a = abs(v[k])
+        a = abs(I64(v[k]))
         m = a if a > m else m
     if m == 0:
         q[:] = 0
         return m
+    if m < EXACT:
+        d = np.float64(2 * m)
+        inv, qm2, mf = 1.0 / d, np.float64(2 * qmax), np.float64(m)
+        for k in range(v.shape[0]):
+            x = np.float64(v[k])
+            num = qm2 * abs(x) + mf
+            c = np.floor(num * inv)
+            c = c - 1.0 if c * d > num else c
+            c = c + 1.0 if (c + 1.0) * d <= num else c
+            q[k] = np.int32(c if x >= 0 else -c)
+        return m
     for k in range(v.shape[0]):
-        c = (2 * qmax * abs(v[k]) + m) // (2 * m)
+        c = (2 * qmax * abs(I64(v[k])) + m) // (2 * m)
         q[k] = c if v[k] >= 0 else -c
     return m
 
