@@ -26,19 +26,29 @@ def execute(path: Path) -> nbformat.NotebookNode:
     """Run a notebook in its own folder; raises nbclient's CellExecutionError on any error."""
     nb = nbformat.read(path, as_version=4)
     NotebookClient(
-        nb, timeout=TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        nb,
+        timeout=TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
     ).execute()
     return nb
 
 
-# what ipykernel's python3 kernel reports: saved as JupyterLab would save it, the file opens unmodified
+# what ipykernel's python3 kernel reports: saved as JupyterLab saves it, it opens unmodified
 KERNEL_DISPLAY_NAME = "Python 3 (ipykernel)"
 
 
 def tidy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    # language_info as the kernel reported it on execution (JupyterLab fills in what is missing
+    # on opening and marks the notebook modified); only its Python version varies by machine
+    info = nb.metadata.get("language_info") or {"name": "python"}
     nb.metadata = {
-        "kernelspec": {"name": "python3", "display_name": KERNEL_DISPLAY_NAME, "language": "python"},
-        "language_info": {"name": "python"},
+        "kernelspec": {
+            "name": "python3",
+            "display_name": KERNEL_DISPLAY_NAME,
+            "language": "python",
+        },
+        "language_info": dict(info),
     }
     count = 0
     for cell in nb.cells:
@@ -50,7 +60,9 @@ def tidy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
                 if "execution_count" in out:
                     out["execution_count"] = count
                 if out.get("output_type") in _WITH_METADATA:
-                    out["metadata"] = out.get("metadata") or {}  # required there by the nbformat schema
+                    out["metadata"] = (
+                        out.get("metadata") or {}
+                    )  # required there by the nbformat schema
                 else:
                     out.pop("metadata", None)  # and not allowed on stream and error outputs
     nbformat.validate(nb)  # Jupyter refuses to open a notebook that fails this

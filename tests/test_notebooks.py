@@ -1,5 +1,8 @@
-"""Every walkthrough notebook runs top to bottom without an error (the notebooks extra)."""
+"""Every walkthrough notebook runs top to bottom without an error, from a copy of
+``notebooks/`` alone (the notebooks extra), and fits a JupyterLab page."""
 
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +36,11 @@ def test_committed_notebook_opens_unmodified(path):
     spec = KernelSpecManager().get_kernel_spec("python3")
     kernelspec = nbformat.read(path, as_version=4).metadata.kernelspec
     assert (kernelspec.name, kernelspec.display_name, kernelspec.language) == ("python3", spec.display_name, "python")
+    # and the language_info the kernel reports, which JupyterLab would fill in (the version varies by machine)
+    from ipykernel.ipkernel import IPythonKernel
+
+    saved = dict(nbformat.read(path, as_version=4).metadata.language_info)
+    assert {**saved, "version": ""} == {**IPythonKernel.language_info, "version": ""}
 
 
 def test_tidy_keeps_notebooks_valid():
@@ -51,9 +59,43 @@ def test_tidy_keeps_notebooks_valid():
     assert cell.outputs[1]["execution_count"] == 1
 
 
+NOTEBOOK_LINE_LENGTH = int(re.search(r"^line-length = (\d+)", (NOTEBOOKS / "ruff.toml").read_text(), re.M)[1])
+PAGE = 100  # columns of a printed line JupyterLab shows unwrapped beside a code cell
+
+
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
-def test_notebook_runs(path):
-    nb = tidy(execute(path))  # raises CellExecutionError, with the failing cell, on any error; tidy validates
+def test_notebook_code_fits_the_line_length(path):
+    """JupyterLab does not wrap code: no line past the notebooks' line length (ruff's, for them)."""
+    nb = nbformat.read(path, as_version=4)
+    long = [(i, line) for i, c in enumerate(nb.cells) if c.cell_type == "code" for line in c.source.splitlines()
+            if len(line) > NOTEBOOK_LINE_LENGTH]  # fmt: skip
+    assert NOTEBOOK_LINE_LENGTH <= PAGE and not long, long
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_printed_lines_fit_the_page(path):
+    """Printed lines wrap mid-word past the page; tables are rendered (Markdown or HTML) instead."""
+    nb = nbformat.read(path, as_version=4)
+    long = []
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if "text/html" in data or "text/markdown" in data:
+                continue  # rendered as a table, wrapped by the browser
+            text = out.get("text", "") or data.get("text/plain", "")
+            long += [(i, line) for line in text.splitlines() if len(line) > PAGE]
+    assert not long, long
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_notebook_runs(path, tmp_path):
+    """From a copy of notebooks/ alone: the examples and weights come from the installed package."""
+    shutil.copytree(NOTEBOOKS, tmp_path / "notebooks", ignore=shutil.ignore_patterns("__pycache__", "*.ipynb"))
+    shutil.copy(path, tmp_path / "notebooks" / path.name)
+    nb = tidy(execute(tmp_path / "notebooks" / path.name))  # raises CellExecutionError on any error; tidy validates
+    from ipykernel.ipkernel import IPythonKernel
+
+    assert nb.metadata.language_info == IPythonKernel.language_info  # kept from the kernel's reply
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     assert sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})) >= 1
@@ -69,5 +111,6 @@ def test_notebook_02_quotes_the_size_table():
     path = default_weights_path()
     text = (NOTEBOOKS / "02_bit_packing.ipynb").read_text()
     nb = nbformat.reads(text, as_version=4)
-    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    printed = "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "")
+                      for c in nb.cells for o in c.get("outputs", []))  # fmt: skip
     assert format_size_table(size_table(load_weights(path), path)) in printed

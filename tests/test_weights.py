@@ -173,3 +173,26 @@ def test_saved_file_has_ordinary_permissions(tmp_path, ckpt):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_the_wheel_ships_every_weight_file_and_the_examples():
+    """pyproject's force-include puts each shipped file in the package, where
+    ``shipped_path``, ``shipped_weight_files`` and ``shipped_examples`` look first."""
+    import re
+    from pathlib import Path
+
+    from tinyvit158.weights import shipped_example, shipped_examples, shipped_weight_files
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "pyproject.toml").read_text()
+    included = dict(re.findall(r'^"([^"]+)" = "([^"]+)"$', text, re.M))
+    for f in sorted((root / "weights").glob("*.safetensors")):
+        assert included.get(f"weights/{f.name}") == f"tinyvit158/_weights/{f.name}", f.name
+    assert included.get("examples") == "tinyvit158/_examples"
+    assert [p.name for p in shipped_weight_files()] == sorted(
+        f.name for f in (root / "weights").glob("*.safetensors") if not f.name.endswith(".golden.safetensors")
+    )
+    assert [p.name for p in shipped_examples()] == sorted(p.name for p in (root / "examples").glob("*.jpg"))
+    assert shipped_example("cat").name == "cat.jpg"
+    with pytest.raises(TinyViTError, match="no shipped example image 'lion'; there are: airplane"):
+        shipped_example("lion")

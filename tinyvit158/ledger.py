@@ -205,50 +205,72 @@ def _n(v: float) -> str:
     return f"{v:.0f}"
 
 
-def format_ledger(rows: list[Row], per_block: bool = True) -> str:
-    """A readable table: blocks summed unless ``per_block`` is False (then every layer)."""
+COLUMNS = ("layer", "f32 MACs", "ternary +/-", "int8 MACs", "tern. mults", "zeros", "f32 bytes", "t2 bytes",
+           "t3 bytes", "f32 uJ", "tern uJ")  # fmt: skip
+_WIDTHS = (-22, 9, 11, 9, 11, 6, 10, 9, 9, 7, 7)  # negative: left-aligned
+
+
+def _table(rows: list[Row], per_block: bool) -> list[list[str]]:
+    """The ledger's cells, a row a layer (blocks summed unless ``per_block`` is False), then the total."""
     groups: dict[str, list[Row]] = {}
     for r in rows:
         parts = r.layer.split(".")
         key = r.layer if not per_block or parts[0] != "blocks" else "blocks.*." + ".".join(parts[2:])
         groups.setdefault(key, []).append(r)
-    head = f"{'layer':<22} {'f32 MACs':>9} {'ternary +/-':>11} {'int8 MACs':>9} {'tern. mults':>11} {'zeros':>6} {'f32 bytes':>10} {'t2 bytes':>9} {'t3 bytes':>9} {'f32 uJ':>7} {'tern uJ':>7}"  # noqa: E501
-    lines = [head]
+    cells = []
     for key, rs in groups.items():
         z = [r.zero_fraction for r in rs if r.zero_fraction is not None]
-        lines.append(
-            f"{key:<22} {_n(sum(r.f32_macs for r in rs)):>9} {_n(sum(r.tern_addsub for r in rs)):>11} "
-            f"{_n(sum(r.int8_macs + r.u8_macs for r in rs)):>9} "
-            f"{_n(sum(r.tern_mults + r.int_mults for r in rs)):>11} {(f'{np.mean(z):.0%}' if z else '-'):>6} "
-            f"{_n(sum(r.bytes_f32 for r in rs)):>10} {_n(sum(r.bytes_ternary2 for r in rs)):>9} "
-            f"{_n(sum(r.bytes_ternary3 for r in rs)):>9} {sum(r.energy_f32_pj for r in rs) / 1e6:7.2f} "
-            f"{sum(r.energy_ternary_pj for r in rs) / 1e6:7.2f}"
-        )
+        cells.append([
+            key, _n(sum(r.f32_macs for r in rs)), _n(sum(r.tern_addsub for r in rs)),
+            _n(sum(r.int8_macs + r.u8_macs for r in rs)), _n(sum(r.tern_mults + r.int_mults for r in rs)),
+            f"{np.mean(z):.0%}" if z else "-", _n(sum(r.bytes_f32 for r in rs)), _n(sum(r.bytes_ternary2 for r in rs)),
+            _n(sum(r.bytes_ternary3 for r in rs)), f"{sum(r.energy_f32_pj for r in rs) / 1e6:.2f}",
+            f"{sum(r.energy_ternary_pj for r in rs) / 1e6:.2f}",
+        ])  # fmt: skip
     t = totals(rows)
+    cells.append([
+        "total", _n(t["f32_macs"]), _n(t["tern_addsub_int"]), _n(t["int8_macs"] + t["u8_macs"]),
+        _n(t["tern_mults"] + t["int_mults"]), "", _n(t["bytes_f32"]), _n(t["bytes_ternary2"]), _n(t["bytes_ternary3"]),
+        f"{t['energy_f32_uj']:.2f}", f"{t['energy_ternary_uj']:.2f}",
+    ])  # fmt: skip
+    return cells
+
+
+def _notes(t: dict) -> list[str]:
+    """The sentences under the table."""
     mults = t["tern_mults"] + t["int_mults"]  # float ones, or in integer numerics integer ones
-    lines.append(
-        f"{'total':<22} {_n(t['f32_macs']):>9} {_n(t['tern_addsub_int']):>11} "
-        f"{_n(t['int8_macs'] + t['u8_macs']):>9} {_n(t['tern_mults'] + t['int_mults']):>11} {'':>6} "
-        f"{_n(t['bytes_f32']):>10} {_n(t['bytes_ternary2']):>9} {_n(t['bytes_ternary3']):>9} "
-        f"{t['energy_f32_uj']:7.2f} {t['energy_ternary_uj']:7.2f}"
-    )
-    lines.append(
+    notes = [
         f"per image: the float32 model does {_n(t['f32_mults'])} multiplications; the ternary model "
         f"{_n(mults)} ({mults / t['f32_mults']:.1%}) and {_n(t['tern_addsub_int'])} integer "
         f"additions/subtractions; arithmetic energy {t['energy_f32_uj']:.2f} uJ -> {t['energy_ternary_uj']:.2f} uJ "
         f"({t['energy_f32_uj'] / t['energy_ternary_uj']:.1f}x less; Horowitz 2014, 45 nm)"
-    )
+    ]
     if t["int8_macs"] or t["u8_macs"]:
-        lines.append(
+        notes.append(
             f"int8 attention: {_n(t['int8_macs'])} int8 x int8 (q k^T) and {_n(t['u8_macs'])} unsigned x int8 (P v) "
             f"multiply-accumulates into int32 replace float ones ({PJ_I8_MAC:.1f} pJ each vs {PJ_F32_MAC:.1f})"
         )
     if t["int_mults"]:
-        lines.append(
+        notes.append(
             f"integer numerics: no float operation from the input codes to the logits; {_n(t['int_mults'])} integer "
             f"multiplications ({PJ_I32_MULT:.1f} pJ each), {_n(t['int_divs'])} integer divisions and "
             f"{_n(t['int_sqrts'])} integer square roots (not priced)"
         )
     if "tern_addsub_nonzero_x" in t:
-        lines.append(f"skipping zero activation codes too: {_n(t['tern_addsub_nonzero_x'])} additions/subtractions")
-    return "\n".join(lines)
+        notes.append(f"skipping zero activation codes too: {_n(t['tern_addsub_nonzero_x'])} additions/subtractions")
+    return notes
+
+
+def format_ledger(rows: list[Row], per_block: bool = True, markdown: bool = False) -> str:
+    """A readable table: blocks summed unless ``per_block`` is False (then every layer); with
+    ``markdown``, a Markdown table and its notes as a list (notebooks render it as HTML)."""
+    cells, notes = _table(rows, per_block), _notes(totals(rows))
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if w < 0 else "--:" for w in _WIDTHS) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        return "\n".join(lines + [""] + [f"- {note}" for note in notes])
+
+    def line(row) -> str:
+        return " ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(row, _WIDTHS, strict=True))
+
+    return "\n".join([line(COLUMNS)] + [line(row) for row in cells] + notes)

@@ -241,6 +241,34 @@ def shipped_path(name: str) -> Path | None:
     return None
 
 
+def shipped_weight_files() -> list[Path]:
+    """Every shipped weight file, sorted by name (golden vectors are not weight files)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "_weights", here.parent / "weights"):
+        if folder.is_dir():
+            return sorted(p for p in folder.glob("*.safetensors") if not p.name.endswith(".golden.safetensors"))
+    return []
+
+
+def shipped_examples() -> list[Path]:
+    """The example CIFAR-10 test images shipped with the package (the repository's
+    ``examples/``; ``examples/CREDITS.md`` credits them), sorted by name."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "_examples", here.parent / "examples"):
+        if folder.is_dir():
+            return sorted(folder.glob("*.jpg"))
+    return []
+
+
+def shipped_example(name: str) -> Path:
+    """The shipped example image ``name`` (``"cat"``: ``examples/cat.jpg``)."""
+    for path in shipped_examples():
+        if path.stem == name:
+            return path
+    names = ", ".join(p.stem for p in shipped_examples()) or "none (reinstall tinyvit158)"
+    raise TinyViTError(f"no shipped example image {name!r}; there are: {names}")
+
+
 def default_weights_path() -> Path | None:
     """The shipped trained weights (:func:`shipped_path`)."""
     return shipped_path(DEFAULT_WEIGHTS_NAME)
