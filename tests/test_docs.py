@@ -121,3 +121,37 @@ def test_the_ledger_totals_are_what_explain_prints():
     from tinyvit158.kernels import kernel_path
 
     assert f"# numerics: float (float attention); fast engine; kernel path: {kernel_path()}" in out.stdout
+
+
+def test_the_reader_written_from_format_md_reproduces_the_golden_logits(tmp_path, monkeypatch):
+    """docs/READER.md's NumPy reader, which imports nothing of tinyvit158, gives exactly the
+    golden logits (its own printed check), and exactly the engine's integers on a file with
+    other attention numerics (4-bit codes, probabilities clipped at 1/4)."""
+    text = (ROOT / "docs" / "READER.md").read_text()
+    reader_code, check_code = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert "tinyvit158" not in reader_code.replace('"tinyvit158"', "")  # the format's name only
+    monkeypatch.chdir(ROOT)
+    ns: dict = {}
+    exec(reader_code, ns)  # noqa: S102 (the page's own code)
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(check_code, ns)  # noqa: S102
+    assert "equal to the golden logits: True" in out.getvalue()
+
+    import numpy as np
+
+    from tinyvit158.convert import change_numerics
+    from tinyvit158.engine import Engine
+    from tinyvit158.integer import to_q16
+    from tinyvit158.weights import load_weights, save_weights
+
+    base = load_weights(ROOT / "weights" / "cifar10-tiny-int.safetensors")
+    changes = {"attention_bits": 4, "attention_prob_bits": 4, "attention_prob_clip": 0.25}
+    save_weights(tmp_path / "int4.safetensors", change_numerics(base, changes))
+    x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    reader = ns["Reader"](tmp_path / "int4.safetensors")
+    ours = np.stack([reader.logits(to_q16(im)) for im in x])
+    assert np.array_equal(ours, Engine(load_weights(tmp_path / "int4.safetensors")).integers(x))
