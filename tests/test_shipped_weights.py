@@ -97,7 +97,7 @@ def test_engine_agrees_with_its_pytorch_twin_on_real_test_images(path):
     # float32 (int8 attention: its float32 softmax in one specified order), the same GELU
     # operation for operation. What is left is float32 rounding after the last quantizer
     # (head, final LayerNorm): measured at most 3.3e-6 on logits of size ~4.4 over 2,000
-    # images (2.4e-6 for the leg-5 model, 2.9e-6 for the leg-4 one; the bound below, 1e-5
+    # images (2.4e-6 and 2.9e-6 for two earlier models; the bound below, 1e-5
     # of the largest logit, is ~4.4e-5); a flipped int8 code carries a whole quantization step through the rest of
     # the network (up to 0.21 on a logit, measured with the earlier float32 numerics).
     assert np.array_equal(engine.argmax(1), ours.argmax(1))
