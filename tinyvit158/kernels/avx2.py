@@ -27,7 +27,7 @@ import numpy as np
 
 from tinyvit158.kernels.jit import pjit
 from tinyvit158.kernels.rowops import gelu_row, quantize_with
-from tinyvit158.kernels.simd import ybroadcast4, ydequant_store, yload, ymaddubs16, ystore, ywiden, yzero
+from tinyvit158.kernels.simd import ybroadcast4, ydequant_store, yload, ymaddubs16, ystore, ysubstore, ywiden, yzero
 from tinyvit158.kernels.vnni import NC, all_weights, block_weights
 
 MR = 4  # tokens per tile
@@ -98,6 +98,7 @@ def linear_tiles(x, wl, K, T, N, packed, parts, fused, s_x, scale, bias, has_bia
     RB = (T + MR - 1) // MR
     U = RB * NB * 2
     rt = RB if RB <= 2 * RT else RT  # a few images' rows: each job takes whole half blocks
+    flat32 = acc32.reshape(acc32.size)
     for p in numba.prange(parts):
         scratch = np.empty(G * 192 if packed else 0, dtype=np.uint8)
         sums = np.empty(rt * MR, dtype=np.int32)  # the row sums of the current group
@@ -113,9 +114,14 @@ def linear_tiles(x, wl, K, T, N, packed, parts, fused, s_x, scale, bias, has_bia
                 w, wnb = block_weights(wl, nb, G, packed, scratch)
                 have_nb = nb
             tile = _tile(x, w, G, K, t0, T, wnb, h)
+            whole = nb * NC + (h + 1) * HALF <= N  # every lane of the half block is a real column
             for r in range(min(MR, T - t0)):
                 t = t0 + r
                 xs = sums[t - g * rt * MR]
+                if whole and not fused:  # sum u x - sum x = sum w x, 8 lanes a store
+                    for v in range(3):
+                        ysubstore(flat32, t * N + nb * NC + h * HALF + 8 * v, tile[r * 3 + v], xs)
+                    continue
                 for v in range(3):
                     n = nb * NC + h * HALF + 8 * v
                     if fused:

@@ -110,6 +110,28 @@ def _store_of(vty, align):
     return store
 
 
+def _sub_splat_store_of(vty):
+    """Store ``vec - s`` (``s`` a scalar, subtracted from every lane) into an array from
+    element ``index``: an int32 tile's exact sums less its row's correction."""
+
+    @intrinsic
+    def sub_splat_store(typingctx, arr, index, vec, s):
+        def codegen(context, builder, sig, args):
+            vecty = LLVM_TYPES[type(vty)]
+            lane = builder.trunc(args[3], vecty.element) if args[3].type != vecty.element else args[3]
+            splat = builder.insert_element(ir.Constant(vecty, None), lane, ir.Constant(I32, 0))
+            splat = builder.shuffle_vector(
+                splat, ir.Constant(vecty, None), ir.Constant(ir.VectorType(I32, vecty.count), None)
+            )
+            ptr = element_ptr(context, builder, sig.args[0], args[0], args[1])
+            builder.store(builder.sub(args[2], splat), builder.bitcast(ptr, vecty.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(arr, index, vty, s), codegen
+
+    return sub_splat_store
+
+
 def _fma_of(vty, llvm_name):
     """``a * b + c`` lane by lane, one rounding (``vfmadd``)."""
 
@@ -248,6 +270,7 @@ ymm = _vector_type(_Ymm, V8)
 yzero = _zero_of(ymm)
 yload = _load_of(ymm, 1)  # 32 bytes of a uint8 array from byte ``index`` (unaligned)
 ystore = _store_of(ymm, 4)  # 8 int32 lanes into an int32 array
+ysubstore = _sub_splat_store_of(ymm)  # 8 int32 lanes less a scalar into an int32 array
 
 
 @intrinsic
