@@ -226,7 +226,10 @@ def test_fine_tuning_from_a_weight_file_into_int8_attention(tmp_path, tarball):
     assert not torch.equal(state["model"]["blocks.0.attn.q_norm.weight"], torch.ones(16))  # learned
     from tinyvit158.train.export import lineage
 
-    assert lineage(state) == [{"weight_file": "w.safetensors", "source": {}}]
+    import hashlib
+
+    digest = hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
+    assert lineage(state) == [{"weight_file": "w.safetensors", "sha256": digest, "source": {}}]
     exported, _ = to_checkpoint(int8_model, {})
     images, _ = make_images(2, 5)
     twin = torch_logits(QATViT.from_checkpoint(exported), images)

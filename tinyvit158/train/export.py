@@ -14,6 +14,7 @@ accuracy and records it, with the recipe, in the file's ``source`` metadata.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def to_checkpoint(model: QATViT, source: dict) -> tuple[Checkpoint, int]:
 def lineage(state: dict, limit: int = 20) -> list[dict]:
     """The runs a fine-tuned checkpoint grew from (its recipe's ``init``, that run's ``init``,
     ...), nearest first: each one's checkpoint file name, epoch, device, torch and recipe; a
-    weight file ends the chain with its name and its own ``source`` metadata."""
+    weight file ends the chain with its name, its SHA-256 and its own ``source`` metadata."""
     chain = []
     while (state.get("recipe") or {}).get("init") and len(chain) < limit:
         path = Path(state["recipe"]["init"])
@@ -66,7 +67,8 @@ def lineage(state: dict, limit: int = 20) -> list[dict]:
             chain.append({"checkpoint": str(path), "missing": True})
             break
         if path.suffix == ".safetensors":
-            chain.append({"weight_file": path.name, "source": load_weights(path).source})
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            chain.append({"weight_file": path.name, "sha256": digest, "source": load_weights(path).source})
             break
         state = load_checkpoint(path)
         chain.append({
