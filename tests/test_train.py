@@ -224,9 +224,9 @@ def test_fine_tuning_from_a_weight_file_into_int8_attention(tmp_path, tarball):
     int8_model, state = load_run(tmp_path / "int8" / "last.pt")
     assert int8_model.cfg.attention == "int8" and int8_model.cfg.qk_norm
     assert not torch.equal(state["model"]["blocks.0.attn.q_norm.weight"], torch.ones(16))  # learned
-    from tinyvit158.train.export import lineage
-
     import hashlib
+
+    from tinyvit158.train.export import lineage
 
     digest = hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
     assert lineage(state) == [{"weight_file": "w.safetensors", "sha256": digest, "source": {}}]
