@@ -189,7 +189,8 @@ def test_snapshots_average_and_export(tmp_path, tarball, capsys):
     for k in a:
         assert torch.allclose(avg["model"][k], (a[k] + b[k]) / 2, rtol=1e-6, atol=1e-7), k
     assert avg["epoch"] == 3 and avg["averaged"] == ["epoch-002.pt (epoch 2)", "epoch-003.pt (epoch 3)"]
-    assert export.main([str(tmp_path / "avg.pt"), "--out", str(tmp_path / "avg.safetensors")]) == 0
+    assert export.main([str(tmp_path / "avg.pt"), "--out", str(tmp_path / "avg.safetensors"), "--name", "avg"]) == 0
+    assert load_weights(tmp_path / "avg.safetensors").config.name == "avg"
     source = load_weights(tmp_path / "avg.safetensors").source
     assert source["averaged"] == avg["averaged"] and source["val_acc"] == avg["log"]["val_acc"]
     other = Recipe(**{**RECIPE.__dict__, "epochs": 1, "config_overrides": '{"depth": 1, "dim": 16, "heads": 2}'})

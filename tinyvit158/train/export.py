@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="a trainer checkpoint (RUN/best.pt or RUN/last.pt)")
     p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
     p.add_argument("--packing", choices=("ternary2", "ternary3"), help="override the config's packing")
+    p.add_argument("--name", help="the model's name in the file's config (default: the run's)")
     p.add_argument("--data", help="CIFAR-10 location: measure the PyTorch model's test accuracy")
     args = p.parse_args(argv)
     try:
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         model, state = load_run(args.checkpoint)
         if args.packing:
             model.cfg = model.cfg.replace(packing=args.packing)
+        if args.name:
+            model.cfg = model.cfg.replace(name=args.name)
         log = state.get("log", {})
         source = {
             "recipe": state.get("recipe"),
