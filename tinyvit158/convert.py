@@ -169,7 +169,11 @@ def from_float(args, changes: dict) -> Checkpoint:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog("tinyvit158.convert"), description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog=prog("tinyvit158.convert"), description=__doc__.splitlines()[0],
+        epilog="ViT-1.58b checkpoints (BitLinear .norm tensors, quant_weight and weight_scale buffers) convert to a "
+        "bitlinear_norm model with their biases, the model as trained; ViT-1.58b's own inference code drops them.",
+    )  # fmt: skip
     p.add_argument(
         "source", help="a float ViT state dict (timm names; .safetensors, .pth, .bin), a trainer checkpoint (.pt) "
         "or a tinyvit158 weight file"
