@@ -420,3 +420,25 @@ def test_the_shipped_model_as_float_gamma_times_codes_converts_back_to_itself(tm
     assert got.config.replace(name="x") == shipped.config.replace(name="x")
     assert got.tensors.keys() == shipped.tensors.keys()
     assert all(np.array_equal(got.tensors[k], shipped.tensors[k]) for k in shipped.tensors)
+
+
+@pytest.mark.parametrize("buffers", [False, True])
+def test_the_shipped_bitlinear_model_in_vit158b_names_converts_back(tmp_path, buffers):
+    """The shipped BitLinear file written as ViT-1.58b's state dict (gamma x codes, or latent
+    weights beside the quant_weight / weight_scale buffers) converts back per tensor without
+    calibration: every tensor as it was (buffers: the codes, and gamma = 1 / weight_scale
+    within one ulp), so the test accuracy stays (measured on all 10,000 in the model card)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "weights" / "cifar10-tiny-bitlinear.safetensors"
+    shipped = load_weights(path)
+    src = save_safetensors(tmp_path / "vit158b.safetensors", vit158b_state_dict(shipped, buffers))
+    proc = run_module("tinyvit158.convert", src, "--out", tmp_path / "t.safetensors", "--preset", "cifar10-tiny")
+    assert proc.returncode == 0, proc.stderr
+    got = load_weights(tmp_path / "t.safetensors")
+    assert got.config.replace(name="x") == shipped.config.replace(name="x")
+    for k, v in shipped.tensors.items():
+        if buffers and k.endswith(".weight_scale"):
+            assert np.all(np.abs(got.tensors[k] - v) <= np.spacing(v)), k
+        else:
+            assert np.array_equal(got.tensors[k], v), k

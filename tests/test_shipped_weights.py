@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "weights" / "cifar10-tiny.safetensors"
 INT8_ATTENTION = ROOT / "weights" / "cifar10-tiny-int8attn.safetensors"  # the same weights, int8 attention
 ATTN4 = ROOT / "weights" / "cifar10-tiny-attn4.safetensors"  # the same weights, 4-bit attention
+BITLINEAR = ROOT / "weights" / "cifar10-tiny-bitlinear.safetensors"  # ViT-1.58b's BitLinear, fine-tuned
 DATA = data_dir_from_env()
 
 
@@ -60,6 +61,27 @@ def test_attn4_file_is_the_shipped_model_with_clipped_4_bit_attention(shipped):
     assert attn4.source["engine_test_acc"] >= shipped.source["torch_test_acc"] - 0.015
 
 
+def test_bitlinear_file_is_a_vit158b_model_fine_tuned_from_the_shipped_one(shipped):
+    """Every ternary layer with its own LayerNorm (ViT-1.58b's BitLinear), the shipped model's
+    shapes otherwise, under 1 MB, grown from the shipped file (its SHA-256 recorded), and
+    block 0's latent float weights kept for the notebooks: their ternarization is the file's."""
+    torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
+    from tinyvit158.train.model import ternarize_weight
+
+    bl = load_weights(BITLINEAR)
+    assert BITLINEAR.stat().st_size < 1_000_000
+    assert bl.config == shipped.config.replace(name="cifar10-tiny-bitlinear", bitlinear_norm=True)
+    parent = bl.source["fine_tuned_from"][-1]
+    assert parent["weight_file"] == SHIPPED.name and len(parent["sha256"]) == 64
+    latent = np.load(ROOT / "notebooks" / "data" / "bitlinear-block0-latent.npz")
+    for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+        codes, gamma = ternarize_weight(torch.from_numpy(latent[f"blocks.0.{layer}.weight"]), "tensor")
+        c, g, b = bl.ternary(f"blocks.0.{layer}")
+        assert np.array_equal(codes.numpy(), c) and np.array_equal(gamma.numpy()[:, 0], g), layer
+        assert np.array_equal(latent[f"blocks.0.{layer}.bias"], b)
+        assert np.array_equal(latent[f"blocks.0.{layer}.norm.weight"], bl.tensors[f"blocks.0.{layer}.norm.weight"])
+
+
 def test_shipped_weights_classify_the_examples(shipped):
     names = list(CIFAR10_CLASSES)
     x = np.stack([load_image(ROOT / "examples" / f"{c}.jpg", shipped.config) for c in names])
@@ -77,7 +99,7 @@ def test_predict_uses_the_shipped_weights_by_default():
 
 
 @pytest.mark.skipif(DATA is None, reason="TINYVIT158_DATA is not set (CI sets it)")
-@pytest.mark.parametrize("path", [SHIPPED, INT8_ATTENTION, ATTN4], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [SHIPPED, INT8_ATTENTION, ATTN4, BITLINEAR], ids=lambda p: p.stem)
 def test_engine_agrees_with_its_pytorch_twin_on_real_test_images(path):
     torch = pytest.importorskip("torch", reason="the train extra (torch) is part of the test install")
     shipped = load_weights(path)
