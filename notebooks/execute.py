@@ -59,10 +59,9 @@ def tidy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
             for out in cell.get("outputs", []):
                 if "execution_count" in out:
                     out["execution_count"] = count
+                # metadata: required on display and result outputs by the nbformat schema
                 if out.get("output_type") in _WITH_METADATA:
-                    out["metadata"] = (
-                        out.get("metadata") or {}
-                    )  # required there by the nbformat schema
+                    out["metadata"] = out.get("metadata") or {}
                 else:
                     out.pop("metadata", None)  # and not allowed on stream and error outputs
     nbformat.validate(nb)  # Jupyter refuses to open a notebook that fails this

@@ -139,7 +139,7 @@ def from_float(args, changes: dict) -> Checkpoint:
     """The ``convert`` route for a float model (module docstring)."""
     src = Path(args.source)
     sd, cfg = read_float_model(src)
-    trained = cfg
+    from_trainer = cfg is not None  # latent weights trained with absmean: no exact-ternary route
     ptq.check_state_dict(sd)
     if cfg is None:
         fields = dict(changes)
@@ -153,7 +153,7 @@ def from_float(args, changes: dict) -> Checkpoint:
     source = {"converted_from": {"file": src.name, "route": "post-training ternarization",
                                  "granularity": cfg.scale_granularity, "scale": args.scale,
                                  "changes": changes}}  # fmt: skip
-    ckpt, routes = ptq.ternarize_state(sd, cfg, source, args.scale, exact=trained is None)
+    ckpt, routes = ptq.ternarize_state(sd, cfg, source, args.scale, exact=not from_trainer)
     source["converted_from"]["scales"] = routes
     print(f"ternary layers: {', '.join(f'{n} {ROUTES[r]}' for r, n in routes.items())}", file=sys.stderr)
     if args.compensate:

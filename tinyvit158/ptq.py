@@ -186,12 +186,12 @@ def ternary_codes(sd: dict[str, np.ndarray], layer: str, w: np.ndarray, granular
             raise TinyViTError(f"tensor '{layer}.weight_scale': one scale per row; convert with --granularity channel")
         gamma = np.broadcast_to(1.0 / s, (n,)).astype(np.float32)
         return q.reshape(w.shape).astype(np.int8), gamma, "buffers"
-    exact = exact_ternary(w) if exact else None
-    if exact is not None:
-        if granularity == "tensor" and np.ptp(exact[1]) > 0:
+    found = exact_ternary(w) if exact else None
+    if found is not None:
+        if granularity == "tensor" and np.ptp(found[1]) > 0:
             raise TinyViTError(f"tensor '{layer}.weight': already ternary with one scale per row; "
                                "convert with --granularity channel")  # fmt: skip
-        return (*exact, "ternary")
+        return (*found, "ternary")
     if scale not in SCALES:
         raise TinyViTError(f"--scale {scale!r}: choose one of {', '.join(SCALES)}")
     codes, gamma = ternarize(w, granularity)

@@ -232,32 +232,30 @@ def random_checkpoint(cfg: ViTConfig, seed: int = 0) -> Checkpoint:
 DEFAULT_WEIGHTS_NAME = "cifar10-tiny.safetensors"
 
 
+def _shipped_folders(kind: str) -> list[Path]:
+    """Where shipped ``kind`` files ("weights", "examples") are: inside an installed wheel
+    (``tinyvit158/_<kind>``), then the repository's ``<kind>/``; those that exist."""
+    here = Path(__file__).resolve().parent
+    return [folder for folder in (here / f"_{kind}", here.parent / kind) if folder.is_dir()]
+
+
 def shipped_path(name: str) -> Path | None:
     """A shipped file: inside an installed wheel, else the repository's ``weights/``; None if neither."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_weights" / name, here.parent / "weights" / name):
-        if candidate.is_file():
-            return candidate
-    return None
+    return next((f / name for f in _shipped_folders("weights") if (f / name).is_file()), None)
 
 
 def shipped_weight_files() -> list[Path]:
     """Every shipped weight file, sorted by name (golden vectors are not weight files)."""
-    here = Path(__file__).resolve().parent
-    for folder in (here / "_weights", here.parent / "weights"):
-        if folder.is_dir():
-            return sorted(p for p in folder.glob("*.safetensors") if not p.name.endswith(".golden.safetensors"))
-    return []
+    folders = _shipped_folders("weights")
+    files = folders[0].glob("*.safetensors") if folders else []
+    return sorted(p for p in files if not p.name.endswith(".golden.safetensors"))
 
 
 def shipped_examples() -> list[Path]:
     """The example CIFAR-10 test images shipped with the package (the repository's
     ``examples/``; ``examples/CREDITS.md`` credits them), sorted by name."""
-    here = Path(__file__).resolve().parent
-    for folder in (here / "_examples", here.parent / "examples"):
-        if folder.is_dir():
-            return sorted(folder.glob("*.jpg"))
-    return []
+    folders = _shipped_folders("examples")
+    return sorted(folders[0].glob("*.jpg")) if folders else []
 
 
 def shipped_example(name: str) -> Path:

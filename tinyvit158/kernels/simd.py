@@ -118,11 +118,7 @@ def _sub_splat_store_of(vty):
     def sub_splat_store(typingctx, arr, index, vec, s):
         def codegen(context, builder, sig, args):
             vecty = LLVM_TYPES[type(vty)]
-            lane = builder.trunc(args[3], vecty.element) if args[3].type != vecty.element else args[3]
-            splat = builder.insert_element(ir.Constant(vecty, None), lane, ir.Constant(I32, 0))
-            splat = builder.shuffle_vector(
-                splat, ir.Constant(vecty, None), ir.Constant(ir.VectorType(I32, vecty.count), None)
-            )
+            splat = splat_ir(builder, as_i32(builder, args[3]), vecty)
             ptr = element_ptr(context, builder, sig.args[0], args[0], args[1])
             builder.store(builder.sub(args[2], splat), builder.bitcast(ptr, vecty.as_pointer()), align=4)
             return context.get_dummy_value()
@@ -213,6 +209,12 @@ F32 = ir.FloatType()
 V16F = ir.VectorType(F32, 16)
 
 
+def as_i32(builder, value):
+    """An integer scalar as int32 (sign-extended or truncated)."""
+    w = value.type.width
+    return value if w == 32 else builder.sext(value, I32) if w < 32 else builder.trunc(value, I32)
+
+
 def splat_ir(builder, value, vecty):
     """``value`` copied to every lane of ``vecty``."""
     vec = builder.insert_element(ir.Constant(vecty, None), value, ir.Constant(I32, 0))
@@ -224,9 +226,7 @@ def _dequant_codegen(context, builder, sig, args, ivec, fvec):
     """The lanes of :func:`dequant_store` (``ivec``: the accumulators' int32 vector type,
     ``fvec``: the float32 vector of as many lanes)."""
     out_a, out_i, acc_v, xsum_v, s_v, scale_a, n_i, bias_a, has_b, acc_b = args
-    w = xsum_v.type.width
-    xs = xsum_v if w == 32 else builder.sext(xsum_v, I32) if w < 32 else builder.trunc(xsum_v, I32)
-    v = builder.sub(acc_v, splat_ir(builder, xs, ivec))
+    v = builder.sub(acc_v, splat_ir(builder, as_i32(builder, xsum_v), ivec))
     f = builder.fmul(builder.sitofp(v, fvec), splat_ir(builder, s_v, fvec))
     sc_ptr = element_ptr(context, builder, sig.args[5], scale_a, n_i)
     f = builder.fmul(f, builder.load(builder.bitcast(sc_ptr, fvec.as_pointer()), align=4))

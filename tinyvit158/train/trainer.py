@@ -200,11 +200,15 @@ RETRAINABLE = (
 NORM_FIT_IMAGES = 512  # training images that fit new BitLinear norms (fit_bitlinear_norms)
 
 
-def _new_tensor(key: str) -> bool:
-    """A tensor a fine-tuning run may add to its --init weights: the qk norms, a BitLinear
-    layer's own LayerNorm (``<layer>.norm.weight``, never the final ``norm.weight``)."""
+def _bitlinear_norm(key: str) -> bool:
+    """A BitLinear layer's own LayerNorm tensor (``<layer>.norm.weight``, never the final ``norm.weight``)."""
     parts = key.split(".")
-    return parts[-2].endswith(("q_norm", "k_norm")) or (len(parts) > 2 and parts[-2] == "norm")
+    return len(parts) > 2 and parts[-2] == "norm"
+
+
+def _new_tensor(key: str) -> bool:
+    """A tensor a fine-tuning run may add to its --init weights: the qk norms, BitLinear norms."""
+    return key.split(".")[-2].endswith(("q_norm", "k_norm")) or _bitlinear_norm(key)
 
 
 def init_from(model: QATViT, path: str, device: str) -> list[str]:
@@ -233,7 +237,7 @@ def init_from(model: QATViT, path: str, device: str) -> list[str]:
     if unexpected or not all(map(_new_tensor, missing)):
         raise TinyViTError(f"--init {path}: tensors do not fit: missing {missing}, unexpected {unexpected}")
     print(f"starting from the weights of {path}", file=sys.stderr)
-    return sorted({k.rsplit(".", 2)[0] for k in missing if k.split(".")[-2] == "norm"})
+    return sorted({k.rsplit(".", 2)[0] for k in missing if _bitlinear_norm(k)})
 
 
 def fit_bitlinear_norms(model: QATViT, images_u8: np.ndarray, layers: list[str]) -> None:
@@ -242,9 +246,8 @@ def fit_bitlinear_norms(model: QATViT, images_u8: np.ndarray, layers: list[str])
     ``images_u8``, layer by layer in forward order (each fitted on inputs made by the
     fitted layers before it). Identity norms would rescale every token by its own spread
     and drop its mean; fitted, fine-tuning starts near the --init model's function."""
-    todo, hooks = set(layers), []
 
-    def fit(mod, inputs, name):
+    def fit(mod, inputs):
         y = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
         z = F.layer_norm(y, y.shape[-1:], eps=mod.norm.eps)
         zc, yc = z - z.mean(0), y - y.mean(0)
@@ -252,9 +255,7 @@ def fit_bitlinear_norms(model: QATViT, images_u8: np.ndarray, layers: list[str])
         mod.norm.weight.data.copy_(w.float())
         mod.norm.bias.data.copy_((y.mean(0) - w * z.mean(0)).float())
 
-    for name, mod in model.named_modules():
-        if name in todo:
-            hooks.append(mod.register_forward_pre_hook(lambda mod, inputs, name=name: fit(mod, inputs, name)))
+    hooks = [model.get_submodule(layer).register_forward_pre_hook(fit) for layer in layers]
     training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -353,6 +354,7 @@ def train(
         )
     start_epoch, best = 0, 0.0
     last = out / "last.pt"
+    new_norms: list[str] = []
     if last.exists():
         state = load_checkpoint(last, device)
         saved = {**asdict(Recipe()), **state["recipe"]}  # runs from before a field existed had its default
@@ -365,8 +367,7 @@ def train(
         opt.load_state_dict(state["optimizer"])
         start_epoch, best = state["epoch"], state["best_val_acc"]
         print(f"resuming {last} after epoch {start_epoch} (best val acc {best:.4f})", file=sys.stderr)
-    new_norms: list[str] = []
-    if not last.exists() and recipe.init:
+    elif recipe.init:
         new_norms = init_from(model, recipe.init, device)
     if start_epoch >= recipe.epochs:
         print(f"{out}: all {recipe.epochs} epochs done", file=sys.stderr)
