@@ -87,6 +87,45 @@ def test_printed_lines_fit_the_page(path):
     assert not long, long
 
 
+# A figure in a notebook's prose: a number that is not a citation's year, part of a name
+# (AVX-512, 1.58-bit, 16x16) or a count up to 16, and not inside `code` (formulas, names).
+_FIGURE = re.compile(r"(?<![\w.*/^±+-])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e-?\d+)?%?(?![\w*^-]|\.\d)")
+
+
+def figures(markdown: str) -> list[str]:
+    text = re.sub(r"`[^`]*`|\]\([^)]*\)|arXiv:\S+", " ", markdown)
+    found = []
+    for fig in _FIGURE.findall(text):
+        plain = fig.rstrip("%").replace(",", "")
+        if plain.isdigit() and (int(plain) <= 16 or 1900 <= int(plain) <= 2099):
+            continue
+        found.append(fig)
+    return found
+
+
+def unprinted_figures(nb) -> list[tuple[int, str]]:
+    """The figures of the prose that no output of the notebook prints."""
+    printed = "\n".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") + o.get("data", {}).get("text/plain", "")
+                        for c in nb.cells for o in c.get("outputs", []))  # fmt: skip
+    return [(i, fig) for i, c in enumerate(nb.cells) if c.cell_type == "markdown" for fig in figures(c.source)
+            if not re.search(r"(?<![\d.])" + re.escape(fig) + r"(?![\d]|\.\d)", printed)]  # fmt: skip
+
+
+def test_figures_are_what_prose_quotes():
+    assert figures("zeros: 26.7% of 12,480 (ICLR 2021, AVX-512, 1.58-bit, 16x16) at 1e-7; `0.3585 x`, 4 x 4") == [
+        "26.7%",
+        "12,480",
+        "1e-7",
+    ]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_every_figure_in_the_prose_is_printed(path):
+    """No number in a notebook's Markdown that its saved outputs do not print (its source is
+    the cell that computes it); test_notebook_runs checks the same on a fresh run."""
+    assert not unprinted_figures(nbformat.read(path, as_version=4))
+
+
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path):
     """From a copy of notebooks/ alone: the examples and weights come from the installed package."""
@@ -98,6 +137,7 @@ def test_notebook_runs(path, tmp_path):
     assert nb.metadata.language_info == IPythonKernel.language_info  # kept from the kernel's reply
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    assert not unprinted_figures(nb)  # the prose still quotes what this run printed
     assert sum(1 for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})) >= 1
 
 
