@@ -105,8 +105,9 @@ def figures(markdown: str) -> list[str]:
 
 def unprinted_figures(nb) -> list[tuple[int, str]]:
     """The figures of the prose that no output of the notebook prints."""
-    printed = "\n".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "") + o.get("data", {}).get("text/plain", "")
-                        for c in nb.cells for o in c.get("outputs", []))  # fmt: skip
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    kinds = ("text/markdown", "text/plain")
+    printed = "\n".join(o.get("text", "") + "".join(o.get("data", {}).get(k, "") for k in kinds) for o in outputs)
     return [(i, fig) for i, c in enumerate(nb.cells) if c.cell_type == "markdown" for fig in figures(c.source)
             if not re.search(r"(?<![\d.])" + re.escape(fig) + r"(?![\d]|\.\d)", printed)]  # fmt: skip
 
