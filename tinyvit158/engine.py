@@ -432,6 +432,7 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
     x = x3.reshape(T, D)
     emb, qkv = eng._buf("embi", (B * Np, D), i32), eng._buf("qkvi", (T, 3 * D), i32)
     out, hidden = eng._buf("outi", (T, D), i32), eng._buf("hiddeni", (T, H), i32)
+    att = eng._buf("atti", (T, D), i32)  # the attention's Q16 output, before its codes
     patches, cx, ch = codes(B * Np, cfg.patch_dim), codes(T, D), codes(T, H)
     steps = [
         Step("patch_embed", _int_patch_codes, (images, cfg.patch_size, *patches)),
@@ -444,7 +445,7 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
         steps += [
             Step("norm+quant", layernorm_codes, (x, *ip.norms[f"{blk}.norm1"], ip.eps, ACT_QMAX, cx)),
             site(f"{blk}.attn.qkv", cx, qkv, "qkv", f"{blk}.attn.qkv"),
-            Step("attention+quant", attention_codes, (qkv, B, cfg.heads, bits, pbits, clip, cx)),
+            Step("attention+quant", attention_codes, (qkv, B, cfg.heads, bits, pbits, clip, cx, att)),
             site(f"{blk}.attn.proj", cx, out, "proj", f"{blk}.attn.proj"),
             Step("proj", _int_residual, (x, out)),
             Step("norm+quant", layernorm_codes, (x, *ip.norms[f"{blk}.norm2"], ip.eps, ACT_QMAX, cx)),

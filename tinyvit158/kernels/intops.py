@@ -218,23 +218,28 @@ def _exp_neg(x):
 
 
 @pjit
-def _attention_codes(qkv, Bn, N, H, hd, qmax, L, j, inv_sqrt, out_qmax, q, R, P):
+def _attention_codes(qkv, Bn, N, H, hd, qmax, L, j, inv_sqrt, out_qmax, o, q, R, P):
     """Every image and head (``P`` jobs over image x head): codes of q, k per token and head,
     of v per head and channel; integer scores, i-exp probabilities, P V; the Q16 output
-    rows into an image-major buffer, then per token the proj layer's codes."""
+    rows into ``o`` (int32: |o| <= max |v| <= SAT), then per token the proj layer's codes.
+    The products run along rows (keys for the scores, channels for P V) so that each is one
+    vector loop of int32 lanes."""
     D = H * hd
-    o = np.empty((Bn * N, D), dtype=np.int64)
     U = Bn * H
     for p in numba.prange(P):
         qc = np.empty((N, hd), dtype=np.int8)
         kc = np.empty((N, hd), dtype=np.int8)
         vc = np.empty((hd, N), dtype=np.int8)
+        kt = np.empty((hd, N), dtype=np.int32)  # k codes, one row per channel
+        vt = np.empty((N, hd), dtype=np.int32)  # v codes, one row per token
         Rq = np.empty(N, dtype=np.int64)
         Rk = np.empty(N, dtype=np.int64)
         Rv = np.empty(hd, dtype=np.int64)
         row = np.empty(N, dtype=np.int64)
         col = np.empty(N, dtype=np.int64)
+        dots = np.empty(N, dtype=np.int32)  # |q.k| <= qmax**2 hd < 2**31
         pc = np.empty(N, dtype=np.int32)
+        pv = np.empty(hd, dtype=np.int32)  # |p.v| <= L qmax N < 2**31
         for u in range(p * U // P, (p + 1) * U // P):
             b, h = u // H, u % H
             base = b * N
@@ -246,13 +251,19 @@ def _attention_codes(qkv, Bn, N, H, hd, qmax, L, j, inv_sqrt, out_qmax, q, R, P)
                     col[i] = qkv[base + i, 2 * D + h * hd + d]
                 Rv[d] = _row_codes(col, vc[d], qmax)
             for i in range(N):
+                for d in range(hd):
+                    kt[d, i] = kc[i, d]
+                    vt[i, d] = vc[d, i]
+            for i in range(N):
+                dots[:] = 0
+                for d in range(hd):
+                    qd = np.int32(qc[i, d])
+                    for jj in range(N):
+                        dots[jj] += qd * kt[d, jj]
                 m = I64(-(1 << 62))
                 for jj in range(N):
-                    acc = np.int32(0)  # |q.k| <= qmax**2 hd < 2**31
-                    for d in range(hd):
-                        acc += np.int32(qc[i, d]) * np.int32(kc[jj, d])
                     rqk = _shift_round(Rq[i] * Rk[jj], FRAC)
-                    t = _round_div(I64(acc) * rqk, qmax * qmax)
+                    t = _round_div(I64(dots[jj]) * rqk, qmax * qmax)
                     s = _shift_round(t * inv_sqrt, FRAC)
                     row[jj] = s
                     m = s if s > m else m
@@ -262,27 +273,32 @@ def _attention_codes(qkv, Bn, N, H, hd, qmax, L, j, inv_sqrt, out_qmax, q, R, P)
                     total += row[jj]
                 for jj in range(N):
                     pc[jj] = np.int32(min(_round_div(L * row[jj] * (I64(1) << j), total), L))
+                pv[:] = 0
+                for jj in range(N):
+                    pj = pc[jj]
+                    for d in range(hd):
+                        pv[d] += pj * vt[jj, d]
                 for d in range(hd):
-                    acc = np.int32(0)  # |p.v| <= L qmax N < 2**31
-                    for jj in range(N):
-                        acc += np.int32(pc[jj]) * np.int32(vc[d, jj])
-                    o[base + i, h * hd + d] = _round_div(I64(acc) * Rv[d], L * qmax * (I64(1) << j))
+                    o[base + i, h * hd + d] = _round_div(I64(pv[d]) * Rv[d], L * qmax * (I64(1) << j))
     T = Bn * N
     for p in numba.prange(P):
         for t in range(p * T // P, (p + 1) * T // P):
             R[t] = _row_codes(o[t], q[t], out_qmax)
 
 
-def attention_codes(qkv: np.ndarray, images: int, heads: int, bits: int, prob_bits: int, clip: float, out) -> tuple:
+def attention_codes(
+    qkv: np.ndarray, images: int, heads: int, bits: int, prob_bits: int, clip: float, out, work=None
+) -> tuple:
     """The integer attention (``integer.IntegerOracle.attention`` from its qkv to the proj
-    layer's codes) of Q16 int64 ``qkv`` (B * N, 3 D) into ``out`` = (int8 (B * N, D),
-    int64 (B * N,))."""
+    layer's codes) of Q16 ``qkv`` (B * N, 3 D) into ``out`` = (int8 (B * N, D), int64
+    (B * N,)); ``work``: an int32 (B * N, D) buffer for the Q16 output (else one is made)."""
     q, R = out
+    work = np.empty(q.shape, np.int32) if work is None else work
     T, D3 = qkv.shape
     N, hd = T // images, D3 // 3 // heads
     qmax = (1 << (bits - 1)) - 1
     L, j = (1 << prob_bits) - 1, round(-math.log2(clip))
     inv_sqrt = round(INT_ONE / math.sqrt(hd))
     P = job_count(images * heads)
-    _attention_codes(qkv, images, N, heads, hd, I64(qmax), I64(L), I64(j), I64(inv_sqrt), I64(ACT_QMAX), q, R, P)
+    _attention_codes(qkv, images, N, heads, hd, I64(qmax), I64(L), I64(j), I64(inv_sqrt), I64(ACT_QMAX), work, q, R, P)
     return q, R
