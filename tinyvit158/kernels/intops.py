@@ -188,10 +188,13 @@ def _codes_of_rows(v, gelu, qmax, q, R, P):
     """The codes of each row of ``v`` (T, N), or of its i-GELU when ``gelu``."""
     T, N = v.shape
     for p in numba.prange(P):
-        g = np.empty(N, dtype=np.int64)
+        g = np.empty(N, dtype=v.dtype)  # |gelu(v)| <= |v|; int32 rows (the engine's) convert to float64 in vectors
         for t in range(p * T // P, (p + 1) * T // P):
+            if not gelu:
+                R[t] = _row_codes(v[t], q[t], qmax)
+                continue
             for n in range(N):
-                g[n] = _gelu(I64(v[t, n])) if gelu else v[t, n]  # int64 also as Python (int32 buffers)
+                g[n] = _gelu(I64(v[t, n]))
             R[t] = _row_codes(g, q[t], qmax)
 
 
@@ -236,7 +239,7 @@ def _attention_codes(qkv, Bn, N, H, hd, qmax, L, j, inv_sqrt, out_qmax, o, q, R,
         Rk = np.empty(N, dtype=np.int64)
         Rv = np.empty(hd, dtype=np.int64)
         row = np.empty(N, dtype=np.int64)
-        col = np.empty(N, dtype=np.int64)
+        col = np.empty(N, dtype=np.int32)
         dots = np.empty(N, dtype=np.int32)  # |q.k| <= qmax**2 hd < 2**31
         pc = np.empty(N, dtype=np.int32)
         pv = np.empty(hd, dtype=np.int32)  # |p.v| <= L qmax N < 2**31
