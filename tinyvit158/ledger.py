@@ -48,6 +48,11 @@ PJ_I8_MULT = 0.2
 PJ_I32_MULT = 3.1
 PJ_I8_MAC = PJ_I8_MULT + PJ_I32_ADD  # an 8-bit product added into an int32 accumulator
 PJ_F32_MAC = PJ_F32_ADD + PJ_F32_MULT
+# the same table's 8-bit integer add and 16-bit float add and multiply: BitNet b1.58's
+# convention prices a ternary product as INT8 additions against an FP16 model's MACs
+PJ_I8_ADD = 0.03
+PJ_F16_ADD = 0.4
+PJ_F16_MULT = 1.1
 
 # float multiplications charged per element for the elementwise steps (see count())
 LAYERNORM_MULTS = 3  # (x - mean) * rstd, * gamma, and the square in the variance
