@@ -3,10 +3,11 @@
 Each kernel computes, row by row, what its NumPy int64 reference in ``tinyvit158/integer.py``
 computes over whole arrays (the tests pair them, ``array_equal``): integer addition,
 multiplication, comparison and Python's floor division, so any order of work gives the
-same integers. Lanes: the codes are int8, every other value int64, and every bound that
-keeps an intermediate inside int64 is the reference's (stated there). Float64 appears as a
-carrier of exact integers, or as an estimate used only where its error bound proves it
-equal to them: in ``_isqrt`` (the correctly rounded square root as a first guess, corrected
+same integers. Lanes: the codes are int8; sums of code products int32 (each bound stated
+where it is summed); Q16 rows int32, as the engine's buffers hold them (|v| <= SAT); every
+other value int64, and every bound that keeps an intermediate inside int64 is the
+reference's (stated there). Float64 appears as a carrier of exact integers, or as an
+estimate used only where its error bound proves it equal to them: in ``_isqrt`` (the correctly rounded square root as a first guess, corrected
 to ``floor(sqrt(v))``, as the reference does), in ``_row_codes``' quotients (integers below
 2**53, a reciprocal's estimate corrected to the exact floor) and in ``_requantize`` (an
 estimate away from every tie; the rows it is unsure of are redone in int64).
