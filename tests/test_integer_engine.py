@@ -84,12 +84,14 @@ def test_requantize_is_exact_at_ties_beside_them_and_past_the_estimates_bound():
     # margin sends them to the int64 path
     for a0, R0, g0, e0 in ((69, 16646144, 53387, 18), (21121, 16646144, 48275, 18), (46883, 8323072, 36527, 17)):
         cases.append((np.array([[a0, -a0]], np.int32), np.array([R0]), np.array([g0, g0]), np.array([e0, e0])))
-    big = []  # such ties past 2**30, and a value past 2**47 the estimate misses away from a tie,
+    # such ties past 2**30, and a value past 2**47 the estimate misses away from any tie, each
+    # brought back into range by a bias
+    big = []
     for a0, R0, g0, e0, v0 in (
         (71485, 8323072, 40687, 17, 1454255097),
         (87727, 8323072, 45193, 17, 1982323155),
         (62659, 15342235, 36713, 1, 138949902966467),
-    ):  # brought back into range by a bias
+    ):
         big.append((np.array([[a0, -a0]], np.int32), np.array([R0]), np.array([g0, g0]), np.array([e0, e0]),
                     np.array([-v0, v0])))  # fmt: skip
     T, N = 64, 300

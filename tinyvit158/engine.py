@@ -58,7 +58,14 @@ from tinyvit158.kernels import (
     matmul,
     quantize_rows,
 )
-from tinyvit158.kernels.intops import attention_codes, codes_rows, gelu_codes, layernorm_codes, requantize
+from tinyvit158.kernels.intops import (
+    attention_codes,
+    codes_rows,
+    gelu_codes,
+    layernorm_codes,
+    requant_scales,
+    requantize,
+)
 from tinyvit158.oracle import patchify
 from tinyvit158.quant import ACT_QMAX
 from tinyvit158.runtime import ThreadGovernor, quiet_spin
@@ -424,7 +431,8 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
         w = eng.ternary.get(layer) or ip.linear[layer][0]
         ends = None if stage is None else (stage, dest.reshape(B, -1, dest.shape[1]))
         acc = eng._buf(f"iacc{dest.shape[0]}x{dest.shape[1]}", dest.shape, np.int32)
-        return Step(part, _int_linear, (*src, w, g, e, bias, dest, acc), reads=(layer, src[0]), ends=ends)
+        args = (*src, w, g, e, bias, dest, acc, requant_scales(g, e))
+        return Step(part, _int_linear, args, reads=(layer, src[0]), ends=ends)
 
     images = eng._buf("images", (B, cfg.in_chans, cfg.image_size, cfg.image_size))
     i32 = np.int32  # Q16 activations: every one is saturated at |v| <= SAT < 2**24
@@ -475,12 +483,12 @@ def _int_tokens(emb, cls, pos, x) -> None:
     np.clip(emb + pos[1:], -INT_SAT, INT_SAT, out=x[:, 1:])
 
 
-def _int_linear(q, R, w, g, e, bias, dest, acc) -> None:
+def _int_linear(q, R, w, g, e, bias, dest, acc, c) -> None:
     """A linear layer of codes ``q`` standing for ``q R / 127``: ternary ``w`` through the
     kernels' exact int32 products (into ``acc``), int8 weights (a float layer's) through the
     reference."""
     if isinstance(w, PreparedTernary):
-        requantize(matmul(q, w, out=acc), R, g, e, bias, dest)
+        requantize(matmul(q, w, out=acc), R, g, e, bias, dest, c)
     else:
         np.copyto(dest, integer.linear(q, R, w, g, e, bias).reshape(dest.shape))
 

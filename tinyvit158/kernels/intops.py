@@ -7,10 +7,11 @@ same integers. Lanes: the codes are int8; sums of code products int32 (each boun
 where it is summed); Q16 rows int32, as the engine's buffers hold them (|v| <= SAT); every
 other value int64, and every bound that keeps an intermediate inside int64 is the
 reference's (stated there). Float64 appears as a carrier of exact integers, or as an
-estimate used only where its error bound proves it equal to them: in ``_isqrt`` (the correctly rounded square root as a first guess, corrected
-to ``floor(sqrt(v))``, as the reference does), in ``_row_codes``' quotients (integers below
-2**53, a reciprocal's estimate corrected to the exact floor) and in ``_requantize`` (an
-estimate away from every tie; the rows it is unsure of are redone in int64).
+estimate used only where its error bound proves it equal to them: in ``_isqrt`` (the
+correctly rounded square root as a first guess, corrected to ``floor(sqrt(v))``, as the
+reference does), in ``_row_codes``' quotients (integers below 2**53, a reciprocal's
+estimate corrected to the exact floor) and in ``_requantize`` (an estimate away from every
+tie; the rows it is unsure of are redone in int64).
 
 - :func:`layernorm_codes`: the integer LayerNorm of Q16 rows, straight to int8 codes and
   their Q16 absmax ``R``.
@@ -165,12 +166,19 @@ def _requantize(acc, R, c, g, e, B, has_bias, out, P):
                     out[t, n] = min(max(y, -INT_SAT), INT_SAT)
 
 
-def requantize(acc: np.ndarray, R: np.ndarray, g, e, B, out: np.ndarray) -> np.ndarray:
+def requant_scales(g, e) -> np.ndarray:
+    """``c = g / (127 * 2**e)`` per output channel, float64: ``g / 127`` rounded once, then
+    the exact power of two (what :func:`requantize`'s bound assumes)."""
+    return np.ldexp(np.asarray(g, np.float64) / ACT_QMAX, -np.asarray(e))
+
+
+def requantize(acc: np.ndarray, R: np.ndarray, g, e, B, out: np.ndarray, c=None) -> np.ndarray:
     """``integer.linear``'s second half: int32 sums ``acc`` (T, N) of codes whose rows stand
     for ``q R / 127`` -> Q16 into ``out`` (T, N), saturated at ``+-SAT``. ``|acc R| < 2**53``
-    (``|acc| <= 127 K``, ``R <= SAT``: any K below 2**22)."""
+    (``|acc| <= 127 K``, ``R <= SAT``: any K below 2**22). ``c``: ``requant_scales(g, e)``,
+    made once per layer by a caller that calls again (else made here)."""
     has_bias = B is not None
-    c = np.ldexp(np.asarray(g, np.float64) / ACT_QMAX, -np.asarray(e))  # g / 127 rounded once, then exact
+    c = requant_scales(g, e) if c is None else c
     _requantize(acc, R, c, g, e, B if has_bias else g, has_bias, out, job_count(acc.shape[0]))
     return out
 
