@@ -132,6 +132,38 @@ def test_row_codes_are_exact_at_every_tie_and_on_both_sides_of_the_float64_bound
         assert np.array_equal(q, q_ref) and np.array_equal(R, R_ref), (qmax, int(R_ref[0]))
 
 
+def test_attention_is_exact_in_float_lanes_at_their_bounds_and_past_them():
+    """The attention kernel against ``integer.attention``: random rows; rows at +-SAT with head
+    dimension 64 (the float64 bounds' edge: |2 acc R_qk| reaches 0.98 * 2**53); at 128, rows
+    past it (those units run in int64); 48 (no float lanes); all zeros; two equal tokens (every
+    probability an exact tie)."""
+    rng = np.random.default_rng(11)
+    extreme = rng.choice([-I.SAT, I.SAT], (2 * 65, 3 * 192)).astype(np.int32)
+    # head dimension 128, every q and k row one sign pattern times its own R near SAT: every
+    # |acc| = qmax**2 hd and |2 acc R_qk| near 2**54, past the float64 bound (the int64 units)
+    aligned = rng.integers(-I.SAT, I.SAT + 1, (2 * 65, 3 * 256))
+    aligned[:, :512] = rng.choice([-1, 1], 512) * rng.integers(2**23, I.SAT + 1, (2 * 65, 1))
+    aligned = aligned.astype(np.int32)
+    cases = [
+        (rng.integers(-(2**20), 2**20 + 1, (2 * 65, 3 * 192)).astype(np.int32), 2, 3, (8, 8, 1.0)),
+        (rng.integers(-(2**17), 2**17 + 1, (2 * 65, 3 * 192)).astype(np.int32), 2, 3, (4, 4, 0.25)),
+        (extreme, 2, 3, (8, 8, 1.0)),
+        (extreme, 2, 3, (8, 6, 0.5)),
+        (aligned, 2, 2, (8, 8, 1.0)),
+        (rng.integers(-(2**20), 2**20 + 1, (2 * 17, 3 * 96)).astype(np.int32), 2, 2, (8, 8, 1.0)),
+        (np.zeros((65, 3 * 192), np.int32), 1, 3, (8, 8, 1.0)),
+        (np.tile(rng.integers(-(2**18), 2**18, (1, 3 * 192)), (4, 1)).astype(np.int32), 2, 3, (8, 8, 1.0)),
+    ]
+    for qkv, B, H, (bits, pbits, clip) in cases:
+        T, D = qkv.shape[0], qkv.shape[1] // 3
+        out, work = (np.zeros((T, D), np.int8), np.zeros(T, np.int64)), np.zeros((T, D), np.int32)
+        q, R = intops.attention_codes(qkv, B, H, bits, pbits, clip, out, work)
+        o, _ = I.attention(qkv.reshape(B, T // B, 3 * D), H, bits, pbits, clip)
+        q_ref, R_ref = I.codes(o.reshape(T, D))
+        assert np.array_equal(work, o.reshape(T, D)), (D // H, bits, int(np.abs(qkv).max()))
+        assert np.array_equal(q, q_ref) and np.array_equal(R, R_ref)
+
+
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_engine_integers_equal_the_reference(path, name, monkeypatch):

@@ -156,6 +156,27 @@ def softmax_codes(s: np.ndarray, bits: int, clip: float) -> np.ndarray:
 
 
 # -- the model ----------------------------------------------------------------------------
+def attention(qkv: np.ndarray, heads: int, bits: int, prob_bits: int, clip: float) -> tuple[np.ndarray, np.ndarray]:
+    """The attention of Q16 ``qkv`` (B, N, 3 D): its Q16 output (B, N, D), before the proj
+    layer's codes, and the probability codes (B, heads, N, N)."""
+    B_, N, D3 = qkv.shape
+    H, hd = heads, D3 // 3 // heads
+    qh, kh, vh = np.asarray(qkv, I64).reshape(B_, N, 3, H, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
+    qmax = code_max(bits)
+    q_c, R_q = codes(qh, qmax)  # per token and head
+    k_c, R_k = codes(kh, qmax)
+    v_c, R_v = codes(vh.transpose(0, 1, 3, 2), qmax)  # per head and channel, over the tokens
+    acc = q_c @ k_c.transpose(0, 1, 3, 2)  # (B, H, N, N), |acc| <= qmax**2 hd
+    R_qk = shift_round(R_q[..., :, None] * R_k[..., None, :], FRAC)  # R_q R_k < 2**48
+    t = round_div(acc * R_qk, qmax * qmax)  # the real q.k in Q16: |acc R_qk| < 2**59 for hd <= 2**13
+    scores = shift_round(t * round(ONE / math.sqrt(hd)), FRAC)
+    p = softmax_codes(scores, prob_bits, clip)
+    L, j = (1 << prob_bits) - 1, round(-math.log2(clip))
+    acc = p @ v_c.transpose(0, 1, 3, 2)  # (B, H, N, hd), |acc| <= L qmax N
+    o = round_div(acc * R_v[..., None, :], L * qmax * (1 << j))  # Q16
+    return o.transpose(0, 2, 1, 3).reshape(B_, N, H * hd), p
+
+
 class IntegerParams:
     """A checkpoint's parameters as the integers the rules use: each linear layer's codes
     (ternary; the head's int8 per output channel), its scale's dyadic ``(g, e)`` and its bias
@@ -213,25 +234,10 @@ class IntegerOracle:
     def attention(self, x: np.ndarray, i: int) -> np.ndarray:
         """Block ``i``'s attention of Q16 tokens (B, N, D), through LayerNorm 1: Q16 (B, N, D)."""
         cfg, site = self.cfg, f"blocks.{i}"
-        B_, N, D = x.shape
-        H, hd = cfg.heads, cfg.head_dim
         q, R = layer_norm_codes(x, *self.p.norms[f"{site}.norm1"], self.p.eps)
         qkv = self._keep(f"{site}.attn.qkv", self._linear(q, R, f"{site}.attn.qkv"))  # Q16 (B, N, 3D)
-        qh, kh, vh = qkv.reshape(B_, N, 3, H, hd).transpose(2, 0, 3, 1, 4)  # each (B, H, N, hd)
-        qmax = code_max(cfg.attention_bits)
-        q_c, R_q = codes(qh, qmax)  # per token and head
-        k_c, R_k = codes(kh, qmax)
-        v_c, R_v = codes(vh.transpose(0, 1, 3, 2), qmax)  # per head and channel, over the tokens
-        acc = q_c @ k_c.transpose(0, 1, 3, 2)  # (B, H, N, N), |acc| <= qmax**2 hd
-        R_qk = shift_round(R_q[..., :, None] * R_k[..., None, :], FRAC)  # R_q R_k < 2**48
-        t = round_div(acc * R_qk, qmax * qmax)  # the real q.k in Q16: |acc R_qk| < 2**59 for hd <= 2**13
-        scores = shift_round(t * round(ONE / math.sqrt(hd)), FRAC)
-        p = self._keep(f"{site}.attn.p", softmax_codes(scores, cfg.attention_prob_bits, cfg.attention_prob_clip))
-        L = (1 << cfg.attention_prob_bits) - 1
-        j = round(-math.log2(cfg.attention_prob_clip))
-        acc = p @ v_c.transpose(0, 1, 3, 2)  # (B, H, N, hd), |acc| <= L qmax N
-        o = round_div(acc * R_v[..., None, :], L * qmax * (1 << j))  # Q16
-        o = o.transpose(0, 2, 1, 3).reshape(B_, N, D)
+        o, p = attention(qkv, cfg.heads, cfg.attention_bits, cfg.attention_prob_bits, cfg.attention_prob_clip)
+        self._keep(f"{site}.attn.p", p)
         q, R = codes(o)
         return self._keep(f"{site}.attn.proj", self._linear(q, R, f"{site}.attn.proj"))
 

@@ -10,8 +10,10 @@ reference's (stated there). Float64 appears as a carrier of exact integers, or a
 estimate used only where its error bound proves it equal to them: in ``_isqrt`` (the
 correctly rounded square root as a first guess, corrected to ``floor(sqrt(v))``, as the
 reference does), in ``_row_codes``' quotients (integers below 2**53, a reciprocal's
-estimate corrected to the exact floor) and in ``_requantize`` (an estimate away from every
-tie; the rows it is unsure of are redone in int64).
+estimate corrected to the exact floor), in ``_requantize`` (an estimate away from every
+tie; the rows it is unsure of are redone in int64) and in ``_attention_codes`` (every
+integer below 2**53 by a bound checked per image and head, its quotients corrected as
+``_row_codes``' are; float32 where the code products' sums stay below 2**24).
 
 - :func:`layernorm_codes`: the integer LayerNorm of Q16 rows, straight to int8 codes and
   their Q16 absmax ``R``.
@@ -39,7 +41,8 @@ from tinyvit158.constants import (
     INT_SAT,
     INV_SQRT2,
 )
-from tinyvit158.kernels.jit import jit, job_count, pjit
+from tinyvit158.kernels.jit import PYTHON, ijit, jit, job_count, pjit
+from tinyvit158.kernels.simd import fbcast, ffma, fload, fstore, fzero
 from tinyvit158.quant import ACT_QMAX
 
 I64 = np.int64
@@ -229,69 +232,205 @@ def _exp_neg(x):
     return poly >> z
 
 
+@jit
+def _attention_unit_int64(qkv, b, h, N, H, hd, qmax, L, j, inv_sqrt, o):
+    """One image and head of the integer attention in int64 lanes (the reference's bounds),
+    into its columns of ``o``: the path for units whose values pass the float bounds of
+    :func:`_attention_codes`."""
+    D = H * hd
+    base = b * N
+    qc = np.empty((N, hd), dtype=np.int8)
+    kc = np.empty((N, hd), dtype=np.int8)
+    vc = np.empty((hd, N), dtype=np.int8)
+    Rq = np.empty(N, dtype=np.int64)
+    Rk = np.empty(N, dtype=np.int64)
+    Rv = np.empty(hd, dtype=np.int64)
+    row = np.empty(N, dtype=np.int64)
+    col = np.empty(N, dtype=np.int32)
+    for i in range(N):
+        Rq[i] = _row_codes(qkv[base + i, h * hd : (h + 1) * hd], qc[i], qmax)
+        Rk[i] = _row_codes(qkv[base + i, D + h * hd : D + (h + 1) * hd], kc[i], qmax)
+    for d in range(hd):
+        for i in range(N):
+            col[i] = qkv[base + i, 2 * D + h * hd + d]
+        Rv[d] = _row_codes(col, vc[d], qmax)
+    for i in range(N):
+        m = I64(-(1 << 62))
+        for jj in range(N):
+            dot = I64(0)
+            for d in range(hd):
+                dot += I64(qc[i, d]) * I64(kc[jj, d])
+            t = _round_div(dot * _shift_round(Rq[i] * Rk[jj], FRAC), qmax * qmax)
+            row[jj] = _shift_round(t * inv_sqrt, FRAC)
+            m = max(m, row[jj])
+        total = I64(0)
+        for jj in range(N):
+            row[jj] = _exp_neg(row[jj] - m)
+            total += row[jj]
+        for jj in range(N):
+            row[jj] = min(_round_div(L * row[jj] * (I64(1) << j), total), L)
+        for d in range(hd):
+            acc = I64(0)
+            for jj in range(N):
+                acc += row[jj] * I64(vc[d, jj])
+            o[base + i, h * hd + d] = _round_div(acc * Rv[d], L * qmax * (I64(1) << j))
+
+
+@ijit
+def _floor_div(num, d2, inv):
+    """``floor(num / d2)`` of integers held in float64, ``|num| < 2**53``, ``0 < d2 < 2**53``,
+    ``inv = fl(1 / d2)``, quotient below 2**50: the estimate is within one of the floor, and
+    each correcting product is exact or (past 2**53) still on the right side of ``num``."""
+    c = np.floor(num * inv)
+    c = c - 1.0 if c * d2 > num else c
+    return c + 1.0 if (c + 1.0) * d2 <= num else c
+
+
+F32_EXACT = 2.0**24  # integers below it are exact in float32, and so is each partial sum
+F64_EXACT = 2.0**53
+Q16_INV = 2.0**-FRAC
+
+
 @pjit
-def _attention_codes(qkv, Bn, N, H, hd, qmax, L, j, inv_sqrt, out_qmax, o, q, R, P):
+def _attention_codes(qkv, Bn, N, H, hd, qmax, L, j, inv_sqrt, out_qmax, floats, o, q, R, P):
     """Every image and head (``P`` jobs over image x head): codes of q, k per token and head,
     of v per head and channel; integer scores, i-exp probabilities, P V; the Q16 output
-    rows into ``o`` (int32: |o| <= max |v| <= SAT), then per token the proj layer's codes.
-    The products run along rows (keys for the scores, channels for P V) so that each is one
-    vector loop of int32 lanes."""
+    rows into ``o`` (int32: |o| <= max |v|), then per token the proj layer's codes.
+
+    Each integer is carried exactly in float lanes, which vectorize where int64 ones do not:
+    the products of codes in float32 (``floats``: every partial sum of ``q.k`` and ``p.v`` is
+    below 2**24 in magnitude, ``qmax**2 hd`` and ``L qmax N``), 4 query rows x 16 keys (or
+    channels) in registers; every other step in float64, its divisions by ``_floor_div``.
+    A unit whose maxima break a float64 bound checked below (its integers would pass 2**53),
+    or every unit when ``floats`` is false, runs ``_attention_unit_int64``."""
     D = H * hd
+    Np = (N + 15) // 16 * 16
     U = Bn * H
+    quads = (N + 3) // 4
+    qq = np.float64(qmax * qmax)
+    qq2, inv_qq2 = 2.0 * qq, 1.0 / (2.0 * qq)
+    isq = np.float64(inv_sqrt)
+    ln2, inv_ln2 = np.float64(INT_LN2), 1.0 / np.float64(INT_LN2)
+    ea, eb, ec = np.float64(EXP_A), np.float64(EXP_B), np.float64(EXP_C)
+    Lj2, Lf = 2.0 * np.float64(L * (I64(1) << j)), np.float64(L)
+    den = np.float64(L * qmax * (I64(1) << j))
+    den2, inv_den2 = 2.0 * den, 1.0 / (2.0 * den)
+    qm2 = 2.0 * np.float64(qmax)
     for p in numba.prange(P):
-        qc = np.empty((N, hd), dtype=np.int8)
-        kc = np.empty((N, hd), dtype=np.int8)
-        vc = np.empty((hd, N), dtype=np.int8)
-        kt = np.empty((hd, N), dtype=np.int32)  # k codes, one row per channel
-        vt = np.empty((N, hd), dtype=np.int32)  # v codes, one row per token
-        Rq = np.empty(N, dtype=np.int64)
-        Rk = np.empty(N, dtype=np.int64)
-        Rv = np.empty(hd, dtype=np.int64)
-        row = np.empty(N, dtype=np.int64)
-        col = np.empty(N, dtype=np.int32)
-        dots = np.empty(N, dtype=np.int32)  # |q.k| <= qmax**2 hd < 2**31
-        pc = np.empty(N, dtype=np.int32)
-        pv = np.empty(hd, dtype=np.int32)  # |p.v| <= L qmax N < 2**31
+        c8 = np.empty(hd, dtype=np.int8)
+        qf = np.empty(N * hd, dtype=np.float32)  # q codes, a row per token
+        kt = np.zeros(hd * Np, dtype=np.float32)  # k codes, a row per channel (keys padded with 0)
+        vf = np.empty(N * hd, dtype=np.float32)  # v codes, a row per token
+        Rq, Rk = np.empty(N, dtype=np.float64), np.empty(N, dtype=np.float64)
+        mv = np.empty(hd, dtype=np.int64)
+        Rv, dv2, iv2 = np.empty(hd, dtype=np.float64), np.empty(hd, dtype=np.float64), np.empty(hd, dtype=np.float64)
+        sc = np.empty(4 * Np, dtype=np.float32)
+        pc = np.zeros(4 * Np, dtype=np.float32)
+        srow, e, pw = np.empty(Np, dtype=np.float64), np.empty(Np, dtype=np.float64), np.empty(Np, dtype=np.float64)
+        pwi = pw.view(np.int64)
+        ob = np.empty(4 * hd, dtype=np.float32)
         for u in range(p * U // P, (p + 1) * U // P):
             b, h = u // H, u % H
             base = b * N
+            if not floats:
+                _attention_unit_int64(qkv, b, h, N, H, hd, qmax, L, j, inv_sqrt, o)
+                continue
+            mq, mk = I64(0), I64(0)
             for i in range(N):
-                Rq[i] = _row_codes(qkv[base + i, h * hd : (h + 1) * hd], qc[i], qmax)
-                Rk[i] = _row_codes(qkv[base + i, D + h * hd : D + (h + 1) * hd], kc[i], qmax)
-            for d in range(hd):
-                for i in range(N):
-                    col[i] = qkv[base + i, 2 * D + h * hd + d]
-                Rv[d] = _row_codes(col, vc[d], qmax)
+                r = _row_codes(qkv[base + i, h * hd : (h + 1) * hd], c8, qmax)
+                mq, Rq[i] = max(mq, r), np.float64(r)
+                for d in range(hd):
+                    qf[i * hd + d] = c8[d]
+                r = _row_codes(qkv[base + i, D + h * hd : D + (h + 1) * hd], c8, qmax)
+                mk, Rk[i] = max(mk, r), np.float64(r)
+                for d in range(hd):
+                    kt[d * Np + i] = c8[d]
+            v0 = 2 * D + h * hd
+            mv[:] = 0
             for i in range(N):
                 for d in range(hd):
-                    kt[d, i] = kc[i, d]
-                    vt[i, d] = vc[d, i]
+                    a = abs(I64(qkv[base + i, v0 + d]))
+                    mv[d] = a if a > mv[d] else mv[d]
+            # the float64 bounds (R < 2**31: R_q R_k < 2**62 in int64): R_q R_k, |2 acc R_qk + qmax**2|,
+            # |t inv_sqrt| and |2 (p.v) R_v + den| below 2**53 (sums of float bounds, 2**-30 of margin)
+            rqk = (mq * mk + (1 << (FRAC - 1))) >> FRAC
+            top = max(
+                np.float64(mq) * np.float64(mk),
+                2.0 * qq * hd * np.float64(rqk) + qq,
+                (hd * np.float64(rqk) + 1.0) * isq,
+                2.0 * Lf * qmax * N * np.float64(mv.max()) + den,
+            )
+            if top >= F64_EXACT * (1.0 - 2.0**-30):
+                _attention_unit_int64(qkv, b, h, N, H, hd, qmax, L, j, inv_sqrt, o)
+                continue
+            for d in range(hd):  # v's codes per channel, all channels in one pass over the tokens
+                Rv[d] = np.float64(mv[d])
+                dv2[d] = 2.0 * Rv[d] if mv[d] else 1.0
+                iv2[d] = 1.0 / dv2[d]
             for i in range(N):
-                dots[:] = 0
                 for d in range(hd):
-                    qd = np.int32(qc[i, d])
-                    for jj in range(N):
-                        dots[jj] += qd * kt[d, jj]
-                m = I64(-(1 << 62))
-                for jj in range(N):
-                    rqk = _shift_round(Rq[i] * Rk[jj], FRAC)
-                    t = _round_div(I64(dots[jj]) * rqk, qmax * qmax)
-                    s = _shift_round(t * inv_sqrt, FRAC)
-                    row[jj] = s
-                    m = s if s > m else m
-                total = I64(0)
-                for jj in range(N):
-                    row[jj] = _exp_neg(row[jj] - m)
-                    total += row[jj]
-                for jj in range(N):
-                    pc[jj] = np.int32(min(_round_div(L * row[jj] * (I64(1) << j), total), L))
-                pv[:] = 0
-                for jj in range(N):
-                    pj = pc[jj]
+                    x = np.float64(qkv[base + i, v0 + d])
+                    c = _floor_div(qm2 * abs(x) + Rv[d], dv2[d], iv2[d])
+                    vf[i * hd + d] = np.float32(c if x >= 0 else -c)
+            for qd in range(quads):
+                i0 = qd * 4
+                rows = min(4, N - i0)  # rows past the unit repeat its last one
+                r0, r1 = i0 * hd, (i0 + min(1, rows - 1)) * hd
+                r2, r3 = (i0 + min(2, rows - 1)) * hd, (i0 + min(3, rows - 1)) * hd
+                for jc in range(0, Np, 16):  # q.k: 4 rows x 16 keys
+                    a0 = a1 = a2 = a3 = fzero()
                     for d in range(hd):
-                        pv[d] += pj * vt[jj, d]
-                for d in range(hd):
-                    o[base + i, h * hd + d] = _round_div(I64(pv[d]) * Rv[d], L * qmax * (I64(1) << j))
+                        kv = fload(kt, d * Np + jc)
+                        a0 = ffma(fbcast(qf, r0 + d), kv, a0)
+                        a1 = ffma(fbcast(qf, r1 + d), kv, a1)
+                        a2 = ffma(fbcast(qf, r2 + d), kv, a2)
+                        a3 = ffma(fbcast(qf, r3 + d), kv, a3)
+                    fstore(sc, jc, a0)
+                    fstore(sc, Np + jc, a1)
+                    fstore(sc, 2 * Np + jc, a2)
+                    fstore(sc, 3 * Np + jc, a3)
+                for r in range(rows):
+                    rq = Rq[i0 + r] * Q16_INV
+                    for jj in range(N):  # s = shift_round(round_div(acc R_qk, qmax**2) inv_sqrt, 16)
+                        rqk = np.floor(rq * Rk[jj] + 0.5)
+                        t = _floor_div(2.0 * (np.float64(sc[r * Np + jj]) * rqk) + qq, qq2, inv_qq2)
+                        srow[jj] = np.floor(t * isq * Q16_INV + 0.5)
+                    m = srow[0]
+                    for jj in range(1, N):
+                        m = max(m, srow[jj])
+                    for jj in range(N):  # i-exp of s - m: poly(p) >> z, 2**-z from its exponent bits
+                        xn = m - srow[jj]
+                        z = min(_floor_div(xn, ln2, inv_ln2), 63.0)  # z > 62: 2**-63 poly < 1
+                        w = z * ln2 - xn + eb
+                        e[jj] = np.floor(ea * w * w * Q16_INV * Q16_INV + 0.5) + ec
+                        pw[jj] = (1023.0 - z) + 2.0**52  # 1023 - z in the low mantissa bits
+                    for jj in range(N):
+                        pwi[jj] = pwi[jj] << 52
+                    total = 0.0
+                    for jj in range(N):
+                        e[jj] = np.floor(e[jj] * pw[jj])
+                        total += e[jj]
+                    t2 = 2.0 * total
+                    it2 = 1.0 / t2
+                    for jj in range(N):
+                        pc[r * Np + jj] = np.float32(min(_floor_div(Lj2 * e[jj] + total, t2, it2), Lf))
+                for dc in range(0, hd, 16):  # p.v: 4 rows x 16 channels
+                    a0 = a1 = a2 = a3 = fzero()
+                    for jj in range(N):
+                        vv = fload(vf, jj * hd + dc)
+                        a0 = ffma(fbcast(pc, jj), vv, a0)
+                        a1 = ffma(fbcast(pc, Np + jj), vv, a1)
+                        a2 = ffma(fbcast(pc, 2 * Np + jj), vv, a2)
+                        a3 = ffma(fbcast(pc, 3 * Np + jj), vv, a3)
+                    fstore(ob, dc, a0)
+                    fstore(ob, hd + dc, a1)
+                    fstore(ob, 2 * hd + dc, a2)
+                    fstore(ob, 3 * hd + dc, a3)
+                for r in range(rows):
+                    t = base + i0 + r
+                    for d in range(hd):
+                        c = _floor_div(2.0 * (np.float64(ob[r * hd + d]) * Rv[d]) + den, den2, inv_den2)
+                        o[t, h * hd + d] = np.int32(c)
     T = Bn * N
     for p in numba.prange(P):
         for t in range(p * T // P, (p + 1) * T // P):
@@ -303,7 +442,9 @@ def attention_codes(
 ) -> tuple:
     """The integer attention (``integer.IntegerOracle.attention`` from its qkv to the proj
     layer's codes) of Q16 ``qkv`` (B * N, 3 D) into ``out`` = (int8 (B * N, D), int64
-    (B * N,)); ``work``: an int32 (B * N, D) buffer for the Q16 output (else one is made)."""
+    (B * N,)); ``work``: an int32 (B * N, D) buffer for the Q16 output (else one is made).
+    Float lanes carry the integers for int32 ``qkv`` (the engine's rows) with a head
+    dimension a multiple of 16; other inputs run in int64 lanes throughout."""
     q, R = out
     work = np.empty(q.shape, np.int32) if work is None else work
     T, D3 = qkv.shape
@@ -311,6 +452,13 @@ def attention_codes(
     qmax = (1 << (bits - 1)) - 1
     L, j = (1 << prob_bits) - 1, round(-math.log2(clip))
     inv_sqrt = round(INT_ONE / math.sqrt(hd))
+    floats = (
+        qkv.dtype == np.int32  # R < 2**31: the unit bounds' products stay inside int64
+        and hd % 16 == 0
+        and not PYTHON  # the vector intrinsics run only compiled
+        and max(qmax * qmax * hd, L * qmax * N) < F32_EXACT
+    )
     P = job_count(images * heads)
-    _attention_codes(qkv, images, N, heads, hd, I64(qmax), I64(L), I64(j), I64(inv_sqrt), I64(ACT_QMAX), work, q, R, P)
+    args = (I64(qmax), I64(L), I64(j), I64(inv_sqrt), I64(ACT_QMAX), floats, work, q, R, P)
+    _attention_codes(qkv, images, N, heads, hd, *args)
     return q, R
