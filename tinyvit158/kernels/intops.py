@@ -133,10 +133,11 @@ def layernorm_codes(z: np.ndarray, G: np.ndarray, B: np.ndarray, E: int, qmax: i
 
 ESTIMATE_LIMIT = 2.0**30  # |estimate| below: its error is under 2**-21, the margin's half
 TIE_MARGIN = 2.0**-20
+SAT_F = np.float64(INT_SAT)
 
 
 @pjit
-def _requantize(acc, R, c, g, e, B, has_bias, out, P):
+def _requantize(acc, R, c, g, e, B, Bf, has_bias, out, P):
     """``round_div(acc R g, 127 * 2**e) = floor(v + 1/2)`` for ``v = acc R g / (127 * 2**e)``.
 
     Fast pass, in float64 lanes: ``acc R`` is exact (below 2**53) and ``c = g / (127 * 2**e)``
@@ -157,8 +158,8 @@ def _requantize(acc, R, c, g, e, B, has_bias, out, P):
                 y = np.floor(u)
                 f = u - y  # exact
                 unsure |= (f < TIE_MARGIN) | (f > 1.0 - TIE_MARGIN) | (abs(v) >= ESTIMATE_LIMIT)
-                yi = I64(y) + B[n] if has_bias else I64(y)
-                out[t, n] = min(max(yi, -INT_SAT), INT_SAT)
+                y = y + Bf[n] if has_bias else y  # exact: two integers below 2**52
+                out[t, n] = np.int32(min(max(y, -SAT_F), SAT_F))  # float64 -> int32 vectorizes, -> int64 not (AVX2)
             if unsure:
                 ri = I64(R[t])
                 for n in range(N):
@@ -182,7 +183,8 @@ def requantize(acc: np.ndarray, R: np.ndarray, g, e, B, out: np.ndarray, c=None)
     made once per layer by a caller that calls again (else made here)."""
     has_bias = B is not None
     c = requant_scales(g, e) if c is None else c
-    _requantize(acc, R, c, g, e, B if has_bias else g, has_bias, out, job_count(acc.shape[0]))
+    B = B if has_bias else g
+    _requantize(acc, R, c, g, e, B, B.astype(np.float64), has_bias, out, job_count(acc.shape[0]))
     return out
 
 
