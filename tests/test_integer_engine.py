@@ -123,7 +123,10 @@ def test_row_codes_are_exact_at_every_tie_and_on_both_sides_of_the_float64_bound
                 rows.append((qmax, np.minimum(v, m).astype(np.int64)))
     # exact ties where the float64 estimate falls just below the quotient c: floor(c 2m fl(1/(2m)))
     # = c - 1 (found by a seeded search over m < 2**45), so only the correction step is right
-    for c, m in ((1, 29628570479850), (3, 13788472014314), (5, 2059171680226), (64, 32114731857096)):
+    # (the exact pass), and ties where the fast pass's y = |v| fl(qmax / m) + 1/2 falls just below c
+    # (only the margin sends them to the exact pass)
+    for c, m in ((1, 29628570479850), (3, 13788472014314), (5, 2059171680226), (64, 32114731857096),
+                 (127, 13944655953152), (61, 13049372508264), (105, 7080824942716), (32, 16323889437500)):  # fmt: skip
         rows.append((127, np.array([m, m * (2 * c - 1) // 254, -(m * (2 * c - 1) // 254)], np.int64)))
     for qmax, v in rows:
         out = np.zeros((1, v.size), np.int8), np.zeros(1, np.int64)

@@ -70,14 +70,48 @@ def _isqrt(v):
 
 
 EXACT = 2**45  # m below: 2 qmax |v| + m and the products checked stay below 2**53, exact in float64
+CODE_MARGIN = 2.0**-30  # the codes' estimate errs by under 2**-43: |y| <= qmax + 1/2 < 2**8, four roundings
+
+
+@ijit
+def _estimate_codes(v, m, q, qmax):
+    """The codes' fast pass: ``y = |v| fl(qmax / m) + 1/2`` estimates ``(2 qmax |v| + m) / (2 m)``
+    within 2**-43 (each operand and operation one rounding of relative 2**-53, any m), so
+    ``floor(y)`` is the code unless y lies within ``CODE_MARGIN`` of an integer (every exact
+    tie does): returns whether any element did (then the row needs the exact pass)."""
+    sc = np.float64(qmax) / np.float64(m)
+    unsure = False
+    for k in range(v.shape[0]):
+        x = np.float64(v[k])
+        y = abs(x) * sc + 0.5
+        c = np.floor(y)
+        f = y - c  # exact
+        unsure |= (f < CODE_MARGIN) | (f > 1.0 - CODE_MARGIN)
+        q[k] = np.int32(c if x >= 0 else -c)
+    return unsure
+
+
+@ijit
+def _exact_codes(v, m, q, qmax):
+    """The codes' exact pass for ``m < 2**45``: each quotient on the integers held exactly in
+    float64, a reciprocal's estimate (within one of it) corrected to the exact floor by one
+    step either way, as ``_isqrt`` is; 2x a 64-bit division."""
+    d = np.float64(2 * m)
+    inv, qm2, mf = 1.0 / d, np.float64(2 * qmax), np.float64(m)
+    for k in range(v.shape[0]):
+        x = np.float64(v[k])
+        num = qm2 * abs(x) + mf
+        c = np.floor(num * inv)
+        c = c - 1.0 if c * d > num else c
+        c = c + 1.0 if (c + 1.0) * d <= num else c
+        q[k] = np.int32(c if x >= 0 else -c)
 
 
 @jit
 def _row_codes(v, q, qmax):
-    """Codes of one int64 row into ``q`` (int8): ``sign(v) floor((2 qmax |v| + m) / (2 m))``,
-    0 where ``m = max |v| = 0``; returns m. For ``m < 2**45`` each quotient is taken on the
-    integers held exactly in float64: a reciprocal's estimate (within one of it), corrected
-    to the exact floor by one step either way, as ``_isqrt`` is; 2x a 64-bit division."""
+    """Codes of one integer row into ``q`` (int8): ``sign(v) floor((2 qmax |v| + m) / (2 m))``,
+    0 where ``m = max |v| = 0``; returns m. The estimate, then (rows it is unsure of) the
+    exact pass: float64 quotients for ``m < 2**45``, int64 divisions above."""
     m = I64(0)
     for k in range(v.shape[0]):
         a = abs(I64(v[k]))
@@ -85,21 +119,29 @@ def _row_codes(v, q, qmax):
     if m == 0:
         q[:] = 0
         return m
+    if not _estimate_codes(v, m, q, qmax):
+        return m
     if m < EXACT:
-        d = np.float64(2 * m)
-        inv, qm2, mf = 1.0 / d, np.float64(2 * qmax), np.float64(m)
-        for k in range(v.shape[0]):
-            x = np.float64(v[k])
-            num = qm2 * abs(x) + mf
-            c = np.floor(num * inv)
-            c = c - 1.0 if c * d > num else c
-            c = c + 1.0 if (c + 1.0) * d <= num else c
-            q[k] = np.int32(c if x >= 0 else -c)
+        _exact_codes(v, m, q, qmax)
         return m
     for k in range(v.shape[0]):
         c = (2 * qmax * abs(I64(v[k])) + m) // (2 * m)
         q[k] = c if v[k] >= 0 else -c
     return m
+
+
+@jit
+def _row_codes_f64(v, q, qmax):
+    """``_row_codes`` of a float64 row holding integers below 2**45 in magnitude."""
+    m = 0.0
+    for k in range(v.shape[0]):
+        m = max(m, abs(v[k]))
+    if m == 0.0:
+        q[:] = 0
+        return I64(0)
+    if _estimate_codes(v, m, q, qmax):
+        _exact_codes(v, I64(m), q, qmax)
+    return I64(m)
 
 
 @pjit
@@ -188,13 +230,20 @@ def requantize(acc: np.ndarray, R: np.ndarray, g, e, B, out: np.ndarray, c=None)
     return out
 
 
-@jit
+GELU_U = INV_SQRT2 * 2.0**-FRAC  # exact: a 16-bit integer times a power of two
+GELU_T = GELU_A * 2.0 ** (-2 * FRAC)
+
+
+@ijit
 def _gelu(h):
-    u = _shift_round(abs(h) * INV_SQRT2, FRAC)
+    """``integer.gelu`` of one Q16 value (``|h| <= 2**25``) held in float64: every product
+    below 2**48 (``|h| * 46341``, ``A t**2``, ``h (2**16 + sign erf)``), so each
+    ``shift_round`` is an exact ``floor(x 2**-k + 1/2)``, in vectorizable float64 lanes."""
+    u = np.floor(abs(h) * GELU_U + 0.5)
     t = min(u, -GELU_B) + GELU_B
-    erf = _shift_round(GELU_A * t * t, 2 * FRAC) + INT_ONE
-    sign = 1 if h > 0 else -1 if h < 0 else 0
-    return _shift_round(h * (INT_ONE + sign * erf), FRAC + 1)
+    erf = np.floor(t * t * GELU_T + 0.5) + INT_ONE
+    k = INT_ONE + erf if h >= 0 else INT_ONE - erf  # h = 0: 0 either way
+    return np.floor(h * k * 2.0 ** -(FRAC + 1) + 0.5)
 
 
 @pjit
@@ -202,14 +251,14 @@ def _codes_of_rows(v, gelu, qmax, q, R, P):
     """The codes of each row of ``v`` (T, N), or of its i-GELU when ``gelu``."""
     T, N = v.shape
     for p in numba.prange(P):
-        g = np.empty(N, dtype=v.dtype)  # |gelu(v)| <= |v|; int32 rows (the engine's) convert to float64 in vectors
+        g = np.empty(N, dtype=np.float64)
         for t in range(p * T // P, (p + 1) * T // P):
             if not gelu:
                 R[t] = _row_codes(v[t], q[t], qmax)
                 continue
             for n in range(N):
-                g[n] = _gelu(I64(v[t, n]))
-            R[t] = _row_codes(g, q[t], qmax)
+                g[n] = _gelu(np.float64(v[t, n]))
+            R[t] = _row_codes_f64(g, q[t], qmax)
 
 
 def codes_rows(v: np.ndarray, qmax: int, out) -> tuple:
@@ -219,7 +268,7 @@ def codes_rows(v: np.ndarray, qmax: int, out) -> tuple:
 
 
 def gelu_codes(h: np.ndarray, qmax: int, out) -> tuple:
-    """``integer.codes(integer.gelu(h))`` of int64 rows (T, N) into ``out``."""
+    """``integer.codes(integer.gelu(h))`` of integer rows (T, N), ``|h| <= 2**25``, into ``out``."""
     _codes_of_rows(h, True, I64(qmax), *out, job_count(h.shape[0]))
     return out
 
