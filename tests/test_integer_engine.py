@@ -65,9 +65,14 @@ def test_row_kernels_equal_their_references(seed):
     g, e = I.dyadic(rng.uniform(1e-4, 2.0, 48))
     bias = I.to_q16(rng.standard_normal(48))
     y = np.zeros((T, 48), np.int64)
+    acc = matmul(xq, PreparedTernary(codes, np.ones(48, np.float32)))
     for b in (bias, None):
-        intops.requantize(matmul(xq, PreparedTernary(codes, np.ones(48, np.float32))), R, g, e, b, y)
+        intops.requantize(acc, R, g, e, b, y)
         assert np.array_equal(y, I.linear(xq, R, codes, g, e, b))
+    x = rng.integers(-I.SAT, I.SAT + 1, (T, 48)).astype(np.int32)  # a residual stream, clamped after the sum
+    want = np.clip(x + I.linear(xq, R, codes, g, e, bias), -I.SAT, I.SAT)
+    intops.requantize(acc, R, g, e, bias, y, residual=x)
+    assert np.array_equal(x, want) and np.array_equal(y, I.linear(xq, R, codes, g, e, bias))
 
 
 def test_requantize_is_exact_at_ties_beside_them_and_past_the_estimates_bound():

@@ -81,7 +81,7 @@ class Step:
     ``part``: what ``bench --layers`` times it as (None: not timed). ``reads``: (layer, its
     input codes), copied into ``Engine.record`` before the call. ``makes``: codes the call
     fills besides, by site (the int8 attention's q, k, v, p), copied after it. ``ends``:
-    (stage, the array holding it), copied into ``Engine.trace`` after the call.
+    (stage, the array holding it) pairs, copied into ``Engine.trace`` after the call.
     """
 
     part: str | None
@@ -89,7 +89,7 @@ class Step:
     args: tuple
     reads: tuple[str, np.ndarray] | None = None
     makes: dict[str, np.ndarray] = field(default_factory=dict)
-    ends: tuple[str, np.ndarray] | None = None
+    ends: tuple[tuple[str, np.ndarray], ...] = ()
 
 
 @dataclass
@@ -228,10 +228,10 @@ class Engine:
         x = self._buf("x", (B, cfg.num_tokens, D))
         steps = [Step("patch_embed", _patchify_into, (images, cfg.patch_size, patches))]
         steps += self.site("patch_embed.proj", patches, emb)
-        steps[-1].ends = "patch_embed", emb.reshape(B, Np, D)
+        steps[-1].ends = (("patch_embed", emb.reshape(B, Np, D)),)
         pos = self.p["pos_embed"][0, 1:]
         return steps + [Step("patch_embed", _tokens_into, (emb.reshape(B, Np, D), self.cls_pos, pos, x),
-                             ends=("tokens", x))]  # fmt: skip
+                             ends=(("tokens", x),))]  # fmt: skip
 
     def _head_steps(self, B: int) -> list[Step]:
         cfg = self.cfg
@@ -241,7 +241,7 @@ class Engine:
         if self.trace is not None:  # the final norm of every token, as the oracle records it
             steps.append(Step(None, self._trace_norm, (x,)))
         steps += self.site("head", cls, logits, norm="norm")
-        steps[-1].ends = "logits", logits
+        steps[-1].ends = (("logits", logits),)
         return steps
 
     def _trace_norm(self, x: np.ndarray) -> None:
@@ -273,8 +273,8 @@ class Engine:
                 if st.part is not None:
                     timings[st.part] = timings.get(st.part, 0.0) + t1 - t0
                 t0 = t1
-            if trace is not None and st.ends is not None:
-                trace[st.ends[0]] = st.ends[1].copy()
+            if trace is not None:
+                trace.update({stage: a.copy() for stage, a in st.ends})
 
     # -- model ---------------------------------------------------------------------------
     def check_images(self, images: np.ndarray) -> np.ndarray:
@@ -368,7 +368,7 @@ def _ternary_blocks(eng: Engine, B: int) -> list[Step]:
             Step("fc1+gelu+quant", *bind_linear_gelu_quantize(*codes, w["mlp.fc1"], *hidden),
                  reads=(f"{blk}.mlp.fc1", codes[0])),
             Step("fc2", *bind_linear(*hidden, w["mlp.fc2"], x, True), reads=(f"{blk}.mlp.fc2", hidden[0]),
-                 ends=(blk, x3)),
+                 ends=((blk, x3),)),
         ]  # fmt: skip
         if i + 1 < cfg.depth:
             steps.append(Step("norm+quant", *bind_layernorm_quantize(x, *eng._norm(f"blocks.{i + 1}.norm1"), codes)))
@@ -394,7 +394,7 @@ def _bitlinear_blocks(eng: Engine, B: int) -> list[Step]:
         steps += eng.site(f"{blk}.attn.proj", o.reshape(T, D), x, residual=True)
         steps += eng.site(f"{blk}.mlp.fc1", x, hidden, norm=f"{blk}.norm2")
         steps += eng.site(f"{blk}.mlp.fc2", hidden, x, act=True, residual=True)
-        steps[-1].ends = blk, x3
+        steps[-1].ends = ((blk, x3),)
     return steps
 
 
@@ -426,12 +426,13 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
         q = eng._buf(f"icodes{name}{rows}x{width}", (rows, width), np.int8)
         return q, eng._buf(f"iR{name}{rows}", (rows,), i64)
 
-    def site(layer: str, src: tuple, dest: np.ndarray, part: str, stage: str | None = None) -> Step:
+    def site(layer: str, src: tuple, dest: np.ndarray, part: str, stage: str | None = None, residual=None) -> Step:
+        """``layer`` of codes ``src`` into ``dest`` (and added into ``residual``, clamped)."""
         _, g, e, bias = ip.linear[layer]
         w = eng.ternary.get(layer) or ip.linear[layer][0]
-        ends = None if stage is None else (stage, dest.reshape(B, -1, dest.shape[1]))
+        ends = () if stage is None else ((stage, dest.reshape(B, -1, dest.shape[1])),)
         acc = eng._buf(f"iacc{dest.shape[0]}x{dest.shape[1]}", dest.shape, np.int32)
-        args = (*src, w, g, e, bias, dest, acc, requant_scales(g, e))
+        args = (*src, w, g, e, bias, dest, acc, requant_scales(g, e), residual)
         return Step(part, _int_linear, args, reads=(layer, src[0]), ends=ends)
 
     images = eng._buf("images", (B, cfg.in_chans, cfg.image_size, cfg.image_size))
@@ -454,21 +455,20 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
             Step("norm+quant", layernorm_codes, (x, *ip.norms[f"{blk}.norm1"], ip.eps, ACT_QMAX, cx)),
             site(f"{blk}.attn.qkv", cx, qkv, "qkv", f"{blk}.attn.qkv"),
             Step("attention+quant", attention_codes, (qkv, B, cfg.heads, bits, pbits, clip, cx, att)),
-            site(f"{blk}.attn.proj", cx, out, "proj", f"{blk}.attn.proj"),
-            Step("proj", _int_residual, (x, out)),
+            site(f"{blk}.attn.proj", cx, out, "proj", f"{blk}.attn.proj", residual=x),
             Step("norm+quant", layernorm_codes, (x, *ip.norms[f"{blk}.norm2"], ip.eps, ACT_QMAX, cx)),
             site(f"{blk}.mlp.fc1", cx, hidden, "fc1", f"{blk}.mlp.fc1"),
             Step("gelu+quant", gelu_codes, (hidden, ACT_QMAX, ch)),
-            site(f"{blk}.mlp.fc2", ch, out, "fc2", f"{blk}.mlp.fc2"),
-            Step("fc2", _int_residual, (x, out), ends=(blk, x3)),
+            site(f"{blk}.mlp.fc2", ch, out, "fc2", f"{blk}.mlp.fc2", residual=x),
         ]
+        steps[-1].ends += ((blk, x3),)
     cls, ccls = eng._buf("clsi", (B, D), i32), codes(B, D, "cls")
     q16, logits = eng._buf("q16", (B, cfg.num_classes), i64), eng._buf("logitsi", (B, cfg.num_classes), np.float64)
     head = [
         Step(None, np.copyto, (cls, x3[:, 0])),
         Step("norm+quant", layernorm_codes, (cls, *ip.norms["norm"], ip.eps, ACT_QMAX, ccls)),
         site("head", ccls, q16, "head"),
-        Step(None, np.divide, (q16, float(INT_ONE), logits), ends=("logits", q16)),
+        Step(None, np.divide, (q16, float(INT_ONE), logits), ends=(("logits", q16),)),
     ]
     return Plan(steps, head, x3, logits, q16)
 
@@ -483,19 +483,16 @@ def _int_tokens(emb, cls, pos, x) -> None:
     np.clip(emb + pos[1:], -INT_SAT, INT_SAT, out=x[:, 1:])
 
 
-def _int_linear(q, R, w, g, e, bias, dest, acc, c) -> None:
+def _int_linear(q, R, w, g, e, bias, dest, acc, c, residual) -> None:
     """A linear layer of codes ``q`` standing for ``q R / 127``: ternary ``w`` through the
     kernels' exact int32 products (into ``acc``), int8 weights (a float layer's) through the
-    reference."""
+    reference; added into ``residual`` (clamped) when given."""
     if isinstance(w, PreparedTernary):
-        requantize(matmul(q, w, out=acc), R, g, e, bias, dest, c)
-    else:
-        np.copyto(dest, integer.linear(q, R, w, g, e, bias).reshape(dest.shape))
-
-
-def _int_residual(x, y) -> None:
-    np.add(x, y, out=x)
-    np.clip(x, -INT_SAT, INT_SAT, out=x)
+        requantize(matmul(q, w, out=acc), R, g, e, bias, dest, c, residual)
+        return
+    np.copyto(dest, integer.linear(q, R, w, g, e, bias).reshape(dest.shape))
+    if residual is not None:
+        np.clip(residual + dest, -INT_SAT, INT_SAT, out=residual)
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ SAT_F = np.float64(INT_SAT)
 
 
 @pjit
-def _requantize(acc, R, c, g, e, B, Bf, has_bias, out, P):
+def _requantize(acc, R, c, g, e, B, Bf, has_bias, out, res, has_res, P):
     """``round_div(acc R g, 127 * 2**e) = floor(v + 1/2)`` for ``v = acc R g / (127 * 2**e)``.
 
     Fast pass, in float64 lanes: ``acc R`` is exact (below 2**53) and ``c = g / (127 * 2**e)``
@@ -210,6 +210,9 @@ def _requantize(acc, R, c, g, e, B, Bf, has_bias, out, P):
                     if has_bias:
                         y += B[n]
                     out[t, n] = min(max(y, -INT_SAT), INT_SAT)
+            if has_res:  # the residual stream, clamped (|x + y| <= 2 SAT before)
+                for n in range(N):
+                    res[t, n] = min(max(res[t, n] + out[t, n], -INT_SAT), INT_SAT)
 
 
 def requant_scales(g, e) -> np.ndarray:
@@ -218,15 +221,19 @@ def requant_scales(g, e) -> np.ndarray:
     return np.ldexp(np.asarray(g, np.float64) / ACT_QMAX, -np.asarray(e))
 
 
-def requantize(acc: np.ndarray, R: np.ndarray, g, e, B, out: np.ndarray, c=None) -> np.ndarray:
+def requantize(acc: np.ndarray, R: np.ndarray, g, e, B, out: np.ndarray, c=None, residual=None) -> np.ndarray:
     """``integer.linear``'s second half: int32 sums ``acc`` (T, N) of codes whose rows stand
     for ``q R / 127`` -> Q16 into ``out`` (T, N), saturated at ``+-SAT``. ``|acc R| < 2**53``
     (``|acc| <= 127 K``, ``R <= SAT``: any K below 2**22). ``c``: ``requant_scales(g, e)``,
-    made once per layer by a caller that calls again (else made here)."""
+    made once per layer by a caller that calls again (else made here). ``residual``: Q16
+    rows (T, N) that ``out`` is then added into, row by row while it is in cache, clamped
+    at ``+-SAT`` (``integer``'s residual stream)."""
     has_bias = B is not None
     c = requant_scales(g, e) if c is None else c
     B = B if has_bias else g
-    _requantize(acc, R, c, g, e, B, B.astype(np.float64), has_bias, out, job_count(acc.shape[0]))
+    has_res = residual is not None
+    res = residual if has_res else out
+    _requantize(acc, R, c, g, e, B, B.astype(np.float64), has_bias, out, res, has_res, job_count(acc.shape[0]))
     return out
 
 
