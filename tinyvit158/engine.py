@@ -50,21 +50,20 @@ from tinyvit158.kernels import (
     bind_layernorm_quantize,
     bind_linear,
     bind_linear_gelu_quantize,
+    bind_matmul,
     float_linear,
     gelu,
     gelu_quantize,
     kernel_path,
     layernorm,
-    matmul,
     quantize_rows,
 )
 from tinyvit158.kernels.intops import (
     attention_codes,
+    bind_requantize,
     codes_rows,
     gelu_codes,
     layernorm_codes,
-    requant_scales,
-    requantize,
 )
 from tinyvit158.oracle import patchify
 from tinyvit158.quant import ACT_QMAX
@@ -426,14 +425,20 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
         q = eng._buf(f"icodes{name}{rows}x{width}", (rows, width), np.int8)
         return q, eng._buf(f"iR{name}{rows}", (rows,), i64)
 
-    def site(layer: str, src: tuple, dest: np.ndarray, part: str, stage: str | None = None, residual=None) -> Step:
-        """``layer`` of codes ``src`` into ``dest`` (and added into ``residual``, clamped)."""
+    def site(layer: str, src: tuple, dest: np.ndarray, part: str, stage: str | None = None, residual=None):
+        """Steps of ``layer`` of codes ``src`` into ``dest`` (and added into ``residual``,
+        clamped): a ternary layer's product and requantization, each bound once."""
         _, g, e, bias = ip.linear[layer]
-        w = eng.ternary.get(layer) or ip.linear[layer][0]
         ends = () if stage is None else ((stage, dest.reshape(B, -1, dest.shape[1])),)
+        w = eng.ternary.get(layer)
+        if w is None:  # int8 weights (a float layer's): the reference
+            args = (*src, ip.linear[layer][0], g, e, bias, dest, residual)
+            return [Step(part, _int8_linear, args, reads=(layer, src[0]), ends=ends)]
         acc = eng._buf(f"iacc{dest.shape[0]}x{dest.shape[1]}", dest.shape, np.int32)
-        args = (*src, w, g, e, bias, dest, acc, requant_scales(g, e), residual)
-        return Step(part, _int_linear, args, reads=(layer, src[0]), ends=ends)
+        return [
+            Step(part, *bind_matmul(src[0], w, acc), reads=(layer, src[0])),
+            Step(part, *bind_requantize(acc, src[1], g, e, bias, dest, residual), ends=ends),
+        ]
 
     images = eng._buf("images", (B, cfg.in_chans, cfg.image_size, cfg.image_size))
     i32 = np.int32  # Q16 activations: every one is saturated at |v| <= SAT < 2**24
@@ -445,7 +450,7 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
     patches, cx, ch = codes(B * Np, cfg.patch_dim), codes(T, D), codes(T, H)
     steps = [
         Step("patch_embed", _int_patch_codes, (images, cfg.patch_size, *patches)),
-        site("patch_embed.proj", patches, emb, "patch_embed", "patch_embed"),
+        *site("patch_embed.proj", patches, emb, "patch_embed", "patch_embed"),
         Step("patch_embed", _int_tokens, (emb.reshape(B, Np, D), ip.cls_token[0], ip.pos_embed[0], x3)),
     ]
     bits, pbits, clip = cfg.attention_bits, cfg.attention_prob_bits, cfg.attention_prob_clip
@@ -453,13 +458,13 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
         blk = f"blocks.{i}"
         steps += [
             Step("norm+quant", layernorm_codes, (x, *ip.norms[f"{blk}.norm1"], ip.eps, ACT_QMAX, cx)),
-            site(f"{blk}.attn.qkv", cx, qkv, "qkv", f"{blk}.attn.qkv"),
+            *site(f"{blk}.attn.qkv", cx, qkv, "qkv", f"{blk}.attn.qkv"),
             Step("attention+quant", attention_codes, (qkv, B, cfg.heads, bits, pbits, clip, cx, att)),
-            site(f"{blk}.attn.proj", cx, out, "proj", f"{blk}.attn.proj", residual=x),
+            *site(f"{blk}.attn.proj", cx, out, "proj", f"{blk}.attn.proj", residual=x),
             Step("norm+quant", layernorm_codes, (x, *ip.norms[f"{blk}.norm2"], ip.eps, ACT_QMAX, cx)),
-            site(f"{blk}.mlp.fc1", cx, hidden, "fc1", f"{blk}.mlp.fc1"),
+            *site(f"{blk}.mlp.fc1", cx, hidden, "fc1", f"{blk}.mlp.fc1"),
             Step("gelu+quant", gelu_codes, (hidden, ACT_QMAX, ch)),
-            site(f"{blk}.mlp.fc2", ch, out, "fc2", f"{blk}.mlp.fc2", residual=x),
+            *site(f"{blk}.mlp.fc2", ch, out, "fc2", f"{blk}.mlp.fc2", residual=x),
         ]
         steps[-1].ends += ((blk, x3),)
     cls, ccls = eng._buf("clsi", (B, D), i32), codes(B, D, "cls")
@@ -467,7 +472,7 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
     head = [
         Step(None, np.copyto, (cls, x3[:, 0])),
         Step("norm+quant", layernorm_codes, (cls, *ip.norms["norm"], ip.eps, ACT_QMAX, ccls)),
-        site("head", ccls, q16, "head"),
+        *site("head", ccls, q16, "head"),
         Step(None, np.divide, (q16, float(INT_ONE), logits), ends=(("logits", q16),)),
     ]
     return Plan(steps, head, x3, logits, q16)
@@ -483,13 +488,9 @@ def _int_tokens(emb, cls, pos, x) -> None:
     np.clip(emb + pos[1:], -INT_SAT, INT_SAT, out=x[:, 1:])
 
 
-def _int_linear(q, R, w, g, e, bias, dest, acc, c, residual) -> None:
-    """A linear layer of codes ``q`` standing for ``q R / 127``: ternary ``w`` through the
-    kernels' exact int32 products (into ``acc``), int8 weights (a float layer's) through the
-    reference; added into ``residual`` (clamped) when given."""
-    if isinstance(w, PreparedTernary):
-        requantize(matmul(q, w, out=acc), R, g, e, bias, dest, c, residual)
-        return
+def _int8_linear(q, R, w, g, e, bias, dest, residual) -> None:
+    """A layer of int8 weights (a float layer's) on codes ``q`` standing for ``q R / 127``,
+    by the reference; added into ``residual`` (clamped) when given."""
     np.copyto(dest, integer.linear(q, R, w, g, e, bias).reshape(dest.shape))
     if residual is not None:
         np.clip(residual + dest, -INT_SAT, INT_SAT, out=residual)

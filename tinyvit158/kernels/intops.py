@@ -221,19 +221,25 @@ def requant_scales(g, e) -> np.ndarray:
     return np.ldexp(np.asarray(g, np.float64) / ACT_QMAX, -np.asarray(e))
 
 
-def requantize(acc: np.ndarray, R: np.ndarray, g, e, B, out: np.ndarray, c=None, residual=None) -> np.ndarray:
+def bind_requantize(acc: np.ndarray, R: np.ndarray, g, e, B, out: np.ndarray, residual=None):
+    """``(kernel, args)`` whose call is :func:`requantize` of these arrays, for a caller that
+    repeats it on buffers it refills (the integer engine's plan): the scales, the bias in
+    float64 and the job count made once."""
+    has_bias, has_res = B is not None, residual is not None
+    B = B if has_bias else g
+    res = residual if has_res else out
+    c = requant_scales(g, e)
+    return _requantize, (acc, R, c, g, e, B, B.astype(np.float64), has_bias, out, res, has_res, job_count(acc.shape[0]))
+
+
+def requantize(acc: np.ndarray, R: np.ndarray, g, e, B, out: np.ndarray, residual=None) -> np.ndarray:
     """``integer.linear``'s second half: int32 sums ``acc`` (T, N) of codes whose rows stand
     for ``q R / 127`` -> Q16 into ``out`` (T, N), saturated at ``+-SAT``. ``|acc R| < 2**53``
-    (``|acc| <= 127 K``, ``R <= SAT``: any K below 2**22). ``c``: ``requant_scales(g, e)``,
-    made once per layer by a caller that calls again (else made here). ``residual``: Q16
-    rows (T, N) that ``out`` is then added into, row by row while it is in cache, clamped
-    at ``+-SAT`` (``integer``'s residual stream)."""
-    has_bias = B is not None
-    c = requant_scales(g, e) if c is None else c
-    B = B if has_bias else g
-    has_res = residual is not None
-    res = residual if has_res else out
-    _requantize(acc, R, c, g, e, B, B.astype(np.float64), has_bias, out, res, has_res, job_count(acc.shape[0]))
+    (``|acc| <= 127 K``, ``R <= SAT``: any K below 2**22). ``residual``: Q16 rows (T, N)
+    that ``out`` is then added into, row by row while it is in cache, clamped at ``+-SAT``
+    (``integer``'s residual stream)."""
+    fn, args = bind_requantize(acc, R, g, e, B, out, residual)
+    fn(*args)
     return out
 
 

@@ -277,6 +277,22 @@ def matmul(x_q: np.ndarray, w: PreparedTernary, path: str | None = None, out: np
     return out
 
 
+def bind_matmul(x_q: np.ndarray, w: PreparedTernary, out: np.ndarray):
+    """``(kernel, args)`` whose call computes :func:`matmul` of these (checked) arrays into
+    ``out``, for a caller that repeats it on buffers it refills (the integer engine's plan):
+    the tiled paths' raw kernel where it reads ``x_q`` in place (K % 4 == 0; at batch 1 the
+    wrapper's checks took a third of a small layer's call), else :func:`matmul`."""
+    x_q = _check_x(x_q, w)
+    out = check_out(out, (x_q.shape[0], w.out_features), np.int32, "out")
+    path = kernel_path()
+    if path in _TILED and w.in_features % 4 == 0:
+        x, K = vnni.prepared(x_q, w.vnni)
+        e = vnni.NONE_F32
+        return _TILED[path], (x, w.vnni.wl, K, x_q.shape[0], w.vnni.n, w.vnni.packed, numba.get_num_threads(),
+                              False, e, e, e, False, e, False, out)  # fmt: skip
+    return matmul, (x_q, w, path, out)
+
+
 def _check_sx(s_x: np.ndarray, x_q: np.ndarray) -> np.ndarray:
     if not isinstance(s_x, np.ndarray) or s_x.dtype != np.float32 or s_x.shape != x_q.shape[:1]:
         raise TinyViTError(
