@@ -9,15 +9,17 @@ other value int64, and every bound that keeps an intermediate inside int64 is th
 reference's (stated there). Float64 appears as a carrier of exact integers, or as an
 estimate used only where its error bound proves it equal to them: in ``_isqrt`` (the
 correctly rounded square root as a first guess, corrected to ``floor(sqrt(v))``, as the
-reference does), in ``_row_codes``' quotients (integers below 2**53, a reciprocal's
-estimate corrected to the exact floor), in ``_requantize`` (an estimate away from every
-tie; the rows it is unsure of are redone in int64) and in ``_attention_codes`` (every
-integer below 2**53 by a bound checked per image and head, its quotients corrected as
-``_row_codes``' are; float32 where the code products' sums stay below 2**24).
+reference does), in the codes (an estimate away from every tie; a row holding a near-tie
+takes quotients of integers below 2**53, a reciprocal's estimate corrected to the exact
+floor), in ``_requantize`` (likewise; the rows it is unsure of are redone in int64), in
+i-GELU (every product below 2**48) and in ``_attention_codes`` (every integer below 2**53
+by a bound checked per image and head, its quotients corrected as the codes' are; float32
+where the code products' sums stay below 2**24).
 
 - :func:`layernorm_codes`: the integer LayerNorm of Q16 rows, straight to int8 codes and
   their Q16 absmax ``R``.
-- :func:`requantize`: a product's int32 sums to Q16, ``round_div(acc R g, qmax 2**e) + B``.
+- :func:`requantize` (:func:`bind_requantize`): a product's int32 sums to Q16,
+  ``round_div(acc R g, qmax 2**e) + B``, optionally added into the residual stream.
 - :func:`codes_rows`, :func:`gelu_codes`: a row's codes (after i-GELU).
 - :func:`attention_codes`: the integer attention of one batch, to the proj layer's codes.
 """
