@@ -134,23 +134,35 @@ def _row_codes(v, q, qmax):
 
 @jit
 def _row_codes_f64(v, q, qmax):
-    """``_row_codes`` of a float64 row holding integers below 2**45 in magnitude."""
+    """``_row_codes`` of a float64 row holding integers below 2**53 in magnitude."""
     m = 0.0
     for k in range(v.shape[0]):
         m = max(m, abs(v[k]))
     if m == 0.0:
         q[:] = 0
         return I64(0)
-    if _estimate_codes(v, m, q, qmax):
-        _exact_codes(v, I64(m), q, qmax)
-    return I64(m)
+    mi = I64(m)
+    if not _estimate_codes(v, m, q, qmax):
+        return mi
+    if mi < EXACT:
+        _exact_codes(v, mi, q, qmax)
+        return mi
+    for k in range(v.shape[0]):
+        c = (2 * qmax * abs(I64(v[k])) + mi) // (2 * mi)
+        q[k] = c if v[k] >= 0 else -c
+    return mi
 
 
 @pjit
 def _layernorm_codes(z, G, B, E, qmax, q, R, P):
+    """Per row: mean and variance in int64 (``d`` in int32: ``|d| <= 2**25``; each square from
+    two int32 lanes), ``T = G d + B s`` in float64 (each product below 2**48, their sum below
+    2**49: exact), then its codes."""
     T, D = z.shape
+    Gf, Bf = G.astype(np.float64), B.astype(np.float64)
     for p in numba.prange(P):
-        d = np.empty(D, dtype=np.int64)
+        d = np.empty(D, dtype=np.int32)
+        v = np.empty(D, dtype=np.float64)
         for t in range(p * T // P, (p + 1) * T // P):
             total = I64(0)
             for k in range(D):
@@ -158,12 +170,13 @@ def _layernorm_codes(z, G, B, E, qmax, q, R, P):
             mu = _round_div(total, I64(D))
             ss = I64(0)
             for k in range(D):
-                d[k] = z[t, k] - mu
-                ss += d[k] * d[k]
+                d[k] = np.int32(z[t, k] - mu)
+                ss += I64(d[k]) * I64(d[k])
             s = _isqrt(_round_div(ss, I64(D)) + E)
+            sf = np.float64(s)
             for k in range(D):
-                d[k] = G[k] * d[k] + B[k] * s
-            m = _row_codes(d, q[t], qmax)
+                v[k] = Gf[k] * np.float64(d[k]) + Bf[k] * sf
+            m = _row_codes_f64(v, q[t], qmax)
             R[t] = min(_round_div(m, s), INT_SAT)
 
 
