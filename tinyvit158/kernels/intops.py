@@ -95,9 +95,14 @@ def _estimate_codes(v, m, q, qmax):
 
 @ijit
 def _exact_codes(v, m, q, qmax):
-    """The codes' exact pass for ``m < 2**45``: each quotient on the integers held exactly in
-    float64, a reciprocal's estimate (within one of it) corrected to the exact floor by one
-    step either way, as ``_isqrt`` is; 2x a 64-bit division."""
+    """The codes' exact pass. For ``m < 2**45`` each quotient on the integers held exactly in
+    float64: a reciprocal's estimate (within one of it) corrected to the exact floor by one
+    step either way, as ``_isqrt`` is (2x a 64-bit division); int64 divisions above."""
+    if m >= EXACT:
+        for k in range(v.shape[0]):
+            c = (2 * qmax * abs(I64(v[k])) + m) // (2 * m)
+            q[k] = c if v[k] >= 0 else -c
+        return
     d = np.float64(2 * m)
     inv, qm2, mf = 1.0 / d, np.float64(2 * qmax), np.float64(m)
     for k in range(v.shape[0]):
@@ -113,22 +118,15 @@ def _exact_codes(v, m, q, qmax):
 def _row_codes(v, q, qmax):
     """Codes of one integer row into ``q`` (int8): ``sign(v) floor((2 qmax |v| + m) / (2 m))``,
     0 where ``m = max |v| = 0``; returns m. The estimate, then (rows it is unsure of) the
-    exact pass: float64 quotients for ``m < 2**45``, int64 divisions above."""
+    exact pass."""
     m = I64(0)
     for k in range(v.shape[0]):
         a = abs(I64(v[k]))
         m = a if a > m else m
     if m == 0:
         q[:] = 0
-        return m
-    if not _estimate_codes(v, m, q, qmax):
-        return m
-    if m < EXACT:
+    elif _estimate_codes(v, m, q, qmax):
         _exact_codes(v, m, q, qmax)
-        return m
-    for k in range(v.shape[0]):
-        c = (2 * qmax * abs(I64(v[k])) + m) // (2 * m)
-        q[k] = c if v[k] >= 0 else -c
     return m
 
 
@@ -140,17 +138,9 @@ def _row_codes_f64(v, q, qmax):
         m = max(m, abs(v[k]))
     if m == 0.0:
         q[:] = 0
-        return I64(0)
-    mi = I64(m)
-    if not _estimate_codes(v, m, q, qmax):
-        return mi
-    if mi < EXACT:
-        _exact_codes(v, mi, q, qmax)
-        return mi
-    for k in range(v.shape[0]):
-        c = (2 * qmax * abs(I64(v[k])) + mi) // (2 * mi)
-        q[k] = c if v[k] >= 0 else -c
-    return mi
+    elif _estimate_codes(v, m, q, qmax):
+        _exact_codes(v, I64(m), q, qmax)
+    return I64(m)
 
 
 @pjit
