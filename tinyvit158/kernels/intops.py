@@ -76,6 +76,16 @@ CODE_MARGIN = 2.0**-30  # the codes' estimate errs by under 2**-43: |y| <= qmax 
 
 
 @ijit
+def _floor_div(num, d2, inv):
+    """``floor(num / d2)`` of integers held in float64, ``|num| < 2**53``, ``0 < d2 < 2**53``,
+    ``inv = fl(1 / d2)``, quotient below 2**50: the estimate is within one of the floor, and
+    each correcting product is exact or (past 2**53) still on the right side of ``num``."""
+    c = np.floor(num * inv)
+    c = c - 1.0 if c * d2 > num else c
+    return c + 1.0 if (c + 1.0) * d2 <= num else c
+
+
+@ijit
 def _estimate_codes(v, m, q, qmax):
     """The codes' fast pass: ``y = |v| fl(qmax / m) + 1/2`` estimates ``(2 qmax |v| + m) / (2 m)``
     within 2**-43 (each operand and operation one rounding of relative 2**-53, any m), so
@@ -96,8 +106,7 @@ def _estimate_codes(v, m, q, qmax):
 @ijit
 def _exact_codes(v, m, q, qmax):
     """The codes' exact pass. For ``m < 2**45`` each quotient on the integers held exactly in
-    float64: a reciprocal's estimate (within one of it) corrected to the exact floor by one
-    step either way, as ``_isqrt`` is (2x a 64-bit division); int64 divisions above."""
+    float64 (``_floor_div``; 2x a 64-bit division); int64 divisions above."""
     if m >= EXACT:
         for k in range(v.shape[0]):
             c = (2 * qmax * abs(I64(v[k])) + m) // (2 * m)
@@ -107,10 +116,7 @@ def _exact_codes(v, m, q, qmax):
     inv, qm2, mf = 1.0 / d, np.float64(2 * qmax), np.float64(m)
     for k in range(v.shape[0]):
         x = np.float64(v[k])
-        num = qm2 * abs(x) + mf
-        c = np.floor(num * inv)
-        c = c - 1.0 if c * d > num else c
-        c = c + 1.0 if (c + 1.0) * d <= num else c
+        c = _floor_div(qm2 * abs(x) + mf, d, inv)
         q[k] = np.int32(c if x >= 0 else -c)
 
 
@@ -343,16 +349,6 @@ def _attention_unit_int64(qkv, b, h, N, H, hd, qmax, L, j, inv_sqrt, o):
             for jj in range(N):
                 acc += row[jj] * I64(vc[d, jj])
             o[base + i, h * hd + d] = _round_div(acc * Rv[d], L * qmax * (I64(1) << j))
-
-
-@ijit
-def _floor_div(num, d2, inv):
-    """``floor(num / d2)`` of integers held in float64, ``|num| < 2**53``, ``0 < d2 < 2**53``,
-    ``inv = fl(1 / d2)``, quotient below 2**50: the estimate is within one of the floor, and
-    each correcting product is exact or (past 2**53) still on the right side of ``num``."""
-    c = np.floor(num * inv)
-    c = c - 1.0 if c * d2 > num else c
-    return c + 1.0 if (c + 1.0) * d2 <= num else c
 
 
 F32_EXACT = 2.0**24  # integers below it are exact in float32, and so is each partial sum
