@@ -16,7 +16,8 @@ from kernel_paths import KERNEL_PATHS, kernel
 from tinyvit158 import integer as I
 from tinyvit158.config import get_preset
 from tinyvit158.engine import Engine
-from tinyvit158.kernels import PreparedTernary, intops, matmul
+from tinyvit158.kernels import PreparedTernary, bind_int_linear, intops, matmul
+from tinyvit158.kernels.linear import INT_ROWS
 from tinyvit158.weights import load_weights, random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +139,44 @@ def test_row_codes_are_exact_at_every_tie_and_on_both_sides_of_the_float64_bound
         q, R = intops.codes_rows(v[None], qmax, out)
         q_ref, R_ref = I.codes(v[None], qmax)
         assert np.array_equal(q, q_ref) and np.array_equal(R, R_ref), (qmax, int(R_ref[0]))
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
+def test_one_pass_layers_equal_the_product_then_the_requantization(path, monkeypatch):
+    """``bind_int_linear`` (product, requantization, residual add or i-GELU codes in one pass)
+    against ``integer.linear`` (+ residual, + gelu + codes): row counts around the kernel's
+    tiles and row groups, without a bias, at exact ties (R = 127, g = 2**15, e = 16: every odd
+    sum is a tie), beside them, and at saturation; None on a path without such a kernel."""
+    path_name, packed = kernel(path)
+    monkeypatch.setenv("TINYVIT158_KERNEL", path_name)
+    rng = np.random.default_rng(8)
+    for T, K, N in ((1, 192, 48), (5, 96, 96), (63, 192, 768), (65, 768, 192), (130, 48, 144)):
+        codes = rng.integers(-1, 2, (N, K)).astype(np.int8)
+        w = PreparedTernary(codes, np.ones(N, np.float32), packed=packed)
+        xq = rng.integers(-127, 128, (T, K)).astype(np.int8)
+        R = rng.integers(0, I.SAT + 1, T).astype(np.int64)
+        R[: T // 2] = 127 * rng.integers(1, 4, T // 2)
+        g, e = I.dyadic(rng.uniform(1e-4, 8.0, N))
+        g[::3], e[::3] = 2**15, 16  # ties where R = 127
+        g[1::3] += 1  # beside them
+        for bias in (I.to_q16(rng.standard_normal(N) * 4), None):
+            y = I.linear(xq, R, codes, g, e, bias)
+            x = rng.integers(-I.SAT, I.SAT + 1, (T, N)).astype(np.int32)
+            x[0] = I.SAT  # the residual stream's clamp
+            want_x = np.clip(x + y, -I.SAT, I.SAT)
+            out, q, Rq = np.zeros((T, N), np.int32), np.zeros((T, N), np.int8), np.zeros(T, np.int64)
+            gq, gR = I.codes(I.gelu(y))
+            calls = [
+                (bind_int_linear(xq, R, w, g, e, bias, out), [(out, y)]),
+                (bind_int_linear(xq, R, w, g, e, bias, out, x), [(x, want_x)]),
+                (bind_int_linear(xq, R, w, g, e, bias, gelu=(q, Rq)), [(q, gq), (Rq, gR)]),
+            ]
+            for bound, pairs in calls:
+                if path_name not in INT_ROWS:
+                    assert bound is None
+                    continue
+                bound[0](*bound[1])
+                assert all(np.array_equal(got, want) for got, want in pairs), (T, K, N, bias is None)
 
 
 def test_attention_is_exact_in_float_lanes_at_their_bounds_and_past_them():

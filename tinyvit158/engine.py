@@ -47,6 +47,7 @@ from tinyvit158.kernels import (
     PreparedTernary,
     attention_op,
     bind_bitlinear_quantize,
+    bind_int_linear,
     bind_layernorm_quantize,
     bind_linear,
     bind_linear_gelu_quantize,
@@ -425,20 +426,27 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
         q = eng._buf(f"icodes{name}{rows}x{width}", (rows, width), np.int8)
         return q, eng._buf(f"iR{name}{rows}", (rows,), i64)
 
-    def site(layer: str, src: tuple, dest: np.ndarray, part: str, stage: str | None = None, residual=None):
+    def site(layer: str, src: tuple, dest: np.ndarray, part: str, stage: str | None = None, residual=None,
+             gelu=None) -> list[Step]:  # fmt: skip
         """Steps of ``layer`` of codes ``src`` into ``dest`` (and added into ``residual``,
-        clamped): a ternary layer's product and requantization, each bound once."""
+        clamped; or, with ``gelu`` codes, then their i-GELU's codes): one pass where the
+        kernel path has one and no trace wants ``dest``, else the product and the
+        requantization (and the i-GELU codes), each bound once."""
         _, g, e, bias = ip.linear[layer]
         ends = () if stage is None else ((stage, dest.reshape(B, -1, dest.shape[1])),)
         w = eng.ternary.get(layer)
         if w is None:  # int8 weights (a float layer's): the reference
             args = (*src, ip.linear[layer][0], g, e, bias, dest, residual)
             return [Step(part, _int8_linear, args, reads=(layer, src[0]), ends=ends)]
+        fused = None if eng.trace is not None else bind_int_linear(*src, w, g, e, bias, dest, residual, gelu)
+        if fused is not None:
+            return [Step(part if gelu is None else "fc1+gelu+quant", *fused, reads=(layer, src[0]))]
         acc = eng._buf(f"iacc{dest.shape[0]}x{dest.shape[1]}", dest.shape, np.int32)
-        return [
+        steps = [
             Step(part, *bind_matmul(src[0], w, acc), reads=(layer, src[0])),
             Step(part, *bind_requantize(acc, src[1], g, e, bias, dest, residual), ends=ends),
         ]
+        return steps if gelu is None else [*steps, Step("gelu+quant", gelu_codes, (dest, ACT_QMAX, gelu))]
 
     images = eng._buf("images", (B, cfg.in_chans, cfg.image_size, cfg.image_size))
     i32 = np.int32  # Q16 activations: every one is saturated at |v| <= SAT < 2**24
@@ -462,8 +470,7 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
             Step("attention+quant", attention_codes, (qkv, B, cfg.heads, bits, pbits, clip, cx, att)),
             *site(f"{blk}.attn.proj", cx, out, "proj", f"{blk}.attn.proj", residual=x),
             Step("norm+quant", layernorm_codes, (x, *ip.norms[f"{blk}.norm2"], ip.eps, ACT_QMAX, cx)),
-            *site(f"{blk}.mlp.fc1", cx, hidden, "fc1", f"{blk}.mlp.fc1"),
-            Step("gelu+quant", gelu_codes, (hidden, ACT_QMAX, ch)),
+            *site(f"{blk}.mlp.fc1", cx, hidden, "fc1", f"{blk}.mlp.fc1", gelu=ch),
             *site(f"{blk}.mlp.fc2", ch, out, "fc2", f"{blk}.mlp.fc2", residual=x),
         ]
         steps[-1].ends += ((blk, x3),)

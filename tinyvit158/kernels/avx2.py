@@ -25,6 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from tinyvit158.kernels.intops import add_residual_row, gelu_row_codes, requantize_row
 from tinyvit158.kernels.jit import pjit
 from tinyvit158.kernels.rowops import gelu_row, quantize_with
 from tinyvit158.kernels.simd import ybroadcast4, ydequant_store, yload, ymaddubs16, ystore, ysubstore, ywiden, yzero
@@ -165,3 +166,43 @@ def linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s)
             for t in range(r0, r1):
                 row = buf[(t - r0) * N : (t - r0 + 1) * N]
                 s[t] = quantize_with(row, q[t], gelu_row(row, row))
+
+
+@pjit
+def int_rows(x, wl, K, T, N, packed, parts, R, c, g, e, B, Bf, has_bias, out, res, has_res, gelu, qmax, q, Rq):
+    """A ternary layer in integer numerics, in one pass (bound by ``linear.bind_int_linear``):
+    64 rows at a time, their int32 sums into a job buffer (in L2), then per row
+    ``intops.requantize_row`` into ``out`` and (``has_res``) its residual add, or (``gelu``)
+    the i-GELU's codes into ``q`` and ``Rq`` with no Q16 row left behind. Needs N % 48 == 0;
+    the integers are those of the product, ``intops.requantize`` and ``intops.gelu_codes``."""
+    G = K // 4
+    NB = N // NC
+    RB = (T + MR - 1) // MR
+    RG = RT * MR
+    for p in numba.prange(parts):
+        w = all_weights(wl, NB, G, packed)  # every block, spread to bytes once a job
+        sums = np.empty(RG, dtype=np.int32)
+        buf = np.empty(RG * N, dtype=np.int32)
+        h = np.empty(N if gelu else 0, dtype=np.int32)
+        f = np.empty(N if gelu else 0, dtype=np.float64)
+        b0, b1 = p * RB // parts, (p + 1) * RB // parts
+        for c0 in range(b0, b1, RT):
+            r0, r1 = c0 * MR, min(min(c0 + RT, b1) * MR, T)
+            _rowsums(x, K, r0, r1, sums)
+            for hb in range(2 * NB):
+                nb, hh = hb // 2, hb % 2
+                for t0 in range(r0, r1, MR):
+                    tile = _tile(x, w, G, K, t0, T, nb, hh)
+                    for r in range(min(MR, r1 - t0)):
+                        t = t0 + r
+                        for v in range(3):  # sum u x - sum x = sum w x, 8 lanes a store
+                            ysubstore(buf, (t - r0) * N + nb * NC + hh * HALF + 8 * v, tile[r * 3 + v], sums[t - r0])
+            for t in range(r0, r1):
+                acc = buf[(t - r0) * N : (t - r0 + 1) * N]
+                if gelu:
+                    requantize_row(acc, R[t], c, g, e, B, Bf, has_bias, h)
+                    Rq[t] = gelu_row_codes(h, f, q[t], qmax)
+                    continue
+                requantize_row(acc, R[t], c, g, e, B, Bf, has_bias, out[t])
+                if has_res:
+                    add_residual_row(res[t], out[t])

@@ -189,41 +189,55 @@ TIE_MARGIN = 2.0**-20
 SAT_F = np.float64(INT_SAT)
 
 
+@ijit
+def requantize_row(acc, r, c, g, e, B, Bf, has_bias, out):
+    """:func:`requantize` of one row: int32 sums ``acc`` (N,) of codes whose row stands for
+    ``q r / 127`` -> Q16 into the int32 row ``out``, saturated (for the fused kernels too).
+
+    Fast pass, in float64 lanes: ``acc r`` is exact (below 2**53) and ``c = g / (127 * 2**e)``
+    is rounded once, so the estimate of ``v = acc r g / (127 * 2**e)`` carries a relative
+    error under 2**-52: under 2**-22 for |v| < 2**30, and ``u = v + 1/2`` rounds by at most
+    2**-23 more. Unless ``u`` lies within ``TIE_MARGIN`` of an integer, ``floor(u)`` is
+    therefore the exact ``round_div``. A row holding any other element (about 1 in 700 of
+    768-wide rows) is redone in int64: ``((2 acc r g + b) >> (e + 1)) // 127`` with
+    ``b = 127 * 2**e`` (floor division by 2**(e+1), then by 127, is floor division by their
+    product)."""
+    rf = np.float64(r)
+    unsure = False
+    for n in range(acc.shape[0]):
+        v = np.float64(acc[n]) * rf * c[n]
+        u = v + 0.5
+        y = np.floor(u)
+        f = u - y  # exact
+        unsure |= (f < TIE_MARGIN) | (f > 1.0 - TIE_MARGIN) | (abs(v) >= ESTIMATE_LIMIT)
+        y = y + Bf[n] if has_bias else y  # exact: two integers below 2**52
+        out[n] = np.int32(min(max(y, -SAT_F), SAT_F))  # float64 -> int32 vectorizes, -> int64 not (AVX2)
+    if unsure:
+        ri = I64(r)
+        for n in range(acc.shape[0]):
+            num = 2 * (I64(acc[n]) * ri * g[n]) + (ACT_QMAX << e[n])
+            y = (num >> (e[n] + 1)) // ACT_QMAX
+            if has_bias:
+                y += B[n]
+            out[n] = min(max(y, -INT_SAT), INT_SAT)
+
+
+@ijit
+def add_residual_row(res, out):
+    """The residual stream's row ``res += out``, clamped at +-SAT (``|res + out| <= 2 SAT`` before)."""
+    for n in range(res.shape[0]):
+        res[n] = min(max(res[n] + out[n], -INT_SAT), INT_SAT)
+
+
 @pjit
 def _requantize(acc, R, c, g, e, B, Bf, has_bias, out, res, has_res, P):
-    """``round_div(acc R g, 127 * 2**e) = floor(v + 1/2)`` for ``v = acc R g / (127 * 2**e)``.
-
-    Fast pass, in float64 lanes: ``acc R`` is exact (below 2**53) and ``c = g / (127 * 2**e)``
-    is rounded once, so the estimate of v carries a relative error under 2**-52: under 2**-22
-    for |v| < 2**30, and ``u = v + 1/2`` rounds by at most 2**-23 more. Unless ``u`` lies within
-    ``TIE_MARGIN`` of an integer, ``floor(u)`` is therefore the exact quotient. A row holding
-    any other element (about 1 in 700 of 768-wide rows) is redone in int64:
-    ``((2 acc R g + b) >> (e + 1)) // 127`` with ``b = 127 * 2**e`` (floor division by
-    2**(e+1), then by 127, is floor division by their product)."""
-    T, N = acc.shape
+    """:func:`requantize_row` of every row, then (``has_res``) its residual add while in cache."""
+    T = acc.shape[0]
     for p in numba.prange(P):
         for t in range(p * T // P, (p + 1) * T // P):
-            r = np.float64(R[t])
-            unsure = False
-            for n in range(N):
-                v = np.float64(acc[t, n]) * r * c[n]
-                u = v + 0.5
-                y = np.floor(u)
-                f = u - y  # exact
-                unsure |= (f < TIE_MARGIN) | (f > 1.0 - TIE_MARGIN) | (abs(v) >= ESTIMATE_LIMIT)
-                y = y + Bf[n] if has_bias else y  # exact: two integers below 2**52
-                out[t, n] = np.int32(min(max(y, -SAT_F), SAT_F))  # float64 -> int32 vectorizes, -> int64 not (AVX2)
-            if unsure:
-                ri = I64(R[t])
-                for n in range(N):
-                    num = 2 * (I64(acc[t, n]) * ri * g[n]) + (ACT_QMAX << e[n])
-                    y = (num >> (e[n] + 1)) // ACT_QMAX
-                    if has_bias:
-                        y += B[n]
-                    out[t, n] = min(max(y, -INT_SAT), INT_SAT)
-            if has_res:  # the residual stream, clamped (|x + y| <= 2 SAT before)
-                for n in range(N):
-                    res[t, n] = min(max(res[t, n] + out[t, n], -INT_SAT), INT_SAT)
+            requantize_row(acc[t], R[t], c, g, e, B, Bf, has_bias, out[t])
+            if has_res:
+                add_residual_row(res[t], out[t])
 
 
 def requant_scales(g, e) -> np.ndarray:
@@ -270,6 +284,14 @@ def _gelu(h):
     return np.floor(h * k * 2.0 ** -(FRAC + 1) + 0.5)
 
 
+@ijit
+def gelu_row_codes(h, g, q, qmax):
+    """The codes of one Q16 row's i-GELU into ``q``, via the float64 row ``g``; returns R."""
+    for n in range(h.shape[0]):
+        g[n] = _gelu(np.float64(h[n]))
+    return _row_codes_f64(g, q, qmax)
+
+
 @pjit
 def _codes_of_rows(v, gelu, qmax, q, R, P):
     """The codes of each row of ``v`` (T, N), or of its i-GELU when ``gelu``."""
@@ -277,12 +299,7 @@ def _codes_of_rows(v, gelu, qmax, q, R, P):
     for p in numba.prange(P):
         g = np.empty(N, dtype=np.float64)
         for t in range(p * T // P, (p + 1) * T // P):
-            if not gelu:
-                R[t] = _row_codes(v[t], q[t], qmax)
-                continue
-            for n in range(N):
-                g[n] = _gelu(np.float64(v[t, n]))
-            R[t] = _row_codes_f64(g, q[t], qmax)
+            R[t] = gelu_row_codes(v[t], g, q[t], qmax) if gelu else _row_codes(v[t], q[t], qmax)
 
 
 def codes_rows(v: np.ndarray, qmax: int, out) -> tuple:

@@ -26,9 +26,11 @@ from llvmlite import binding
 
 from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels import avx2, portable, vnni
+from tinyvit158.kernels.intops import requant_scales
 from tinyvit158.kernels.jit import PYTHON, check_f32_rows, check_out, codes_out, pjit
 from tinyvit158.kernels.rowops import gelu_quantize
 from tinyvit158.packing import unpack
+from tinyvit158.quant import ACT_QMAX
 
 KERNEL_ENV = "TINYVIT158_KERNEL"
 # each path: the CPU features (llvmlite's names) its instructions need
@@ -291,6 +293,33 @@ def bind_matmul(x_q: np.ndarray, w: PreparedTernary, out: np.ndarray):
         return _TILED[path], (x, w.vnni.wl, K, x_q.shape[0], w.vnni.n, w.vnni.packed, numba.get_num_threads(),
                               False, e, e, e, False, e, False, out)  # fmt: skip
     return matmul, (x_q, w, path, out)
+
+
+# the paths with a one-pass integer layer kernel (product, requantization, residual add or
+# i-GELU codes): the kernel, of one signature (``avx2.int_rows``)
+INT_ROWS = {"avx2": avx2.int_rows}
+
+
+def bind_int_linear(x_q: np.ndarray, R: np.ndarray, w: PreparedTernary, g, e, bias, out=None, residual=None,
+                    gelu=None):  # fmt: skip
+    """``(kernel, args)`` of the one-pass integer layer on the path in use, or None where the
+    path has none (then: :func:`bind_matmul` and ``intops.bind_requantize``, the same integers):
+    codes ``x_q`` standing for ``x_q R / 127`` -> Q16 into ``out``, added into ``residual``
+    when given; or, with ``gelu`` = (int8 codes, int64 R), the i-GELU's codes only."""
+    rows = INT_ROWS.get(kernel_path())
+    if rows is None or w.out_features % vnni.NC or w.in_features % 4 or PYTHON:
+        return None
+    x_q = _check_x(x_q, w)
+    T, N = x_q.shape[0], w.out_features
+    has_bias, has_res, has_gelu = bias is not None, residual is not None, gelu is not None
+    q, Rq = gelu if has_gelu else (np.empty((1, 1), np.int8), np.empty(1, np.int64))
+    out = np.empty((1, 1), np.int32) if out is None else check_out(out, (T, N), np.int32, "out")
+    res = check_out(residual, (T, N), np.int32, "residual") if has_res else out
+    B = bias if has_bias else g
+    x, K = vnni.prepared(x_q, w.vnni)
+    c = requant_scales(g, e)
+    return rows, (x, w.vnni.wl, K, T, N, w.vnni.packed, numba.get_num_threads(), R, c, g, e, B,
+                  B.astype(np.float64), has_bias, out, res, has_res, has_gelu, np.int64(ACT_QMAX), q, Rq)  # fmt: skip
 
 
 def _check_sx(s_x: np.ndarray, x_q: np.ndarray) -> np.ndarray:
