@@ -435,8 +435,8 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
         _, g, e, bias = ip.linear[layer]
         ends = () if stage is None else ((stage, dest.reshape(B, -1, dest.shape[1])),)
         w = eng.ternary.get(layer)
-        if w is None:  # int8 weights (a float layer's): the reference
-            args = (*src, ip.linear[layer][0], g, e, bias, dest, residual)
+        if w is None:  # int8 weights (a float layer's: patch embedding or head, never added to the stream)
+            args = (*src, ip.linear[layer][0], g, e, bias, dest)
             return [Step(part, _int8_linear, args, reads=(layer, src[0]), ends=ends)]
         fused = None if eng.trace is not None else bind_int_linear(*src, w, g, e, bias, dest, residual, gelu)
         if fused is not None:
@@ -495,12 +495,9 @@ def _int_tokens(emb, cls, pos, x) -> None:
     np.clip(emb + pos[1:], -INT_SAT, INT_SAT, out=x[:, 1:])
 
 
-def _int8_linear(q, R, w, g, e, bias, dest, residual) -> None:
-    """A layer of int8 weights (a float layer's) on codes ``q`` standing for ``q R / 127``,
-    by the reference; added into ``residual`` (clamped) when given."""
+def _int8_linear(q, R, w, g, e, bias, dest) -> None:
+    """A layer of int8 weights (a float layer's) on codes ``q`` standing for ``q R / 127``, by the reference."""
     np.copyto(dest, integer.linear(q, R, w, g, e, bias).reshape(dest.shape))
-    if residual is not None:
-        np.clip(residual + dest, -INT_SAT, INT_SAT, out=residual)
 
 
 @dataclass(frozen=True)

@@ -288,10 +288,7 @@ def bind_matmul(x_q: np.ndarray, w: PreparedTernary, out: np.ndarray):
     out = check_out(out, (x_q.shape[0], w.out_features), np.int32, "out")
     path = kernel_path()
     if path in _TILED and w.in_features % 4 == 0:
-        x, K = vnni.prepared(x_q, w.vnni)
-        e = vnni.NONE_F32
-        return _TILED[path], (x, w.vnni.wl, K, x_q.shape[0], w.vnni.n, w.vnni.packed, numba.get_num_threads(),
-                              False, e, e, e, False, e, False, out)  # fmt: skip
+        return vnni.bind_tiled_matmul(_TILED[path], x_q, w.vnni, out)
     return matmul, (x_q, w, path, out)
 
 

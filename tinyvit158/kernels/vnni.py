@@ -329,13 +329,20 @@ NONE_F32 = np.empty(0, dtype=np.float32)  # the arguments a kernel call does not
 NONE_I32 = np.empty((0, 0), dtype=np.int32)
 
 
-def tiled_matmul(tiles, x_q: np.ndarray, w: VNNIWeights, acc: np.ndarray) -> np.ndarray:
-    """int32 (T, N) sums into ``acc`` by ``tiles`` (this module's ``linear_tiles`` or a twin
-    with its signature: ``avx2.linear_tiles``); inputs checked by the caller (``kernels.linear``)."""
-    T = x_q.shape[0]
+def bind_tiled_matmul(tiles, x_q: np.ndarray, w: VNNIWeights, acc: np.ndarray):
+    """``(kernel, args)``: the int32 (T, N) sums of ``tiles`` (this module's ``linear_tiles``
+    or a twin with its signature: ``avx2.linear_tiles``) into ``acc``, bound to these arrays;
+    inputs checked by the caller (``kernels.linear``). ``x_q`` is read in place when K % 4 == 0."""
     x, K = prepared(x_q, w)
     e = NONE_F32
-    tiles(x, w.wl, K, T, w.n, w.packed, numba.get_num_threads(), False, e, e, e, False, e, False, acc)
+    return tiles, (x, w.wl, K, x_q.shape[0], w.n, w.packed, numba.get_num_threads(), False, e, e, e, False, e, False,
+                   acc)  # fmt: skip
+
+
+def tiled_matmul(tiles, x_q: np.ndarray, w: VNNIWeights, acc: np.ndarray) -> np.ndarray:
+    """:func:`bind_tiled_matmul`, called once."""
+    fn, args = bind_tiled_matmul(tiles, x_q, w, acc)
+    fn(*args)
     return acc
 
 
