@@ -115,13 +115,19 @@ def test_the_readme_is_a_front_page():
 
 
 def test_the_ledger_totals_are_what_explain_prints():
-    out = run_module("tinyvit158.predict", "examples/cat.jpg", "--explain")
+    from tinyvit158.kernels import kernel_path
+
+    out = run_module(
+        "tinyvit158.predict", "examples/cat.jpg", "--explain", "--weights", "weights/cifar10-tiny.safetensors"
+    )
     assert out.returncode == 0, out.stderr
     totals = [line for line in out.stdout.splitlines() if line.startswith(("per image:", "skipping zero"))]
     assert len(totals) == 2 and "\n".join(totals) in code_block_after(README.read_text(), "## What ternary saves")
-    from tinyvit158.kernels import kernel_path
-
     assert f"# numerics: float (float attention); fast engine; kernel path: {kernel_path()}" in out.stdout
+    out = run_module("tinyvit158.predict", "examples/cat.jpg", "--explain")  # the default: integer numerics
+    assert out.returncode == 0, out.stderr
+    assert "integer numerics: no float operation from the input codes to the logits" in out.stdout
+    assert f"# numerics: integer (int8 attention); fast engine; kernel path: {kernel_path()}" in out.stdout
 
 
 def test_the_reader_written_from_format_md_reproduces_the_golden_logits(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from tinyvit158.config import CIFAR10_CLASSES
 from tinyvit158.data import data_dir_from_env, load_cifar10
 from tinyvit158.engine import Engine
 from tinyvit158.image import load_image
-from tinyvit158.weights import default_weights_path, load_weights
+from tinyvit158.weights import default_model_path, default_weights_path, load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "weights" / "cifar10-tiny.safetensors"
@@ -28,7 +28,12 @@ def shipped():
 
 
 def test_shipped_file_is_the_default_and_under_one_megabyte(shipped):
+    """The float file is the bench's and the size table's model; predict and evaluate run its
+    integer-numerics file (the same weights) by default."""
     assert default_weights_path() == SHIPPED.resolve()
+    model = load_weights(default_model_path())
+    assert default_model_path() == (ROOT / "weights" / "cifar10-tiny-int.safetensors").resolve()
+    assert model.config == shipped.config.replace(numerics="integer", attention="int8", name="cifar10-tiny-int")
     assert SHIPPED.stat().st_size < 1_000_000
     assert shipped.config.name == "cifar10-tiny"
     assert shipped.config.class_names == CIFAR10_CLASSES

@@ -1,7 +1,7 @@
 """The application layer the commands share: a model from a weight file, image files in,
 logits out, a batch at a time.
 
-- :func:`load_model`: a weight file (default: the shipped one) as a validated checkpoint;
+- :func:`load_model`: a weight file (default: the shipped integer-numerics model) as a validated checkpoint;
 - :func:`image_paths`: command-line arguments as image files (a folder: its images);
 - :func:`make_model`: the fast ``Engine`` or the float64 ``Oracle`` of a checkpoint;
 - :func:`stream`: images decoded (``image.decode``: draft-mode JPEG, resize, normalize) in
@@ -38,7 +38,7 @@ from tinyvit158.integer import IntegerOracle
 from tinyvit158.kernels.linear import KERNEL_ENV, kernel_path
 from tinyvit158.oracle import Oracle
 from tinyvit158.runtime import first_run_notice
-from tinyvit158.weights import Checkpoint, default_weights_path, load_weights, random_checkpoint
+from tinyvit158.weights import Checkpoint, default_model_path, load_weights, random_checkpoint
 
 RANDOM_NOTE = (
     "note: no trained weights are shipped yet; using a RANDOM cifar10-tiny model, "
@@ -51,7 +51,7 @@ def load_model(weights: str | None) -> tuple[Checkpoint, str]:
     the path as given, or the shipped file's name (no machine path)."""
     if weights is not None:
         return load_weights(weights), str(weights)
-    path = default_weights_path()
+    path = default_model_path()
     if path is not None:
         return load_weights(path), f"{path.name} (shipped)"
     print(RANDOM_NOTE, file=sys.stderr)

@@ -229,7 +229,10 @@ def random_checkpoint(cfg: ViTConfig, seed: int = 0) -> Checkpoint:
     return Checkpoint(cfg, tensors, {"recipe": "random", "seed": seed})
 
 
-DEFAULT_WEIGHTS_NAME = "cifar10-tiny.safetensors"
+DEFAULT_WEIGHTS_NAME = "cifar10-tiny.safetensors"  # the shipped float-numerics model (bench, size table)
+# what predict and evaluate run without --weights: the same model in integer numerics, within
+# the test split's noise of it and the same integers in every implementation
+DEFAULT_MODEL_NAME = "cifar10-tiny-int.safetensors"
 
 
 def _shipped_folders(kind: str) -> list[Path]:
@@ -268,8 +271,15 @@ def shipped_example(name: str) -> Path:
 
 
 def default_weights_path() -> Path | None:
-    """The shipped trained weights (:func:`shipped_path`)."""
+    """The shipped trained weights in float numerics (:func:`shipped_path`): the model the
+    bench and the size table describe."""
     return shipped_path(DEFAULT_WEIGHTS_NAME)
+
+
+def default_model_path() -> Path | None:
+    """What ``predict`` and ``evaluate`` run without ``--weights``: the shipped integer-numerics
+    file, else (a build without it) :func:`default_weights_path`."""
+    return shipped_path(DEFAULT_MODEL_NAME) or default_weights_path()
 
 
 def size_summary(ckpt: Checkpoint) -> dict[str, int]:
