@@ -167,8 +167,10 @@ def test_bfloat16_run_and_fine_tuning_from_a_run(tmp_path, tarball):
     from tinyvit158.train import export
 
     assert export.main([str(tmp_path / "b" / "last.pt"), "--out", str(tmp_path / "b.safetensors")]) == 0
-    (parent,) = load_weights(tmp_path / "b.safetensors").source["fine_tuned_from"]  # where it started
+    source = load_weights(tmp_path / "b.safetensors").source
+    (parent,) = source["fine_tuned_from"]  # where it started
     assert parent["checkpoint"] == "a/last.pt" and parent["epoch"] == 1 and parent["recipe"] == one.__dict__
+    assert source["recipe"] == {**tuned.__dict__, "init": "a/last.pt"}  # no machine's absolute path
     with pytest.raises(TinyViTError, match="--init"):
         init_from(QATViT(one.config().replace(dim=48)), str(tmp_path / "a" / "last.pt"), "cpu")
     with pytest.raises(TinyViTError, match="--matmul"):

@@ -56,6 +56,19 @@ def to_checkpoint(model: QATViT, source: dict) -> tuple[Checkpoint, int]:
     return Checkpoint(cfg, tensors, source), differing
 
 
+def portable_recipe(recipe):
+    """``recipe`` with each absolute path of its ``init`` and ``teacher`` (comma-separated)
+    cut to its run folder and file name (``BL1/best.pt``): a shipped file names no machine's paths."""
+    if not isinstance(recipe, dict):
+        return recipe
+    out = dict(recipe)
+    for key in ("init", "teacher"):
+        if isinstance(out.get(key), str) and out[key]:
+            paths = [Path(p) for p in out[key].split(",")]
+            out[key] = ",".join(str(Path(*p.parts[-2:])) if p.is_absolute() else str(p) for p in paths)
+    return out
+
+
 def lineage(state: dict, limit: int = 20) -> list[dict]:
     """The runs a fine-tuned checkpoint grew from (its recipe's ``init``, that run's ``init``,
     ...), nearest first: each one's checkpoint file name, epoch, device, torch and recipe; a
@@ -73,7 +86,7 @@ def lineage(state: dict, limit: int = 20) -> list[dict]:
         state = load_checkpoint(path)
         chain.append({
             "checkpoint": f"{path.parent.name}/{path.name}", "epoch": state.get("epoch"), "device": state.get("device"),
-            "torch": state.get("torch"), "recipe": state.get("recipe"),
+            "torch": state.get("torch"), "recipe": portable_recipe(state.get("recipe")),
         })  # fmt: skip
     return chain
 
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             model.cfg = model.cfg.replace(name=args.name)
         log = state.get("log", {})
         source = {
-            "recipe": state.get("recipe"),
+            "recipe": portable_recipe(state.get("recipe")),
             "epochs": state.get("epoch"),
             "seed": (state.get("recipe") or {}).get("seed"),
             "data": "CIFAR-10 train split (JPEG zip), 5,000 images held out for validation",
