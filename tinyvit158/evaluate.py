@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", help="CIFAR-10 location (default: $TINYVIT158_DATA)")
     p.add_argument("--split", choices=("test", "train"), default="test", help="which split (default test)")
-    p.add_argument("--weights", metavar="FILE", help="weight file (default: the shipped cifar10-tiny-int, in integer numerics)")
+    p.add_argument(
+        "--weights", metavar="FILE", help="weight file (default: the shipped cifar10-tiny-int, in integer numerics)"
+    )
     p.add_argument("--limit", type=int, metavar="N", help="only the first N images (classes interleaved)")
     p.add_argument("--batch", type=int, default=250, metavar="B", help="images per engine call (default 250)")
     p.add_argument("--engine", choices=("fast", "oracle"), default="fast", help="which implementation (default fast)")

@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of images")
-    p.add_argument("--weights", metavar="FILE", help="a tinyvit158 .safetensors weight file (default: the shipped cifar10-tiny-int, in integer numerics)")
+    p.add_argument(
+        "--weights", metavar="FILE",
+        help="a tinyvit158 .safetensors weight file (default: the shipped cifar10-tiny-int, in integer numerics)",
+    )  # fmt: skip
     p.add_argument("--top-k", type=int, default=2, metavar="K", help="how many labels to report per image (default 2)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image instead of a table")
     p.add_argument(
