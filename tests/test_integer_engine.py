@@ -143,10 +143,11 @@ def test_row_codes_are_exact_at_every_tie_and_on_both_sides_of_the_float64_bound
 
 @pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_one_pass_layers_equal_the_product_then_the_requantization(path, monkeypatch):
-    """``bind_int_linear`` (product, requantization, residual add or i-GELU codes in one pass)
-    against ``integer.linear`` (+ residual, + gelu + codes): row counts around the kernel's
-    tiles and row groups, without a bias, at exact ties (R = 127, g = 2**15, e = 16: every odd
-    sum is a tie), beside them, and at saturation; None on a path without such a kernel."""
+    """``bind_int_linear`` (product, requantization, residual add and LayerNorm codes, or
+    i-GELU codes, in one pass) against ``integer.linear`` (+ residual, + norm codes, + gelu +
+    codes): row counts around the kernel's tiles and row groups, without a bias, at exact ties
+    (R = 127, g = 2**15, e = 16: every odd sum is a tie), beside them, and at saturation; None
+    on a path without such a kernel."""
     path_name, packed = kernel(path)
     monkeypatch.setenv("TINYVIT158_KERNEL", path_name)
     rng = np.random.default_rng(8)
@@ -166,11 +167,17 @@ def test_one_pass_layers_equal_the_product_then_the_requantization(path, monkeyp
             want_x = np.clip(x + y, -I.SAT, I.SAT)
             out, q, Rq = np.zeros((T, N), np.int32), np.zeros((T, N), np.int8), np.zeros(T, np.int64)
             gq, gR = I.codes(I.gelu(y))
+            G, Bn = I.to_q16(rng.standard_normal(N) * 3), I.to_q16(rng.standard_normal(N))
+            E = int(np.rint(np.ldexp(1e-6, 32)))
+            nq, nR = I.layer_norm_codes(want_x, G, Bn, E)
+            x1 = x.copy()
             calls = [
                 (bind_int_linear(xq, R, w, g, e, bias, out), [(out, y)]),
-                (bind_int_linear(xq, R, w, g, e, bias, out, x), [(x, want_x)]),
+                (bind_int_linear(xq, R, w, g, e, bias, out, x1), [(x1, want_x)]),
                 (bind_int_linear(xq, R, w, g, e, bias, gelu=(q, Rq)), [(q, gq), (Rq, gR)]),
-            ]
+                (bind_int_linear(xq, R, w, g, e, bias, out, x, norm=(G, Bn, E, (q, Rq))),
+                 [(x, want_x), (q, nq), (Rq, nR)]),
+            ]  # fmt: skip
             for bound, pairs in calls:
                 if path_name not in INT_ROWS:
                     assert bound is None

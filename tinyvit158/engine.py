@@ -61,10 +61,10 @@ from tinyvit158.kernels import (
 )
 from tinyvit158.kernels.intops import (
     attention_codes,
+    bind_layernorm_codes,
     bind_requantize,
     codes_rows,
     gelu_codes,
-    layernorm_codes,
 )
 from tinyvit158.oracle import patchify
 from tinyvit158.quant import ACT_QMAX
@@ -427,26 +427,36 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
         return q, eng._buf(f"iR{name}{rows}", (rows,), i64)
 
     def site(layer: str, src: tuple, dest: np.ndarray, part: str, stage: str | None = None, residual=None,
-             gelu=None) -> list[Step]:  # fmt: skip
+             gelu=None, norm=None) -> list[Step]:  # fmt: skip
         """Steps of ``layer`` of codes ``src`` into ``dest`` (and added into ``residual``,
-        clamped; or, with ``gelu`` codes, then their i-GELU's codes): one pass where the
-        kernel path has one and no trace wants ``dest``, else the product and the
-        requantization (and the i-GELU codes), each bound once."""
+        clamped, then with ``norm`` = (a LayerNorm's name, codes) that norm's codes of the
+        stream; or, with ``gelu`` codes, then their i-GELU's codes): one pass where the kernel
+        path has one and no trace wants ``dest``, else the product, the requantization and
+        the norm or i-GELU codes, each bound once."""
         _, g, e, bias = ip.linear[layer]
         ends = () if stage is None else ((stage, dest.reshape(B, -1, dest.shape[1])),)
         w = eng.ternary.get(layer)
         if w is None:  # int8 weights (a float layer's: patch embedding or head, never added to the stream)
             args = (*src, ip.linear[layer][0], g, e, bias, dest)
             return [Step(part, _int8_linear, args, reads=(layer, src[0]), ends=ends)]
-        fused = None if eng.trace is not None else bind_int_linear(*src, w, g, e, bias, dest, residual, gelu)
+        ln = None if norm is None else (*ip.norms[norm[0]], ip.eps, norm[1])
+        fused = None if eng.trace is not None else bind_int_linear(*src, w, g, e, bias, dest, residual, gelu, ln)
         if fused is not None:
-            return [Step(part if gelu is None else "fc1+gelu+quant", *fused, reads=(layer, src[0]))]
+            name = "fc1+gelu+quant" if gelu is not None else part if norm is None else f"{part}+norm+quant"
+            return [Step(name, *fused, reads=(layer, src[0]))]
         acc = eng._buf(f"iacc{dest.shape[0]}x{dest.shape[1]}", dest.shape, np.int32)
         steps = [
             Step(part, *bind_matmul(src[0], w, acc), reads=(layer, src[0])),
             Step(part, *bind_requantize(acc, src[1], g, e, bias, dest, residual), ends=ends),
         ]
-        return steps if gelu is None else [*steps, Step("gelu+quant", gelu_codes, (dest, ACT_QMAX, gelu))]
+        if gelu is not None:
+            steps.append(Step("gelu+quant", gelu_codes, (dest, ACT_QMAX, gelu)))
+        if ln is not None:
+            steps.append(Step("norm+quant", *bind_layernorm_codes(residual, *ln[:3], ACT_QMAX, ln[3])))
+        return steps
+
+    def norm_step(src: np.ndarray, name: str, dest: tuple) -> Step:
+        return Step("norm+quant", *bind_layernorm_codes(src, *ip.norms[name], ip.eps, ACT_QMAX, dest))
 
     images = eng._buf("images", (B, cfg.in_chans, cfg.image_size, cfg.image_size))
     i32 = np.int32  # Q16 activations: every one is saturated at |v| <= SAT < 2**24
@@ -456,29 +466,30 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
     out, hidden = eng._buf("outi", (T, D), i32), eng._buf("hiddeni", (T, H), i32)
     att = eng._buf("atti", (T, D), i32)  # the attention's Q16 output, before its codes
     patches, cx, ch = codes(B * Np, cfg.patch_dim), codes(T, D), codes(T, H)
+    ca = codes(T, D, "attn")  # the attention's codes (proj's input), apart from the norms' codes
     steps = [
         Step("patch_embed", _int_patch_codes, (images, cfg.patch_size, *patches)),
         *site("patch_embed.proj", patches, emb, "patch_embed", "patch_embed"),
         Step("patch_embed", _int_tokens, (emb.reshape(B, Np, D), ip.cls_token[0], ip.pos_embed[0], x3)),
+        norm_step(x, "blocks.0.norm1", cx),
     ]
     bits, pbits, clip = cfg.attention_bits, cfg.attention_prob_bits, cfg.attention_prob_clip
     for i in range(cfg.depth):
         blk = f"blocks.{i}"
+        after = (f"blocks.{i + 1}.norm1", cx) if i + 1 < cfg.depth else None  # the next block's input codes
         steps += [
-            Step("norm+quant", layernorm_codes, (x, *ip.norms[f"{blk}.norm1"], ip.eps, ACT_QMAX, cx)),
             *site(f"{blk}.attn.qkv", cx, qkv, "qkv", f"{blk}.attn.qkv"),
-            Step("attention+quant", attention_codes, (qkv, B, cfg.heads, bits, pbits, clip, cx, att)),
-            *site(f"{blk}.attn.proj", cx, out, "proj", f"{blk}.attn.proj", residual=x),
-            Step("norm+quant", layernorm_codes, (x, *ip.norms[f"{blk}.norm2"], ip.eps, ACT_QMAX, cx)),
+            Step("attention+quant", attention_codes, (qkv, B, cfg.heads, bits, pbits, clip, ca, att)),
+            *site(f"{blk}.attn.proj", ca, out, "proj", f"{blk}.attn.proj", residual=x, norm=(f"{blk}.norm2", cx)),
             *site(f"{blk}.mlp.fc1", cx, hidden, "fc1", f"{blk}.mlp.fc1", gelu=ch),
-            *site(f"{blk}.mlp.fc2", ch, out, "fc2", f"{blk}.mlp.fc2", residual=x),
+            *site(f"{blk}.mlp.fc2", ch, out, "fc2", f"{blk}.mlp.fc2", residual=x, norm=after),
         ]
         steps[-1].ends += ((blk, x3),)
     cls, ccls = eng._buf("clsi", (B, D), i32), codes(B, D, "cls")
     q16, logits = eng._buf("q16", (B, cfg.num_classes), i64), eng._buf("logitsi", (B, cfg.num_classes), np.float64)
     head = [
         Step(None, np.copyto, (cls, x3[:, 0])),
-        Step("norm+quant", layernorm_codes, (cls, *ip.norms["norm"], ip.eps, ACT_QMAX, ccls)),
+        norm_step(cls, "norm", ccls),
         *site("head", ccls, q16, "head"),
         Step(None, np.divide, (q16, float(INT_ONE), logits), ends=(("logits", q16),)),
     ]

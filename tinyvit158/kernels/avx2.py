@@ -25,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from tinyvit158.kernels.intops import add_residual_row, gelu_row_codes, requantize_row
+from tinyvit158.kernels.intops import add_residual_row, gelu_row_codes, layernorm_row_codes, requantize_row
 from tinyvit158.kernels.jit import pjit
 from tinyvit158.kernels.rowops import gelu_row, quantize_with
 from tinyvit158.kernels.simd import ybroadcast4, ydequant_store, yload, ymaddubs16, ystore, ysubstore, ywiden, yzero
@@ -169,12 +169,15 @@ def linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s)
 
 
 @pjit
-def int_rows(x, wl, K, T, N, packed, parts, R, c, g, e, B, Bf, has_bias, out, res, has_res, gelu, qmax, q, Rq):
+def int_rows(x, wl, K, T, N, packed, parts, R, c, g, e, B, Bf, has_bias, out, res, has_res, gelu, qmax, q, Rq,
+             norm, Gn, Bn, E, qn, Rn):  # fmt: skip
     """A ternary layer in integer numerics, in one pass (bound by ``linear.bind_int_linear``):
     64 rows at a time, their int32 sums into a job buffer (in L2), then per row
-    ``intops.requantize_row`` into ``out`` and (``has_res``) its residual add, or (``gelu``)
-    the i-GELU's codes into ``q`` and ``Rq`` with no Q16 row left behind. Needs N % 48 == 0;
-    the integers are those of the product, ``intops.requantize`` and ``intops.gelu_codes``."""
+    ``intops.requantize_row`` into ``out`` and (``has_res``) its residual add, then (``norm``)
+    the LayerNorm codes of the stream's row into ``qn`` and ``Rn``; or (``gelu``) the
+    i-GELU's codes into ``q`` and ``Rq`` with no Q16 row left behind. Needs N % 48 == 0; the
+    integers are those of the product, ``intops.requantize``, ``gelu_codes`` and
+    ``layernorm_codes``."""
     G = K // 4
     NB = N // NC
     RB = (T + MR - 1) // MR
@@ -183,8 +186,8 @@ def int_rows(x, wl, K, T, N, packed, parts, R, c, g, e, B, Bf, has_bias, out, re
         w = all_weights(wl, NB, G, packed)  # every block, spread to bytes once a job
         sums = np.empty(RG, dtype=np.int32)
         buf = np.empty(RG * N, dtype=np.int32)
-        h = np.empty(N if gelu else 0, dtype=np.int32)
-        f = np.empty(N if gelu else 0, dtype=np.float64)
+        h = np.empty(N if gelu or norm else 0, dtype=np.int32)
+        f = np.empty(N if gelu or norm else 0, dtype=np.float64)
         b0, b1 = p * RB // parts, (p + 1) * RB // parts
         for c0 in range(b0, b1, RT):
             r0, r1 = c0 * MR, min(min(c0 + RT, b1) * MR, T)
@@ -206,3 +209,5 @@ def int_rows(x, wl, K, T, N, packed, parts, R, c, g, e, B, Bf, has_bias, out, re
                 requantize_row(acc, R[t], c, g, e, B, Bf, has_bias, out[t])
                 if has_res:
                     add_residual_row(res[t], out[t])
+                if norm:
+                    Rn[t] = layernorm_row_codes(res[t] if has_res else out[t], Gn, Bn, E, qmax, qn[t], h, f)

@@ -149,39 +149,54 @@ def _row_codes_f64(v, q, qmax):
     return I64(m)
 
 
+@ijit
+def layernorm_row_codes(z, Gf, Bf, E, qmax, q, d, v):
+    """The integer LayerNorm of one Q16 row ``z`` (D,) to its codes ``q``; returns R. Mean and
+    variance in int64 (``d`` in int32: ``|d| <= 2**25``; each square from two int32 lanes),
+    ``T = G d + B s`` in float64 (each product below 2**48, their sum below 2**49: exact),
+    then its codes. ``d`` (int32) and ``v`` (float64): the caller's row buffers."""
+    D = z.shape[0]
+    total = I64(0)
+    for k in range(D):
+        total += I64(z[k])
+    mu = _round_div(total, I64(D))
+    ss = I64(0)
+    for k in range(D):
+        d[k] = np.int32(z[k] - mu)
+        ss += I64(d[k]) * I64(d[k])
+    s = _isqrt(_round_div(ss, I64(D)) + E)
+    sf = np.float64(s)
+    for k in range(D):
+        v[k] = Gf[k] * np.float64(d[k]) + Bf[k] * sf
+    m = _row_codes_f64(v, q, qmax)
+    return min(_round_div(m, s), INT_SAT)
+
+
 @pjit
-def _layernorm_codes(z, G, B, E, qmax, q, R, P):
-    """Per row: mean and variance in int64 (``d`` in int32: ``|d| <= 2**25``; each square from
-    two int32 lanes), ``T = G d + B s`` in float64 (each product below 2**48, their sum below
-    2**49: exact), then its codes."""
+def _layernorm_codes(z, Gf, Bf, E, qmax, q, R, P):
+    """:func:`layernorm_row_codes` of every row."""
     T, D = z.shape
-    Gf, Bf = G.astype(np.float64), B.astype(np.float64)
     for p in numba.prange(P):
         d = np.empty(D, dtype=np.int32)
         v = np.empty(D, dtype=np.float64)
         for t in range(p * T // P, (p + 1) * T // P):
-            total = I64(0)
-            for k in range(D):
-                total += I64(z[t, k])
-            mu = _round_div(total, I64(D))
-            ss = I64(0)
-            for k in range(D):
-                d[k] = np.int32(z[t, k] - mu)
-                ss += I64(d[k]) * I64(d[k])
-            s = _isqrt(_round_div(ss, I64(D)) + E)
-            sf = np.float64(s)
-            for k in range(D):
-                v[k] = Gf[k] * np.float64(d[k]) + Bf[k] * sf
-            m = _row_codes_f64(v, q[t], qmax)
-            R[t] = min(_round_div(m, s), INT_SAT)
+            R[t] = layernorm_row_codes(z[t], Gf, Bf, E, qmax, q[t], d, v)
+
+
+def bind_layernorm_codes(z: np.ndarray, G: np.ndarray, B: np.ndarray, E: int, qmax: int, out):
+    """``(kernel, args)`` whose call is :func:`layernorm_codes` of these arrays (G and B in
+    float64, exact below 2**53, and the job count made once)."""
+    q, R = out
+    Gf, Bf = np.asarray(G, np.float64), np.asarray(B, np.float64)
+    return _layernorm_codes, (z, Gf, Bf, I64(E), I64(qmax), q, R, job_count(z.shape[0]))
 
 
 def layernorm_codes(z: np.ndarray, G: np.ndarray, B: np.ndarray, E: int, qmax: int, out) -> tuple:
     """``integer.layer_norm_codes`` of int64 rows ``z`` (T, D) into ``out`` = (int8 codes
     (T, D), int64 R (T,))."""
-    q, R = out
-    _layernorm_codes(z, G, B, I64(E), I64(qmax), q, R, job_count(z.shape[0]))
-    return q, R
+    fn, args = bind_layernorm_codes(z, G, B, E, qmax, out)
+    fn(*args)
+    return out
 
 
 ESTIMATE_LIMIT = 2.0**30  # |estimate| below: its error is under 2**-21, the margin's half

@@ -298,25 +298,31 @@ INT_ROWS = {"avx2": avx2.int_rows}
 
 
 def bind_int_linear(x_q: np.ndarray, R: np.ndarray, w: PreparedTernary, g, e, bias, out=None, residual=None,
-                    gelu=None):  # fmt: skip
+                    gelu=None, norm=None):  # fmt: skip
     """``(kernel, args)`` of the one-pass integer layer on the path in use, or None where the
     path has none (then: :func:`bind_matmul` and ``intops.bind_requantize``, the same integers):
     codes ``x_q`` standing for ``x_q R / 127`` -> Q16 into ``out``, added into ``residual``
-    when given; or, with ``gelu`` = (int8 codes, int64 R), the i-GELU's codes only."""
+    when given, then with ``norm`` = (G, B, E, (int8 codes, int64 R)) the LayerNorm codes of
+    the result rows; or, with ``gelu`` = (int8 codes, int64 R), the i-GELU's codes only."""
     rows = INT_ROWS.get(kernel_path())
     if rows is None or w.out_features % vnni.NC or w.in_features % 4 or PYTHON:
         return None
     x_q = _check_x(x_q, w)
     T, N = x_q.shape[0], w.out_features
-    has_bias, has_res, has_gelu = bias is not None, residual is not None, gelu is not None
-    q, Rq = gelu if has_gelu else (np.empty((1, 1), np.int8), np.empty(1, np.int64))
+    has_bias, has_res, has_gelu, has_norm = bias is not None, residual is not None, gelu is not None, norm is not None
+    no_codes = np.empty((1, 1), np.int8), np.empty(1, np.int64)
+    q, Rq = gelu if has_gelu else no_codes
     out = np.empty((1, 1), np.int32) if out is None else check_out(out, (T, N), np.int32, "out")
     res = check_out(residual, (T, N), np.int32, "residual") if has_res else out
+    Gn, Bn, E, (qn, Rn) = norm if has_norm else (g, g, 0, no_codes)
+    if has_norm:
+        qn, Rn = check_out(qn, (T, N), np.int8, "norm codes"), check_out(Rn, (T,), np.int64, "norm R")
     B = bias if has_bias else g
     x, K = vnni.prepared(x_q, w.vnni)
     c = requant_scales(g, e)
     return rows, (x, w.vnni.wl, K, T, N, w.vnni.packed, numba.get_num_threads(), R, c, g, e, B,
-                  B.astype(np.float64), has_bias, out, res, has_res, has_gelu, np.int64(ACT_QMAX), q, Rq)  # fmt: skip
+                  B.astype(np.float64), has_bias, out, res, has_res, has_gelu, np.int64(ACT_QMAX), q, Rq, has_norm,
+                  np.asarray(Gn, np.float64), np.asarray(Bn, np.float64), np.int64(E), qn, Rn)  # fmt: skip
 
 
 def _check_sx(s_x: np.ndarray, x_q: np.ndarray) -> np.ndarray:
