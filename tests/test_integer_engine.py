@@ -16,6 +16,7 @@ from kernel_paths import KERNEL_PATHS, kernel
 from tinyvit158 import integer as I
 from tinyvit158.config import get_preset
 from tinyvit158.engine import Engine
+from tinyvit158.errors import TinyViTError
 from tinyvit158.kernels import PreparedTernary, bind_int_linear, intops, matmul
 from tinyvit158.kernels.linear import INT_ROWS
 from tinyvit158.weights import load_weights, random_checkpoint
@@ -184,6 +185,15 @@ def test_one_pass_layers_equal_the_product_then_the_requantization(path, monkeyp
                     continue
                 bound[0](*bound[1])
                 assert all(np.array_equal(got, want) for got, want in pairs), (T, K, N, bias is None)
+            if path_name in INT_ROWS:  # arrays the kernel would write past: refused before any call
+                for bad in (
+                    {},
+                    {"gelu": (q[:, :1], Rq)},
+                    {"gelu": (q, Rq), "residual": x},
+                    {"out": np.zeros((T + 1, N), np.int32)},
+                ):
+                    with pytest.raises(TinyViTError):
+                        bind_int_linear(xq, R, w, g, e, bias, **bad)
 
 
 def test_attention_is_exact_in_float_lanes_at_their_bounds_and_past_them():

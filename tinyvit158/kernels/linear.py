@@ -292,8 +292,8 @@ def bind_matmul(x_q: np.ndarray, w: PreparedTernary, out: np.ndarray):
     return matmul, (x_q, w, path, out)
 
 
-# the paths with a one-pass integer layer kernel (product, requantization, residual add or
-# i-GELU codes): the kernel, of one signature (``avx2.int_rows``)
+# the paths with a one-pass integer layer kernel (product, requantization, then a residual
+# add and norm codes, or i-GELU codes): the kernel, of one signature (``avx2.int_rows``)
 INT_ROWS = {"avx2": avx2.int_rows}
 
 
@@ -303,26 +303,36 @@ def bind_int_linear(x_q: np.ndarray, R: np.ndarray, w: PreparedTernary, g, e, bi
     path has none (then: :func:`bind_matmul` and ``intops.bind_requantize``, the same integers):
     codes ``x_q`` standing for ``x_q R / 127`` -> Q16 into ``out``, added into ``residual``
     when given, then with ``norm`` = (G, B, E, (int8 codes, int64 R)) the LayerNorm codes of
-    the result rows; or, with ``gelu`` = (int8 codes, int64 R), the i-GELU's codes only."""
+    the result rows; or, with ``gelu`` = (int8 codes, int64 R), the i-GELU's codes only (``out``
+    is then not written). Arrays of the wrong shape or type are refused (TinyViTError)."""
     rows = INT_ROWS.get(kernel_path())
     if rows is None or w.out_features % vnni.NC or w.in_features % 4 or PYTHON:
         return None
     x_q = _check_x(x_q, w)
     T, N = x_q.shape[0], w.out_features
     has_bias, has_res, has_gelu, has_norm = bias is not None, residual is not None, gelu is not None, norm is not None
+    if (not has_gelu and out is None) or (has_gelu and (has_res or has_norm)):
+        raise TinyViTError("bind_int_linear takes out (with residual and norm optional) or gelu codes alone")
+    R = check_out(R, (T,), np.int64, "row scales R")
     no_codes = np.empty((1, 1), np.int8), np.empty(1, np.int64)
-    q, Rq = gelu if has_gelu else no_codes
-    out = np.empty((1, 1), np.int32) if out is None else check_out(out, (T, N), np.int32, "out")
+    q, Rq = _codes_pair(gelu, T, N) if has_gelu else no_codes
+    out = check_out(out, (T, N), np.int32, "out") if not has_gelu else np.empty((1, 1), np.int32)
     res = check_out(residual, (T, N), np.int32, "residual") if has_res else out
     Gn, Bn, E, (qn, Rn) = norm if has_norm else (g, g, 0, no_codes)
     if has_norm:
-        qn, Rn = check_out(qn, (T, N), np.int8, "norm codes"), check_out(Rn, (T,), np.int64, "norm R")
+        qn, Rn = _codes_pair((qn, Rn), T, N)
     B = bias if has_bias else g
     x, K = vnni.prepared(x_q, w.vnni)
     c = requant_scales(g, e)
     return rows, (x, w.vnni.wl, K, T, N, w.vnni.packed, numba.get_num_threads(), R, c, g, e, B,
                   B.astype(np.float64), has_bias, out, res, has_res, has_gelu, np.int64(ACT_QMAX), q, Rq, has_norm,
                   np.asarray(Gn, np.float64), np.asarray(Bn, np.float64), np.int64(E), qn, Rn)  # fmt: skip
+
+
+def _codes_pair(codes, T: int, N: int) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes (int8 (T, N)) and their R (int64 (T,)), checked."""
+    q, R = codes
+    return check_out(q, (T, N), np.int8, "codes"), check_out(R, (T,), np.int64, "codes' R")
 
 
 def _check_sx(s_x: np.ndarray, x_q: np.ndarray) -> np.ndarray:
