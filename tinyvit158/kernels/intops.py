@@ -22,6 +22,9 @@ where the code products' sums stay below 2**24).
   ``round_div(acc R g, qmax 2**e) + B``, optionally added into the residual stream.
 - :func:`codes_rows`, :func:`gelu_codes`: a row's codes (after i-GELU).
 - :func:`attention_codes`: the integer attention of one batch, to the proj layer's codes.
+- the row functions the step kernels share with the one-pass layer kernel
+  (``avx2.int_rows``): :func:`requantize_row`, :func:`add_residual_row`,
+  :func:`layernorm_row_codes`, :func:`gelu_row_codes`.
 """
 
 from __future__ import annotations
