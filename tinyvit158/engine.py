@@ -451,8 +451,8 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
         ]
         if gelu is not None:
             steps.append(Step("gelu+quant", gelu_codes, (dest, ACT_QMAX, gelu)))
-        if ln is not None:
-            steps.append(Step("norm+quant", *bind_layernorm_codes(residual, *ln[:3], ACT_QMAX, ln[3])))
+        if norm is not None:
+            steps.append(norm_step(residual, *norm))
         return steps
 
     def norm_step(src: np.ndarray, name: str, dest: tuple) -> Step:
