@@ -433,11 +433,11 @@ def _integer_plan(eng: Engine, B: int) -> Plan:
         stream; or, with ``gelu`` codes, then their i-GELU's codes): one pass where the kernel
         path has one and no trace wants ``dest``, else the product, the requantization and
         the norm or i-GELU codes, each bound once."""
-        _, g, e, bias = ip.linear[layer]
+        wq, g, e, bias = ip.linear[layer]
         ends = () if stage is None else ((stage, dest.reshape(B, -1, dest.shape[1])),)
         w = eng.ternary.get(layer)
         if w is None:  # int8 weights (a float layer's: patch embedding or head, never added to the stream)
-            args = (*src, ip.linear[layer][0], g, e, bias, dest)
+            args = (*src, wq, g, e, bias, dest)
             return [Step(part, _int8_linear, args, reads=(layer, src[0]), ends=ends)]
         ln = None if norm is None else (*ip.norms[norm[0]], ip.eps, norm[1])
         fused = None if eng.trace is not None else bind_int_linear(*src, w, g, e, bias, dest, residual, gelu, ln)
