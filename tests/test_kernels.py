@@ -363,11 +363,13 @@ def test_attention_quantize_equals_the_two_steps(seed, b, n, heads, hd):
 @pytest.mark.skipif(not cpu_has_vnni(), reason="CPU lacks AVX-512 VNNI")
 @pytest.mark.parametrize("parts", [1, 3, 5, 64])
 @pytest.mark.parametrize("packed", [False, True])
-def test_work_split_does_not_change_results(parts, packed):
+def test_work_split_does_not_change_results(parts, packed, monkeypatch):
     """Each kernel hands its jobs equal shares of the work (one job per thread by default);
     any number of jobs, more than there are tiles or rows included, gives the same bits."""
-    from tinyvit158.kernels import attention as float_attention
+    from tinyvit158 import integer
+    from tinyvit158.kernels.linear import bind_int_linear
     from tinyvit158.kernels import rowops, vnni
+    from tinyvit158.kernels.attention import _NO_CODES, _NO_SCALES, _attention  # the package's `attention` is the function
 
     rng = np.random.default_rng(parts)
     t, k, n = 65, 192, 96  # 9 row tiles x 2 channel blocks; the last tile has one row
@@ -392,12 +394,24 @@ def test_work_split_does_not_change_results(parts, packed):
     assert all(np.array_equal(a, b) for a, b in zip((q, s), gelu_quantize(linear_ref(x_q, s_x, w)), strict=True))
     qkv = rng.standard_normal((2, t, 3 * 2 * 16)).astype(np.float32)
     o = np.zeros((2, t, 32), np.float32)
-    no_codes, no_scales = float_attention._NO_CODES, float_attention._NO_SCALES
-    float_attention._attention(qkv, 2, o.reshape(-1), parts, False, no_codes, no_scales)
+    _attention(qkv, 2, o.reshape(-1), parts, False, _NO_CODES, _NO_SCALES)
     assert np.array_equal(o, attention(qkv, 2))
     q, s = np.zeros((2 * t, 32), np.int8), np.zeros(2 * t, np.float32)
-    float_attention._attention(qkv, 2, no_scales, parts, True, q, s)
+    _attention(qkv, 2, _NO_SCALES, parts, True, q, s)
     assert all(np.array_equal(a, b) for a, b in zip((q, s), quantize_rows(o.reshape(2 * t, 32)), strict=True))
+
+    monkeypatch.setenv("TINYVIT158_KERNEL", "vnni")  # the one-pass integer layer (vnni.int_rows)
+    R = rng.integers(0, integer.SAT + 1, t).astype(np.int64)
+    g, e = integer.dyadic(rng.uniform(1e-3, 2.0, n))
+    out, codes = np.zeros((t, n), np.int32), (np.zeros((t, n), np.int8), np.zeros(t, np.int64))
+    fn, args = bind_int_linear(x_q, R, w, g, e, None, gelu=codes)
+    assert fn is vnni.int_rows
+    fn(*args[:6], parts, *args[7:])
+    want = integer.linear(x_q, R, w.codes, g, e, None)
+    assert all(np.array_equal(a, b) for a, b in zip(codes, integer.codes(integer.gelu(want)), strict=True))
+    fn, args = bind_int_linear(x_q, R, w, g, e, None, out)
+    fn(*args[:6], parts, *args[7:])
+    assert np.array_equal(out, want)
 
 
 @pytest.mark.parametrize("extra", [0, 1])

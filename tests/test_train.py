@@ -218,6 +218,14 @@ def test_fine_tuning_from_a_weight_file_into_int8_attention(tmp_path, tarball):
         if ckpt.config.is_ternary(layer):
             assert np.array_equal(again.ternary(layer)[0], ckpt.ternary(layer)[0]), layer
             np.testing.assert_allclose(again.ternary(layer)[1], ckpt.ternary(layer)[1], rtol=1e-6)
+    floats = QATViT(RECIPE.config())  # a float run from the file starts from codes x gamma
+    init_from(floats, str(tmp_path / "w.safetensors"), "cpu", as_float=True)
+    for layer in ckpt.config.linear_shapes():
+        if ckpt.config.is_ternary(layer):
+            codes, gamma, _ = ckpt.ternary(layer)
+            got = floats.get_submodule(layer).weight.detach().double().numpy().reshape(codes.shape)
+            np.testing.assert_allclose(got, codes * gamma.astype(np.float64)[:, None], rtol=1e-7)
+            assert np.array_equal(got == 0, codes == 0), layer
     overrides = '{"attention": "int8", "attention_bits": 4, "attention_prob_bits": 4, "depth": 1, "dim": 32, ' \
         '"heads": 2, "qk_norm": true}'  # fmt: skip
     tuned = Recipe(**{**RECIPE.__dict__, "epochs": 1, "config_overrides": overrides,

@@ -378,6 +378,12 @@ def run_child(variant: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _shown(path) -> str:
+    """A weight file as the header names it: relative to the working folder when inside it."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog("tinyvit158.bench"), description=__doc__.splitlines()[0])
     p.add_argument(
@@ -475,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     info["contend"] = args.contend
     results = [merge_rounds(r) for r in runs.values()]
     add_agreement(results)
-    info["weights"] = args.weights or "random"
+    info["weights"] = _shown(args.weights) if args.weights else "random"
     info["data"] = bool(args.agree)
     if work is not None:
         work.cleanup()

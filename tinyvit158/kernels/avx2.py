@@ -25,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from tinyvit158.kernels.intops import add_residual_row, gelu_row_codes, layernorm_row_codes, requantize_row
+from tinyvit158.kernels.intops import finish_int_row, int_row_buffers
 from tinyvit158.kernels.jit import pjit
 from tinyvit158.kernels.rowops import gelu_row, quantize_with
 from tinyvit158.kernels.simd import ybroadcast4, ydequant_store, yload, ymaddubs16, ystore, ysubstore, ywiden, yzero
@@ -175,19 +175,16 @@ def int_rows(x, wl, K, T, N, packed, parts, R, c, g, e, B, Bf, has_bias, out, re
     64 rows at a time, their int32 sums into a job buffer (in L2), then per row
     ``intops.requantize_row`` into ``out`` and (``has_res``) its residual add, then (``norm``)
     the LayerNorm codes of the stream's row into ``qn`` and ``Rn``; or (``gelu``) the
-    i-GELU's codes into ``q`` and ``Rq`` with no Q16 row left behind. Needs N % 48 == 0; the
-    integers are those of the product, ``intops.requantize``, ``gelu_codes`` and
-    ``layernorm_codes``."""
+    i-GELU's codes into ``q`` and ``Rq`` with no Q16 row left behind (``intops.finish_int_row``).
+    Needs N % 48 == 0; the integers are those of the product, ``intops.requantize``,
+    ``gelu_codes`` and ``layernorm_codes``."""
     G = K // 4
     NB = N // NC
     RB = (T + MR - 1) // MR
     RG = RT * MR
     for p in numba.prange(parts):
         w = all_weights(wl, NB, G, packed)  # every block, spread to bytes once a job
-        sums = np.empty(RG, dtype=np.int32)
-        buf = np.empty(RG * N, dtype=np.int32)
-        h = np.empty(N if gelu or norm else 0, dtype=np.int32)
-        f = np.empty(N if gelu or norm else 0, dtype=np.float64)
+        sums, buf, h, f = int_row_buffers(RG, N, gelu or norm)
         b0, b1 = p * RB // parts, (p + 1) * RB // parts
         for c0 in range(b0, b1, RT):
             r0, r1 = c0 * MR, min(min(c0 + RT, b1) * MR, T)
@@ -201,13 +198,5 @@ def int_rows(x, wl, K, T, N, packed, parts, R, c, g, e, B, Bf, has_bias, out, re
                         for v in range(3):  # sum u x - sum x = sum w x, 8 lanes a store
                             ysubstore(buf, (t - r0) * N + nb * NC + hh * HALF + 8 * v, tile[r * 3 + v], sums[t - r0])
             for t in range(r0, r1):
-                acc = buf[(t - r0) * N : (t - r0 + 1) * N]
-                if gelu:
-                    requantize_row(acc, R[t], c, g, e, B, Bf, has_bias, h)
-                    Rq[t] = gelu_row_codes(h, f, q[t], qmax)
-                    continue
-                requantize_row(acc, R[t], c, g, e, B, Bf, has_bias, out[t])
-                if has_res:
-                    add_residual_row(res[t], out[t])
-                if norm:
-                    Rn[t] = layernorm_row_codes(res[t] if has_res else out[t], Gn, Bn, E, qmax, qn[t], h, f)
+                finish_int_row(buf[(t - r0) * N : (t - r0 + 1) * N], t, R, c, g, e, B, Bf, has_bias, out, res, has_res,
+                               gelu, qmax, q, Rq, norm, Gn, Bn, E, qn, Rn, h, f)  # fmt: skip

@@ -22,9 +22,10 @@ where the code products' sums stay below 2**24).
   ``round_div(acc R g, qmax 2**e) + B``, optionally added into the residual stream.
 - :func:`codes_rows`, :func:`gelu_codes`: a row's codes (after i-GELU).
 - :func:`attention_codes`: the integer attention of one batch, to the proj layer's codes.
-- the row functions the step kernels share with the one-pass layer kernel
-  (``avx2.int_rows``): :func:`requantize_row`, :func:`add_residual_row`,
-  :func:`layernorm_row_codes`, :func:`gelu_row_codes`.
+- the row functions the step kernels share with the one-pass layer kernels
+  (``avx2.int_rows``, ``vnni.int_rows``): :func:`requantize_row`, :func:`add_residual_row`,
+  :func:`layernorm_row_codes`, :func:`gelu_row_codes`, and those kernels' row end
+  :func:`finish_int_row`.
 """
 
 from __future__ import annotations
@@ -245,6 +246,32 @@ def add_residual_row(res, out):
     """The residual stream's row ``res += out``, clamped at +-SAT (``|res + out| <= 2 SAT`` before)."""
     for n in range(res.shape[0]):
         res[n] = min(max(res[n] + out[n], -INT_SAT), INT_SAT)
+
+
+@jit
+def int_row_buffers(RG, N, rows):
+    """A one-pass integer layer job's buffers: ``RG`` row sums, their ``RG x N`` int32 sums,
+    and (``rows``: a norm or GELU follows) an int32 and a float64 row of ``N``."""
+    n = N if rows else 0
+    return np.empty(RG, np.int32), np.empty(RG * N, np.int32), np.empty(n, np.int32), np.empty(n, np.float64)
+
+
+@ijit
+def finish_int_row(acc, t, R, c, g, e, B, Bf, has_bias, out, res, has_res, gelu, qmax, q, Rq, norm, Gn, Bn, E, qn,
+                   Rn, h, f):  # fmt: skip
+    """Row ``t`` of a one-pass integer layer (``avx2.int_rows``, ``vnni.int_rows``) from its
+    int32 sums ``acc``: :func:`requantize_row` into ``out[t]``, then (``has_res``) its
+    residual add and (``norm``) the stream row's LayerNorm codes into ``qn``, ``Rn``; or
+    (``gelu``) the i-GELU's codes into ``q``, ``Rq`` with the Q16 row kept in ``h`` only."""
+    if gelu:
+        requantize_row(acc, R[t], c, g, e, B, Bf, has_bias, h)
+        Rq[t] = gelu_row_codes(h, f, q[t], qmax)
+        return
+    requantize_row(acc, R[t], c, g, e, B, Bf, has_bias, out[t])
+    if has_res:
+        add_residual_row(res[t], out[t])
+    if norm:
+        Rn[t] = layernorm_row_codes(res[t] if has_res else out[t], Gn, Bn, E, qmax, qn[t], h, f)
 
 
 @pjit

@@ -294,7 +294,7 @@ def bind_matmul(x_q: np.ndarray, w: PreparedTernary, out: np.ndarray):
 
 # the paths with a one-pass integer layer kernel (product, requantization, then a residual
 # add and norm codes, or i-GELU codes): the kernel, of one signature (``avx2.int_rows``)
-INT_ROWS = {"avx2": avx2.int_rows}
+INT_ROWS = {"vnni": vnni.int_rows, "avx2": avx2.int_rows}
 
 
 def bind_int_linear(x_q: np.ndarray, R: np.ndarray, w: PreparedTernary, g, e, bias, out=None, residual=None,

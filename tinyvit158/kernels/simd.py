@@ -149,6 +149,7 @@ def llvm_call(builder, name, ret, args, fastmath=()):
 vzero = _zero_of(zmm)
 vload = _load_of(zmm, 1)  # 64 bytes of a uint8 array from byte ``index`` (unaligned)
 vstore = _store_of(zmm, 4)  # 16 int32 lanes into an int32 array
+substore = _sub_splat_store_of(zmm)  # 16 int32 lanes less a scalar into an int32 array
 
 
 @intrinsic

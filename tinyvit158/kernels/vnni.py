@@ -40,9 +40,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from tinyvit158.kernels.intops import finish_int_row, int_row_buffers
 from tinyvit158.kernels.jit import pjit
 from tinyvit158.kernels.rowops import gelu_row, quantize_with
-from tinyvit158.kernels.simd import dequant_store, dpbusd, vbroadcast4, vhsum, vload, vload_u2, vstore, vzero
+from tinyvit158.kernels.simd import dequant_store, dpbusd, substore, vbroadcast4, vhsum, vload, vload_u2, vstore, vzero
 
 MR, NV = 8, 3  # tile: 8 tokens x 3 vectors of 16 output channels
 NC = 16 * NV  # output channels per block
@@ -392,6 +393,43 @@ def linear_rows(x, wl, K, T, N, packed, parts, s_x, scale, bias, has_bias, q, s)
             for t in range(r0, r1):
                 h = buf[(t - r0) * N : (t - r0 + 1) * N]
                 s[t] = quantize_with(h, q[t], gelu_row(h, h))
+
+
+@pjit
+def int_rows(x, wl, K, T, N, packed, parts, R, c, g, e, B, Bf, has_bias, out, res, has_res, gelu, qmax, q, Rq,
+             norm, Gn, Bn, E, qn, Rn):  # fmt: skip
+    """A ternary layer in integer numerics in one pass, as ``avx2.int_rows`` (its signature;
+    bound by ``linear.bind_int_linear``): 64 rows at a time, their exact int32 sums into a
+    job buffer (in L2), then each row's end, ``intops.finish_int_row``. Needs N % 48 == 0."""
+    G = K // 4
+    NB = N // NC
+    RB = (T + MR - 1) // MR
+    RG = RT * MR
+    for p in numba.prange(parts):
+        w = all_weights(wl, NB, G, packed)  # every block, spread to bytes once a job
+        sums, buf, h, f = int_row_buffers(RG, N, gelu or norm)
+        b0, b1 = p * RB // parts, (p + 1) * RB // parts
+        for c0 in range(b0, b1, RT):
+            r0, r1 = c0 * MR, min(min(c0 + RT, b1) * MR, T)
+            _rowsums(x, K, r0, r1, sums)
+            for nb in range(NB):
+                for t0 in range(r0, r1, MR):
+                    if T - t0 <= SHORT:  # a last tile of 1 or 2 rows: one row at a time
+                        for t in range(t0, T):
+                            a0, a1, a2 = _tile1(x, w, G, K, t, nb)
+                            o, xs = (t - r0) * N + nb * NC, sums[t - r0]
+                            substore(buf, o, a0, xs)  # sum u x - sum x = sum w x
+                            substore(buf, o + 16, a1, xs)
+                            substore(buf, o + 32, a2, xs)
+                        continue
+                    tile = _tile(x, w, G, K, t0, T, nb)
+                    for r in range(min(MR, T - t0)):
+                        t = t0 + r
+                        for v in range(NV):
+                            substore(buf, (t - r0) * N + nb * NC + 16 * v, tile[r * NV + v], sums[t - r0])
+            for t in range(r0, r1):
+                finish_int_row(buf[(t - r0) * N : (t - r0 + 1) * N], t, R, c, g, e, B, Bf, has_bias, out, res, has_res,
+                               gelu, qmax, q, Rq, norm, Gn, Bn, E, qn, Rn, h, f)  # fmt: skip
 
 
 def bind_rows(rows, x_q, s_x, w: VNNIWeights, scale, bias, has_bias, q, s):

@@ -68,15 +68,21 @@ def latent_weights(codes: torch.Tensor, gamma: torch.Tensor, granularity: str) -
     return (c * gamma.double().reshape(-1, 1) / nonzero.clamp_min(1e-12)).float()
 
 
-def latent_state(ckpt) -> dict[str, torch.Tensor]:
+def latent_state(ckpt, as_float: bool = False) -> dict[str, torch.Tensor]:
     """A ``QATViT`` state dict from a weight file (``weights.Checkpoint``): ternary layers as
-    :func:`latent_weights`, every other tensor as stored (for fine-tuning from a file)."""
+    :func:`latent_weights`, every other tensor as stored (for fine-tuning from a file).
+    ``as_float``: the ternary layers as ``codes x gamma`` instead, the file's function in a
+    float model (a run whose every epoch is float)."""
     state = {}
     for name, t in ckpt.tensors.items():
         if name.endswith(".weight_packed"):
             layer = name[: -len(".weight_packed")]
             codes, gamma, _ = ckpt.ternary(layer)
-            w = latent_weights(torch.from_numpy(codes), torch.from_numpy(gamma), ckpt.config.scale_granularity)
+            codes, gamma = torch.from_numpy(codes), torch.from_numpy(gamma)
+            if as_float:
+                w = (codes.double() * gamma.double().reshape(-1, 1)).float()
+            else:
+                w = latent_weights(codes, gamma, ckpt.config.scale_granularity)
             state[f"{layer}.weight"] = w
         elif not name.endswith(".weight_scale"):
             state[name] = torch.from_numpy(t.copy())

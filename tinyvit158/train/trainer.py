@@ -211,13 +211,14 @@ def _new_tensor(key: str) -> bool:
     return key.split(".")[-2].endswith(("q_norm", "k_norm")) or _bitlinear_norm(key)
 
 
-def init_from(model: QATViT, path: str, device: str) -> list[str]:
+def init_from(model: QATViT, path: str, device: str, as_float: bool = False) -> list[str]:
     """Copy a trained run's model weights into ``model`` (same architecture) to fine-tune it.
 
     ``path`` may also be a weight file: its latent weights are then the codes times gamma
     over the group's fraction of non-zero codes (``model.latent_weights``), whose absmean
     ternarization gives back exactly the file's codes and (to float rounding) its gamma,
-    so fine-tuning starts from the file's function. The run may change the attention's
+    so fine-tuning starts from the file's function; a float run (``as_float``: every epoch
+    float) starts from ``codes x gamma``, the same function in float. The run may change the attention's
     numerics and the weight scales' granularity (:data:`RETRAINABLE`; e.g. TerViT's
     per-channel scales from a float run, ViT-1.58b's BitLinear norms); new tensors (the qk
     norms, the BitLinear norms) keep their initialization. Returns the layers whose
@@ -225,7 +226,7 @@ def init_from(model: QATViT, path: str, device: str) -> list[str]:
     """
     if str(path).endswith(".safetensors"):
         ckpt = load_weights(path)
-        source_cfg, state = ckpt.config, latent_state(ckpt)
+        source_cfg, state = ckpt.config, latent_state(ckpt, as_float)
     else:
         source, _ = load_run(path, device)
         source_cfg, state = source.cfg, source.state_dict()
@@ -368,7 +369,7 @@ def train(
         start_epoch, best = state["epoch"], state["best_val_acc"]
         print(f"resuming {last} after epoch {start_epoch} (best val acc {best:.4f})", file=sys.stderr)
     elif recipe.init:
-        new_norms = init_from(model, recipe.init, device)
+        new_norms = init_from(model, recipe.init, device, as_float=recipe.float_epochs >= recipe.epochs)
     if start_epoch >= recipe.epochs:
         print(f"{out}: all {recipe.epochs} epochs done", file=sys.stderr)
         return {"epoch": start_epoch, "best_val_acc": best}
