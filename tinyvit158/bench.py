@@ -526,7 +526,7 @@ def _prepare_inputs(args, variants: list[str]):
 
         def pick(split, n):
             d = load_cifar10(data, split, progress=False)
-            idx = np.linspace(0, len(d) - 1, n).astype(int)  # every class (the zips are class-sorted)
+            idx = np.linspace(0, len(d) - 1, n).astype(int)  # spread over the split: every class
             return np.stack([normalize(im, cfg) for im in d.images[idx]])
 
         args.agree = str(folder / "agree.npy")
