@@ -367,9 +367,11 @@ def test_work_split_does_not_change_results(parts, packed, monkeypatch):
     """Each kernel hands its jobs equal shares of the work (one job per thread by default);
     any number of jobs, more than there are tiles or rows included, gives the same bits."""
     from tinyvit158 import integer
-    from tinyvit158.kernels.linear import bind_int_linear
     from tinyvit158.kernels import rowops, vnni
-    from tinyvit158.kernels.attention import _NO_CODES, _NO_SCALES, _attention  # the package's `attention` is the function
+
+    # the module's names: the package's `attention` is the function
+    from tinyvit158.kernels.attention import _NO_CODES, _NO_SCALES, _attention
+    from tinyvit158.kernels.linear import bind_int_linear
 
     rng = np.random.default_rng(parts)
     t, k, n = 65, 192, 96  # 9 row tiles x 2 channel blocks; the last tile has one row

@@ -98,12 +98,8 @@ class NumpyFloatViT:
         self.p = {k: v for k, v in ckpt.tensors.items() if v.dtype == np.float32}
         self.w = {}  # layer -> (weight (in, out) float32, bias)
         for layer in cfg.linear_shapes():
-            if cfg.is_ternary(layer):
-                codes, gamma, bias = ckpt.ternary(layer)
-                w = codes.astype(np.float32) * gamma[:, None]
-            else:
-                w, bias = ckpt.float_weight(layer), ckpt.tensors.get(f"{layer}.bias")
-            self.w[layer] = (np.ascontiguousarray(w.T), bias)
+            w = ckpt.dequantized(layer) if cfg.is_ternary(layer) else ckpt.float_weight(layer)
+            self.w[layer] = (np.ascontiguousarray(w.T), ckpt.tensors.get(f"{layer}.bias"))
 
     def linear(self, x, layer):
         w, b = self.w[layer]

@@ -93,6 +93,11 @@ class Checkpoint:
         codes = unpack(self.tensors[f"{layer}.weight_packed"], k, self.config.packing)
         return codes, self.tensors[f"{layer}.weight_scale"], self.tensors.get(f"{layer}.bias")
 
+    def dequantized(self, layer: str) -> np.ndarray:
+        """A ternary layer's weight as float32 ``codes x gamma`` (out, in): its function in float."""
+        codes, gamma, _ = self.ternary(layer)
+        return codes.astype(np.float32) * gamma[:, None]
+
     def float_weight(self, layer: str) -> np.ndarray:
         """A float layer's weight as a 2-D (out, in) matrix (a conv weight is flattened c, row, col)."""
         w = self.tensors[f"{layer}.weight"]

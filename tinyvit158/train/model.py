@@ -77,12 +77,11 @@ def latent_state(ckpt, as_float: bool = False) -> dict[str, torch.Tensor]:
     for name, t in ckpt.tensors.items():
         if name.endswith(".weight_packed"):
             layer = name[: -len(".weight_packed")]
-            codes, gamma, _ = ckpt.ternary(layer)
-            codes, gamma = torch.from_numpy(codes), torch.from_numpy(gamma)
             if as_float:
-                w = (codes.double() * gamma.double().reshape(-1, 1)).float()
+                w = torch.from_numpy(ckpt.dequantized(layer))
             else:
-                w = latent_weights(codes, gamma, ckpt.config.scale_granularity)
+                codes, gamma, _ = ckpt.ternary(layer)
+                w = latent_weights(torch.from_numpy(codes), torch.from_numpy(gamma), ckpt.config.scale_granularity)
             state[f"{layer}.weight"] = w
         elif not name.endswith(".weight_scale"):
             state[name] = torch.from_numpy(t.copy())
@@ -436,8 +435,7 @@ class QATViT(nn.Module):
         for name, p in model.state_dict().items():
             layer = name.rsplit(".", 1)[0]
             if name.endswith(".weight") and f"{layer}.weight_packed" in ckpt.tensors:
-                codes, gamma, _ = ckpt.ternary(layer)
-                state[name] = torch.from_numpy(codes.astype("float32") * gamma[:, None])
+                state[name] = torch.from_numpy(ckpt.dequantized(layer))
             else:
                 state[name] = torch.from_numpy(ckpt.tensors[name].reshape(p.shape).copy())
         model.load_state_dict(state)
